@@ -1,0 +1,27 @@
+"""Shared fixtures: paths to the real scans in ../shared/data."""
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("SR3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests that take more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real scans not found at {SHARED_DATA}: check out ../shared beside the repo "
+                    "or set SR3D_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ixi_files(shared_data):
+    return sorted((shared_data / "ixi-t1-2mm").glob("*.nii.gz"))
