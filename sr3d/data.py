@@ -1,0 +1,221 @@
+"""Training data: (LR patch, HR patch) pairs from scans, as a deterministic `tf.data` pipeline.
+
+Stage `hw` learns from axial slices: the HR slice and its LR twin degraded
+on H and W (antialiased bicubic, `sr3d.degrade`). Stage `d` learns from planes
+that contain the depth axis, (D, W) for every row and (D, H) for every
+column, degraded along D only: at inference stage `d` sees the output of
+stage `hw`, which is already fine in-plane.
+
+Patches are cut from the LR plane with a one-pixel halo so the 3x3 blur
+augmentation sees real neighbours, not a padded border. Patches whose HR
+target is flat (intensity span below `min_contrast` in normalised units:
+air around the head, background outside the body) are rejected and
+redrawn: they teach nothing and make up most of a scan.
+
+Every batch is drawn from its own generator seeded by (seed, epoch, step), so
+the same seed gives the same batches, and training resumed at any step sees
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from sr3d import degrade
+
+STAGES = ("hw", "d")
+BLUR_MODES = ("random", "fixed", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchConfig:
+    """How training patches are cut and augmented."""
+
+    stage: str
+    scale: int
+    patch_size: int = 7
+    batch_size: int = 128
+    blur: str = "random"            # random sigma (paper), fixed sigma (ablation) or none
+    blur_probability: float = 0.5
+    max_sigma: float = 0.5          # random: sigma ~ U(0, max_sigma); fixed: sigma = max_sigma
+    min_contrast: float = 0.02      # HR patches with max - min below this are redrawn
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not isinstance(self.scale, (int, np.integer)) or self.scale < 2:
+            raise ValueError(f"scale must be an integer >= 2, got {self.scale!r}")
+        if self.patch_size < 1 or self.batch_size < 1:
+            raise ValueError(f"patch_size and batch_size must be >= 1, got "
+                             f"{self.patch_size} and {self.batch_size}")
+        if self.blur not in BLUR_MODES:
+            raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
+
+    @property
+    def hr_patch_shape(self) -> tuple[int, int]:
+        p, r = self.patch_size, self.scale
+        return (p * r, p * r) if self.stage == "hw" else (p * r, p)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlaneStack:
+    """Aligned LR and HR planes: lr (N, h, w), hr (N, h * ry, w * rx), float32 normalised."""
+
+    lr: np.ndarray
+    hr: np.ndarray
+
+
+def plane_stacks(hr_volume: np.ndarray, stage: str, scale: int) -> list[PlaneStack]:
+    """The training planes of one normalised (D, H, W) volume for a stage.
+
+    hw: the D axial slices. d: the (D, W) plane of every row and the (D, H)
+    plane of every column, depth first (the stage-d network upsamples axis 0).
+    """
+    if stage == "hw":
+        hr = degrade.crop_to_multiple(hr_volume, scale, axes=(1, 2))
+        lr = degrade.downscale(hr, scale, axes=(1, 2))
+        return [PlaneStack(lr.astype(np.float32), hr.astype(np.float32))]
+    if stage == "d":
+        hr = degrade.crop_to_multiple(hr_volume, scale, axes=(0,))
+        lr = degrade.downscale_axis(hr, scale, axis=0)
+        return [PlaneStack(np.ascontiguousarray(lr.transpose(1, 0, 2), np.float32),
+                           np.ascontiguousarray(hr.transpose(1, 0, 2), np.float32)),
+                PlaneStack(np.ascontiguousarray(lr.transpose(2, 0, 1), np.float32),
+                           np.ascontiguousarray(hr.transpose(2, 0, 1), np.float32))]
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def _blur_kernels(sigmas: np.ndarray) -> np.ndarray:
+    """3-tap Gaussian kernels (n, 3), one per sigma; sigma 0 is the identity."""
+    sigmas = np.asarray(sigmas, np.float64)
+    with np.errstate(divide="ignore", over="ignore", under="ignore"):
+        side = np.where(sigmas > 0, np.exp(-0.5 / np.maximum(sigmas, 1e-12) ** 2), 0.0)
+    return np.stack([side, np.ones_like(side), side], axis=1) / (1.0 + 2.0 * side)[:, None]
+
+
+def blur_patches(halo_patches: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """Separable 3x3 Gaussian blur of (n, p+2, p+2) patches with a halo -> (n, p, p).
+
+    Each patch gets its own sigma; the halo supplies the neighbours (no padding).
+    """
+    k = _blur_kernels(sigmas).astype(np.float32)
+    rows = (k[:, 0, None, None] * halo_patches[:, :-2, :] + k[:, 1, None, None] * halo_patches[:, 1:-1, :]
+            + k[:, 2, None, None] * halo_patches[:, 2:, :])
+    return (k[:, 0, None, None] * rows[:, :, :-2] + k[:, 1, None, None] * rows[:, :, 1:-1]
+            + k[:, 2, None, None] * rows[:, :, 2:]).astype(np.float32)
+
+
+class PatchSampler:
+    """Draws random aligned (LR, HR) patches from normalised volumes."""
+
+    def __init__(self, volumes: Sequence[np.ndarray], config: PatchConfig):
+        self.config = config
+        p, r = config.patch_size, config.scale
+        self._ry, self._rx = (r, r) if config.stage == "hw" else (r, 1)
+        self._lr_padded: list[np.ndarray] = []
+        self._hr: list[np.ndarray] = []
+        positions = []
+        lr_voxels = 0
+        for volume in volumes:
+            for stack in plane_stacks(volume, config.stage, r):
+                n, h, w = stack.lr.shape
+                if h < p or w < p:
+                    continue
+                self._lr_padded.append(np.pad(stack.lr, ((0, 0), (1, 1), (1, 1)), mode="reflect"))
+                self._hr.append(stack.hr)
+                positions.append(n * (h - p + 1) * (w - p + 1))
+                lr_voxels += stack.lr.size
+        if not positions:
+            raise ValueError(f"no plane is large enough for {p}x{p} LR patches at scale {r}")
+        self._weights = np.asarray(positions, np.float64) / np.sum(positions)
+        n_orientations = 2 if config.stage == "d" else 1
+        # One epoch covers each LR voxel about once: LR voxels / patch area patches.
+        self.patches_per_epoch = int(lr_voxels / n_orientations / (p * p))
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.patches_per_epoch / self.config.batch_size))
+
+    def _draw(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """`count` candidate patches: LR with a 1-px halo (n, p+2, p+2) and HR (n, p*ry, p*rx)."""
+        p = self.config.patch_size
+        which = rng.choice(len(self._hr), size=count, p=self._weights)
+        lr_out = np.empty((count, p + 2, p + 2), np.float32)
+        hr_out = np.empty((count, p * self._ry, p * self._rx), np.float32)
+        ar_lr = np.arange(p + 2)
+        ar_hy, ar_hx = np.arange(p * self._ry), np.arange(p * self._rx)
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            lr_pad, hr = self._lr_padded[k], self._hr[k]
+            n, h, w = lr_pad.shape[0], lr_pad.shape[1] - 2, lr_pad.shape[2] - 2
+            i = rng.integers(0, n, sel.size)
+            y = rng.integers(0, h - p + 1, sel.size)
+            x = rng.integers(0, w - p + 1, sel.size)
+            lr_out[sel] = lr_pad[i[:, None, None], (y[:, None] + ar_lr)[:, :, None],
+                                 (x[:, None] + ar_lr)[:, None, :]]
+            hr_out[sel] = hr[i[:, None, None], (y[:, None] * self._ry + ar_hy)[:, :, None],
+                             (x[:, None] * self._rx + ar_hx)[:, None, :]]
+        return lr_out, hr_out
+
+    def batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `step` of `epoch`: LR (B, p, p, 1) and HR (B, p*ry, p*rx, 1), float32."""
+        lr, hr, _ = self.batch_with_sigmas(epoch, step)
+        return lr, hr
+
+    def batch_with_sigmas(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`batch` plus the blur sigma each LR patch got (0: not blurred)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch, step])
+        lr_parts, hr_parts, have = [], [], 0
+        for _ in range(20):
+            lr, hr = self._draw(rng, 2 * cfg.batch_size)
+            keep = (hr.max(axis=(1, 2)) - hr.min(axis=(1, 2))) >= cfg.min_contrast
+            lr_parts.append(lr[keep])
+            hr_parts.append(hr[keep])
+            have += int(keep.sum())
+            if have >= cfg.batch_size:
+                break
+        else:  # almost everything is flat: take what we have, topped up with flat patches
+            lr_parts.append(lr)
+            hr_parts.append(hr)
+        lr = np.concatenate(lr_parts)[: cfg.batch_size]
+        hr = np.concatenate(hr_parts)[: cfg.batch_size]
+        if cfg.blur == "none":
+            sigmas = np.zeros(cfg.batch_size)
+        else:
+            blurred = rng.random(cfg.batch_size) < cfg.blur_probability
+            drawn = (rng.uniform(0.0, cfg.max_sigma, cfg.batch_size) if cfg.blur == "random"
+                     else np.full(cfg.batch_size, cfg.max_sigma))
+            sigmas = np.where(blurred, drawn, 0.0)
+        return blur_patches(lr, sigmas)[..., None], hr[..., None], sigmas
+
+    def batches(self, epoch: int, start_step: int, stop_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for step in range(start_step, stop_step):
+            yield self.batch(epoch, step)
+
+
+def dataset(sampler: PatchSampler, epochs: Sequence[tuple[int, int, int]]):
+    """`tf.data.Dataset` of (lr, {"final": hr, "intermediate": hr}) batches.
+
+    epochs: (epoch, first_step, stop_step) triples, in order: what `fit` will
+    consume. Batches are produced by the seeded sampler (one Python thread,
+    so the order is deterministic) and prefetched while the model trains.
+    """
+    import tensorflow as tf
+
+    cfg = sampler.config
+    hy, hx = cfg.hr_patch_shape
+
+    def generate():
+        for epoch, first, stop in epochs:
+            for lr, hr in sampler.batches(epoch, first, stop):
+                yield lr, {"final": hr, "intermediate": hr}
+
+    p = cfg.patch_size
+    hr_spec = tf.TensorSpec((None, hy, hx, 1), tf.float32)
+    signature = (tf.TensorSpec((None, p, p, 1), tf.float32),
+                 {"final": hr_spec, "intermediate": hr_spec})
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)

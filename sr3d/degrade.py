@@ -1,0 +1,173 @@
+"""Simulate low-resolution scans from high-resolution ones (HR -> LR).
+
+The evaluation protocol of the paper (and of `docs/spec.md`): crop the HR
+volume so every downscaled axis divides by the scale factor r, then shrink it
+by r with MATLAB's `imresize(..., 1/r, 'bicubic')`: Keys cubic with a = -0.5,
+antialiased (kernel widened by r), symmetric (mirrored) borders. "2d" shrinks
+H and W of every slice; "3d" also shrinks D.
+
+Pixel centres follow MATLAB/PIL/cv2: output sample i (0-based) sits at input
+coordinate (i + 0.5) * r - 0.5, so LR voxel i covers HR voxels i*r .. i*r+r-1.
+"""
+import functools
+import operator
+from typing import Sequence
+
+import numpy as np
+
+MODES = ("2d", "3d")
+
+# Axes shrunk by each simulation mode of a (D, H, W) volume.
+_MODE_AXES = {"2d": (1, 2), "3d": (0, 1, 2)}
+
+
+def _check_scale(scale, minimum: int = 1, where: str = "sr3d.degrade") -> int:
+    """Returns `scale` as an int, or raises if it is not an integer >= minimum."""
+    if isinstance(scale, (bool, np.bool_)):
+        value = None
+    else:
+        try:
+            value = operator.index(scale)
+        except TypeError:
+            value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{where}: scale must be an integer >= {minimum}, "
+                         f"got {scale!r} ({type(scale).__name__})")
+    return value
+
+
+def _check_axes(axes: Sequence[int], ndim: int, where: str = "sr3d.degrade") -> tuple[int, ...]:
+    """Normalises (possibly negative) axes of an ndim-array; raises on bad or repeated ones."""
+    normalised = []
+    for axis in axes:
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"{where}: axis {axis} out of range for an array with "
+                             f"{ndim} dimensions")
+        normalised.append(axis % ndim)
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"{where}: repeated axis in {tuple(axes)}")
+    return tuple(normalised)
+
+
+def _output_dtype(array: np.ndarray) -> np.dtype:
+    """float64 stays float64; float32 and everything else (ints, float16) give float32."""
+    return np.dtype(np.float64) if array.dtype == np.float64 else np.dtype(np.float32)
+
+
+def crop_to_multiple(array: np.ndarray, scale: int, axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+    """Crops the END of each listed axis so its length divides by `scale`.
+
+    The crop keeps voxel 0 in place (no shift of the grid or the affine origin);
+    it is the HR ground truth the LR is compared against. Returns a view.
+    Raises ValueError if an axis is shorter than `scale`.
+    """
+    scale = _check_scale(scale)
+    array = np.asarray(array)
+    axes = _check_axes(axes, array.ndim)
+    index = [slice(None)] * array.ndim
+    for axis in axes:
+        length = array.shape[axis]
+        if length < scale:
+            raise ValueError(f"sr3d.degrade: axis {axis} has length {length}, shorter than "
+                             f"the scale factor {scale} (shape {array.shape})")
+        index[axis] = slice(0, length - length % scale)
+    return array[tuple(index)]
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys cubic convolution kernel with a = -0.5 (MATLAB's and PIL's bicubic)."""
+    ax = np.abs(x)
+    ax2, ax3 = ax * ax, ax * ax * ax
+    return np.where(ax <= 1, 1.5 * ax3 - 2.5 * ax2 + 1,
+                    np.where(ax <= 2, -0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2, 0.0))
+
+
+@functools.lru_cache(maxsize=32)
+def _imresize_weights(n_in: int, scale: int) -> np.ndarray:
+    """Dense (n_in // scale, n_in) float64 matrix of MATLAB imresize(1/scale, 'bicubic').
+
+    Mirrors MATLAB's `contributions`: kernel h(x) = cubic(x / scale) / scale of
+    width 4 * scale, P = 4 * scale + 2 taps starting at floor(u - 2 * scale),
+    rows normalised to sum 1, then out-of-range taps folded back with the
+    half-sample symmetric extension [0 .. n-1, n-1 .. 0] (period 2n).
+    """
+    n_out = n_in // scale
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5          # 0-based input coordinates
+    taps = 4 * scale + 2
+    first = np.floor(centres - 2 * scale).astype(np.int64)
+    indices = first[:, None] + np.arange(taps)[None, :]
+    weights = _cubic((centres[:, None] - indices) / scale) / scale
+    weights /= weights.sum(axis=1, keepdims=True)
+    period = indices % (2 * n_in)
+    mirrored = np.where(period < n_in, period, 2 * n_in - 1 - period)
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.repeat(np.arange(n_out), taps), mirrored.ravel()), weights.ravel())
+    matrix.setflags(write=False)
+    return matrix
+
+
+def _downscale_axis_f64(array: np.ndarray, scale: int, axis: int) -> np.ndarray:
+    """float64 core of `downscale_axis`; `axis` already normalised."""
+    n_in = array.shape[axis]
+    if n_in % scale:
+        raise ValueError(f"sr3d.degrade: axis {axis} has length {n_in}, which does not divide "
+                         f"by the scale factor {scale}: crop first with crop_to_multiple")
+    matrix = _imresize_weights(n_in, scale)
+    if axis == array.ndim - 1:
+        return array @ matrix.T
+    # matmul broadcasts (n_out, n_in) @ (..., n_in, rest): no copy of the input needed.
+    moved = np.moveaxis(array, axis, -2)
+    return np.moveaxis(matrix @ moved, -2, axis)
+
+
+def downscale_axis(array: np.ndarray, scale: int, axis: int) -> np.ndarray:
+    """Shrinks one axis by `scale` with MATLAB `imresize(..., 1/scale, 'bicubic')` semantics.
+
+    array: any shape; the length of `axis` must divide by `scale` (the output
+    has length n // scale there). Computed in float64; returns float64 for
+    float64 input and float32 for anything else.
+    """
+    scale = _check_scale(scale)
+    array = np.asarray(array)
+    (axis,) = _check_axes((axis,), array.ndim)
+    dtype = _output_dtype(array)
+    return _downscale_axis_f64(array.astype(np.float64, copy=False), scale, axis).astype(dtype)
+
+
+def downscale(array: np.ndarray, scale: int, axes: Sequence[int]) -> np.ndarray:
+    """Shrinks every listed axis by `scale` (see `downscale_axis`), in float64 throughout.
+
+    The resize is separable and linear, so the axis order only changes float64
+    rounding. Returns float64 for float64 input, float32 otherwise.
+    """
+    scale = _check_scale(scale)
+    array = np.asarray(array)
+    axes = _check_axes(axes, array.ndim)
+    dtype = _output_dtype(array)
+    result = array.astype(np.float64, copy=False)
+    for axis in axes:
+        result = _downscale_axis_f64(result, scale, axis)
+    return result.astype(dtype, copy=False)
+
+
+def simulate_lr(hr: np.ndarray, scale: int, mode: str = "3d") -> tuple[np.ndarray, np.ndarray]:
+    """Makes the (ground truth, LR input) pair of the evaluation protocol.
+
+    hr: (D, H, W) volume in scanner units. mode "2d" crops H and W to multiples
+    of `scale` and shrinks them; "3d" does the same to D too.
+    Returns (hr_cropped, lr): hr_cropped is a contiguous copy of the cropped HR
+    (the ground truth), lr has shape (D, H // scale, W // scale) for "2d" and
+    (D // scale, H // scale, W // scale) for "3d". Both are float32 (float64 if
+    hr is float64).
+    """
+    scale = _check_scale(scale, minimum=2, where="sr3d.degrade.simulate_lr")
+    if mode not in _MODE_AXES:
+        raise ValueError(f"sr3d.degrade.simulate_lr: mode must be one of {MODES}, got {mode!r}")
+    hr = np.asarray(hr)
+    if hr.ndim != 3:
+        raise ValueError(f"sr3d.degrade.simulate_lr: hr must be a (D, H, W) volume, "
+                         f"got shape {hr.shape}")
+    axes = _MODE_AXES[mode]
+    hr_cropped = crop_to_multiple(hr, scale, axes)
+    lr = downscale(hr_cropped, scale, axes)
+    return np.array(hr_cropped, dtype=_output_dtype(hr), order="C"), lr

@@ -1,0 +1,138 @@
+"""The paper's two fully convolutional networks (Georgescu et al. 2020, Figures 2-4).
+
+`build("hw", r)` is stage 1 (upsamples height and width of a slice by r);
+`build("d", r)` is stage 2 (upsamples axis 1 of a plane by r: inference feeds
+planes shaped (D, W) or (D, H), depth first). Both take a single-channel image
+of any size, `lr: float32 (B, h, w, 1)`, normalised intensity, and return a dict
+
+    {"intermediate": sub-pixel layer output, "final": conv10 output}
+
+each (B, r*h, r*w, 1) for stage "hw" and (B, r*h, w, 1) for stage "d". The
+output layers are named "intermediate" and "final", so
+`model.compile(loss={"intermediate": ..., "final": ...})` gives the paper's
+loss L1(final) + lambda * L1(intermediate).
+
+Architecture: conv1..conv10, 3x3, 'same' padding. conv1..conv5 have `filters`
+filters, conv6 has r*r (stage "hw") or r (stage "d"), conv7..conv9 `filters`,
+conv10 one. ReLU after conv1..conv5 and conv7..conv9. Skips are additions:
+conv4 takes conv1 + conv3 (short), conv6 takes conv5 + conv1 (long), conv10
+takes conv7 + conv9 (short).
+
+Decision on the two ReLUs the paper and the authors' code put on conv6 and
+conv10: here both are linear by default (`conv6_relu=False`,
+`output_relu=False`). A ReLU on the output clips every negative value to 0,
+but normalised intensities are negative wherever the scan is below its
+normalisation offset (air and fat in CT in Hounsfield units, background after
+zero-mean scaling), so a clipped network cannot produce them; and when all its
+pre-activations are negative, no gradient flows and training stalls. The
+switches reproduce the authors' network for comparison.
+
+Ablations of the paper's Table 2: `second_block=False` gives the ESPCN-like
+network without conv7..conv10; its sub-pixel output is the final output, so
+"intermediate" and "final" carry the same values ("final" is an identity of
+"intermediate"; both keys are kept so training code needs no special case).
+`short_skips=False` removes both short skips and `long_skip=False` the long
+one. The intermediate loss and the blur sigma are training options.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import keras
+
+from sr3d import layers as sr3d_layers
+
+STAGES = ("hw", "d")
+
+# Convolutions (3x3, each reaching 1 px further per side) before and after the
+# sub-pixel layer; they fix the halo that tiled inference needs.
+_CONVS_BEFORE_UPSAMPLING = 6
+_CONVS_AFTER_UPSAMPLING = 4
+
+
+def _check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"sr3d/models.py: stage must be one of {STAGES}, got {stage!r}")
+    return stage
+
+
+def _check_positive_int(value: int, what: str, minimum: int) -> int:
+    # numbers.Integral accepts NumPy integers (scales often come from arrays).
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"sr3d/models.py: {what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _conv(filters: int, name: str, relu: bool) -> keras.layers.Conv2D:
+    return keras.layers.Conv2D(filters, 3, padding="same", activation="relu" if relu else None,
+                               name=name)
+
+
+def build(stage: str, scale: int, filters: int = 32, *, second_block: bool = True,
+          short_skips: bool = True, long_skip: bool = True, conv6_relu: bool = False,
+          output_relu: bool = False, name: str | None = None) -> keras.Model:
+    """Build the stage-1 ("hw") or stage-2 ("d") network for upscale factor `scale`.
+
+    Input `lr`: float32 (B, h, w, 1), any h and w. Output: dict with
+    "intermediate" and "final", each (B, r*h, r*w, 1) for "hw" or (B, r*h, w, 1)
+    for "d". `output_relu` acts on conv10, so it has no effect when
+    `second_block=False` (then `conv6_relu` decides the output's ReLU).
+    """
+    _check_stage(stage)
+    scale = _check_positive_int(scale, "scale", 2)
+    filters = _check_positive_int(filters, "filters", 1)
+
+    lr = keras.Input((None, None, 1), name="lr")
+    conv1 = _conv(filters, "conv1", relu=True)(lr)
+    conv2 = _conv(filters, "conv2", relu=True)(conv1)
+    conv3 = _conv(filters, "conv3", relu=True)(conv2)
+    x = keras.layers.Add(name="short_skip_1_3")([conv1, conv3]) if short_skips else conv3
+    conv4 = _conv(filters, "conv4", relu=True)(x)
+    conv5 = _conv(filters, "conv5", relu=True)(conv4)
+    x = keras.layers.Add(name="long_skip_1_5")([conv5, conv1]) if long_skip else conv5
+    if stage == "hw":
+        conv6 = _conv(scale * scale, "conv6", relu=conv6_relu)(x)
+        upsampled = sr3d_layers.SubPixel2D(scale, name="subpixel")(conv6)
+    else:
+        conv6 = _conv(scale, "conv6", relu=conv6_relu)(x)
+        upsampled = sr3d_layers.SubPixel1D(scale, axis=1, name="subpixel")(conv6)
+
+    if second_block:
+        conv7 = _conv(filters, "conv7", relu=True)(upsampled)
+        conv8 = _conv(filters, "conv8", relu=True)(conv7)
+        conv9 = _conv(filters, "conv9", relu=True)(conv8)
+        x = keras.layers.Add(name="short_skip_7_9")([conv7, conv9]) if short_skips else conv9
+        final = _conv(1, "conv10", relu=output_relu)(x)
+    else:
+        final = upsampled
+
+    outputs = {
+        "intermediate": keras.layers.Identity(name="intermediate")(upsampled),
+        "final": keras.layers.Identity(name="final")(final),
+    }
+    return keras.Model(lr, outputs, name=name or f"sr3d_{stage}_x{scale}")
+
+
+def lr_halo(stage: str, scale: int) -> tuple[int, int]:
+    """Overlap per side, in LR pixels (rows, cols), that makes tiled inference exact.
+
+    An HR output pixel depends on LR input pixels at most this far from the LR
+    pixel it lies in, so tiles of the LR input extended by this halo on each
+    side (cut at LR pixel boundaries), then trimmed by r times the halo along
+    upsampled axes (the halo itself along the other), reproduce untiled
+    inference. The six convs before the sub-pixel layer reach 6 LR px; the four
+    after it reach 4 HR px, which is ceil(4 / r) LR px. An axis that is not
+    upsampled (stage "d", cols) sees all ten convs: 10 px.
+    """
+    _check_stage(stage)
+    scale = _check_positive_int(scale, "scale", 2)
+    upsampled_axis = _CONVS_BEFORE_UPSAMPLING + math.ceil(_CONVS_AFTER_UPSAMPLING / scale)
+    if stage == "hw":
+        return (upsampled_axis, upsampled_axis)
+    return (upsampled_axis, _CONVS_BEFORE_UPSAMPLING + _CONVS_AFTER_UPSAMPLING)
+
+
+def receptive_field(stage: str, scale: int) -> tuple[int, int]:
+    """Same as `lr_halo`: the receptive-field radius per side in LR pixels (rows, cols)."""
+    return lr_halo(stage, scale)

@@ -1,0 +1,140 @@
+"""Tests for sr3d.data: aligned patches, blur augmentation, determinism, tf.data pipeline."""
+import cv2
+import numpy as np
+import pytest
+
+from sr3d import data, degrade
+
+
+def _volume(shape=(6, 20, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random(shape).astype(np.float32)
+
+
+def _find(stack: np.ndarray, patch: np.ndarray):
+    """All (i, y, x) where `patch` sits in `stack` (N, h, w), by brute force."""
+    n, h, w = stack.shape
+    p, q = patch.shape
+    hits = []
+    for i in range(n):
+        for y in range(h - p + 1):
+            for x in range(w - q + 1):
+                if np.array_equal(stack[i, y:y + p, x:x + q], patch):
+                    hits.append((i, y, x))
+    return hits
+
+
+def test_plane_stacks_shapes_and_degradation():
+    vol = _volume((6, 20, 24))
+    (hw,) = data.plane_stacks(vol, "hw", 2)
+    assert hw.lr.shape == (6, 10, 12) and hw.hr.shape == (6, 20, 24)
+    np.testing.assert_array_equal(hw.lr, degrade.downscale(vol, 2, axes=(1, 2)))
+    rows, cols = data.plane_stacks(vol, "d", 3)
+    # D cropped to 6 (divisible by 3); planes are depth first.
+    assert rows.lr.shape == (20, 2, 24) and rows.hr.shape == (20, 6, 24)
+    assert cols.lr.shape == (24, 2, 20) and cols.hr.shape == (24, 6, 20)
+    np.testing.assert_array_equal(rows.hr[5], vol[:, 5, :])
+    np.testing.assert_array_equal(cols.hr[7], vol[:, :, 7])
+
+
+@pytest.mark.parametrize("stage,scale", [("hw", 2), ("hw", 3), ("d", 2), ("d", 4)])
+def test_patches_are_aligned(stage, scale):
+    vol = _volume((16, 20, 20))
+    cfg = data.PatchConfig(stage=stage, scale=scale, patch_size=4, batch_size=6, blur="none",
+                           min_contrast=0.0, seed=1)
+    sampler = data.PatchSampler([vol], cfg)
+    lr, hr = sampler.batch(0, 0)
+    ry, rx = (scale, scale) if stage == "hw" else (scale, 1)
+    assert lr.shape == (6, 4, 4, 1) and hr.shape == (6, 4 * ry, 4 * rx, 1)
+    stacks = data.plane_stacks(vol, stage, scale)
+    for k in range(6):
+        found = False
+        for stack in stacks:
+            for i, y, x in _find(stack.lr, lr[k, ..., 0]):
+                if np.array_equal(stack.hr[i, y * ry:(y + 4) * ry, x * rx:(x + 4) * rx], hr[k, ..., 0]):
+                    found = True
+        assert found, f"patch {k}: HR target is not the HR twin of its LR patch"
+
+
+def test_blur_matches_opencv_gaussian():
+    rng = np.random.default_rng(0)
+    halo = rng.random((3, 12, 12)).astype(np.float32)
+    sigmas = np.array([0.0, 0.3, 0.5])
+    out = data.blur_patches(halo, sigmas)
+    assert out.shape == (3, 10, 10)
+    np.testing.assert_allclose(out[0], halo[0, 1:-1, 1:-1], rtol=0, atol=0)
+    for k in (1, 2):
+        expected = cv2.GaussianBlur(halo[k].astype(np.float64), (3, 3), sigmas[k])[1:-1, 1:-1]
+        np.testing.assert_allclose(out[k], expected, rtol=0, atol=1e-6)
+
+
+def test_blur_probability_and_sigma_range():
+    vol = _volume((4, 40, 40))
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=5, batch_size=2000, min_contrast=0.0, seed=3)
+    lr, _, sigmas = data.PatchSampler([vol], cfg).batch_with_sigmas(0, 0)
+    none = data.PatchSampler([vol], data.dataclasses.replace(cfg, blur="none")).batch(0, 0)[0]
+    blurred = sigmas > 0
+    # p = 0.5 over 2000 draws: 5 standard deviations is +-0.056.
+    assert 0.44 < blurred.mean() < 0.56
+    assert sigmas.max() <= 0.5
+    # sigma ~ U(0, 0.5): mean 0.25, standard error 0.0032 over ~1000 draws.
+    np.testing.assert_allclose(sigmas[blurred].mean(), 0.25, atol=0.02)
+    np.testing.assert_array_equal(lr[~blurred], none[~blurred])
+    visibly = sigmas > 0.3  # side weight exp(-1/(2 sigma^2)) > 0.004
+    assert np.all(np.any(lr[visibly] != none[visibly], axis=(1, 2, 3)))
+    fixed = data.PatchSampler([vol], data.dataclasses.replace(cfg, blur="fixed")).batch_with_sigmas(0, 0)[2]
+    assert set(np.unique(fixed)) == {0.0, 0.5}
+
+
+def test_background_patches_are_skipped():
+    vol = np.zeros((4, 40, 40), np.float32)
+    vol[:, 20:, 20:] = _volume((4, 20, 20))
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=3, batch_size=256, blur="none", seed=0)
+    _, hr = data.PatchSampler([vol], cfg).batch(0, 0)
+    span = hr.max(axis=(1, 2, 3)) - hr.min(axis=(1, 2, 3))
+    assert np.all(span >= cfg.min_contrast)
+
+
+def test_same_seed_same_batches_any_order():
+    vols = [_volume((12, 20, 24), 0), _volume((10, 30, 18), 1)]
+    cfg = data.PatchConfig(stage="d", scale=2, patch_size=5, batch_size=16, seed=7)
+    a, b = data.PatchSampler(vols, cfg), data.PatchSampler(vols, cfg)
+    later = b.batch(2, 5)
+    for step in range(3):
+        np.testing.assert_array_equal(a.batch(0, step)[0], b.batch(0, step)[0])
+    np.testing.assert_array_equal(a.batch(2, 5)[1], later[1])
+    other = data.PatchSampler(vols, data.dataclasses.replace(cfg, seed=8))
+    assert not np.array_equal(other.batch(0, 0)[0], a.batch(0, 0)[0])
+    assert not np.array_equal(a.batch(0, 1)[0], a.batch(0, 0)[0])
+
+
+def test_dataset_yields_dict_targets_in_plan_order():
+    vol = _volume((6, 20, 24))
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=4, batch_size=8, seed=0)
+    sampler = data.PatchSampler([vol], cfg)
+    batches = list(data.dataset(sampler, [(0, 1, 3), (1, 0, 1)]).as_numpy_iterator())
+    assert len(batches) == 3
+    expected = [sampler.batch(0, 1), sampler.batch(0, 2), sampler.batch(1, 0)]
+    for (lr, targets), (lr_e, hr_e) in zip(batches, expected):
+        np.testing.assert_array_equal(lr, lr_e)
+        np.testing.assert_array_equal(targets["final"], hr_e)
+        np.testing.assert_array_equal(targets["intermediate"], hr_e)
+
+
+def test_epoch_size_covers_each_lr_voxel_once():
+    vol = _volume((10, 28, 28))
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=7, batch_size=4)
+    sampler = data.PatchSampler([vol], cfg)
+    assert sampler.patches_per_epoch == 10 * 14 * 14 // 49
+    assert sampler.steps_per_epoch() == 10
+
+
+@pytest.mark.parametrize("bad", [dict(stage="xy"), dict(scale=1), dict(blur="sometimes"), dict(patch_size=0)])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError):
+        data.PatchConfig(**{"stage": "hw", "scale": 2, **bad})
+
+
+def test_planes_too_small_for_patches():
+    with pytest.raises(ValueError, match="large enough"):
+        data.PatchSampler([_volume((4, 6, 6))], data.PatchConfig(stage="hw", scale=2, patch_size=7))
