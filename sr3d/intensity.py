@@ -77,7 +77,7 @@ def window_tf(volume):
     # Same arithmetic as _indices: int() truncation of a float64 product.
     i_lo = tf.cast(tf.floor(LOW_PERCENTILE / 100.0 * (count - 1.0)), tf.int32)
     i_hi = tf.cast(tf.floor(HIGH_PERCENTILE / 100.0 * (count - 1.0)), tf.int32)
-    lo = sample[i_lo]
-    hi = sample[i_hi]
+    lo = tf.reshape(tf.gather(sample, i_lo), [])
+    hi = tf.reshape(tf.gather(sample, i_hi), [])
     hi = tf.where(hi > lo, hi, lo + 1.0)
     return lo, hi

@@ -1,0 +1,567 @@
+"""Volume I/O: NIfTI, NRRD and DICOM files to and from `Volume` (float32 (D, H, W) plus affine).
+
+Axis convention: D is the slice axis. For NIfTI and NRRD, whose arrays are indexed
+(i, j, k) with i fastest, D = k, H = j, W = i. For DICOM, D runs along the slice
+normal (sorted by ImagePositionPatient), H along the pixel rows and W along the
+columns. Affines map voxel index (d, h, w) to world RAS+ millimetres; DICOM and
+NRRD patient coordinates in LPS are converted (x and y negated).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import os
+import pathlib
+import re
+import zlib
+from collections.abc import Sequence
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+# Volume index (d, h, w) <-> file index (i, j, k) = (w, h, d); the permutation is its own inverse.
+_SWAP_D_W = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# NRRD `space` values we can place in RAS: sign of the x and y axes relative to RAS.
+_NRRD_SPACE_FLIPS = {
+    "right-anterior-superior": (1.0, 1.0), "ras": (1.0, 1.0),
+    "left-anterior-superior": (-1.0, 1.0), "las": (-1.0, 1.0),
+    "left-posterior-superior": (-1.0, -1.0), "lps": (-1.0, -1.0),
+}
+_SAVE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                "float32", "float64")
+_MODALITY_DESCRIP = re.compile(r"^sr3d modality=(\S+)$")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D scan: float32 (D, H, W) voxels in scanner units plus its world geometry.
+
+    array: float32 (D, H, W), scanner units (HU for CT after DICOM rescaling).
+    spacing: voxel size in mm, (D, H, W) order.
+    affine: 4x4 float64, voxel index (d, h, w) -> world RAS+ mm.
+    modality: "CT", "MR", ... when the file says so, else None.
+    source_dtype: numpy dtype name of the stored voxel values; `save_volume` writes it by default.
+    source: path the volume was read from, None for computed volumes.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    modality: str | None = None
+    source_dtype: str = "float32"
+    source: str | None = None
+
+    def __post_init__(self):
+        array = np.asarray(self.array)
+        if array.ndim != 3:
+            raise ValueError(f"volume array must be 3D (D, H, W), got shape {array.shape}")
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"volume array must hold real numbers, got dtype {array.dtype}")
+        array = array.astype(np.float32, copy=False)
+        # A float64 sum cannot overflow on float32 input, so it is finite iff every voxel is.
+        if not np.isfinite(np.sum(array, dtype=np.float64)):
+            n_bad = array.size - np.count_nonzero(np.isfinite(array))
+            raise ValueError(f"volume array has non-finite values (NaN or Inf) at {n_bad} voxels")
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise ValueError(f"affine must be a finite 4x4 matrix, got {affine!r}")
+        if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]) or np.linalg.det(affine[:3, :3]) == 0:
+            raise ValueError(f"affine must be invertible with last row (0, 0, 0, 1), got {affine!r}")
+        spacing = tuple(float(s) for s in np.ravel(self.spacing))
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing must be 3 positive numbers (mm, D H W), got {self.spacing!r}")
+        source_dtype = _storable_dtype(self.source_dtype, "source_dtype").name
+        object.__setattr__(self, "array", array)
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "source_dtype", source_dtype)
+        if self.source is not None:
+            object.__setattr__(self, "source", os.fspath(self.source))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.array.shape
+
+    def replace(self, **changes) -> Volume:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _storable_dtype(value, what: str) -> np.dtype:
+    """The numpy dtype named by `value` if NIfTI can store it, else ValueError."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in _SAVE_DTYPES:
+        raise ValueError(f"{what} must be one of {_SAVE_DTYPES}, got {value!r}")
+    return dtype
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each voxel axis: the lengths of the affine's first three columns."""
+    return tuple(float(s) for s in nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64)))
+
+
+def _scale_factors(scale: int | Sequence[int], axes: Sequence[int]) -> np.ndarray:
+    """Per-axis integer factors (D, H, W): `scale` along `axes`, 1 elsewhere."""
+    axes = tuple(axes)
+    if len(set(axes)) != len(axes) or not all(a in (0, 1, 2) for a in axes):
+        raise ValueError(f"axes must be distinct axes among (0, 1, 2), got {axes}")
+    scales = [scale] * len(axes) if np.ndim(scale) == 0 else list(scale)
+    if len(scales) != len(axes):
+        raise ValueError(f"scale needs one factor per axis in {axes}, got {scale!r}")
+    factors = np.ones(3)
+    for axis, s in zip(axes, scales):
+        if isinstance(s, (bool, np.bool_)) or int(s) != s or s < 1:
+            raise ValueError(f"scale factors must be integers >= 1, got {scale!r}")
+        factors[axis] = int(s)
+    return factors
+
+
+def upscaled_affine(affine: np.ndarray, shape: tuple[int, int, int], scale: int | Sequence[int],
+                    axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+    """Affine of the grid upscaled by `scale` along `axes` that overlays the original volume.
+
+    Voxel size is divided by r along each upscaled axis and the origin moves by the
+    half-voxel change, so upscaled index u sits where the original continuous index
+    (u + 0.5) / r - 0.5 sits and the outer edges of the field of view coincide.
+    Rotations and shears are kept. `shape` is the original (D, H, W) grid; the result
+    does not depend on it. (nibabel's `rescale_affine` keeps voxel (shape - 1) // 2
+    fixed instead, which misplaces the grid by a fraction of a voxel for even shapes.)
+
+    scale: one integer for all `axes`, or one per entry of `axes`.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be 3 positive sizes (D, H, W), got {shape}")
+    factors = _scale_factors(scale, axes)
+    new_to_old = np.eye(4)
+    new_to_old[:3, :3] = np.diag(1.0 / factors)
+    new_to_old[:3, 3] = 0.5 / factors - 0.5
+    return affine @ new_to_old
+
+
+def upscaled_volume(volume: Volume, array: np.ndarray, scale: int | Sequence[int],
+                    axes: Sequence[int] = (0, 1, 2)) -> Volume:
+    """Wrap `array`, the upscaled `volume`, with the upscaled spacing and affine.
+
+    array: (D, H, W) of `volume` times `scale` along `axes`. Modality and source dtype
+    are kept; `source` is None since the result was not read from a file.
+    """
+    factors = _scale_factors(scale, axes)
+    expected = tuple(int(n * f) for n, f in zip(volume.shape, factors))
+    if np.shape(array) != expected:
+        raise ValueError(f"upscaled array should have shape {expected} ({volume.shape} times "
+                         f"{scale} along axes {tuple(axes)}), got {np.shape(array)}")
+    return Volume(
+        array=array,
+        spacing=tuple(s / f for s, f in zip(volume.spacing, factors)),
+        affine=upscaled_affine(volume.affine, volume.shape, scale, axes),
+        modality=volume.modality,
+        source_dtype=volume.source_dtype,
+    )
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), DICOM file or DICOM series directory.
+
+    A DICOM directory must hold exactly one series (files directly inside it; other
+    files are skipped). Raises FileNotFoundError or ValueError naming the file and the problem.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+    if path.is_dir():
+        return _load_dicom_series(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return _load_nifti(path)
+    if name.endswith((".nrrd", ".nhdr")):
+        return _load_nrrd(path)
+    if name.endswith((".dcm", ".dicom", ".ima")) or _has_dicom_preamble(path):
+        return _load_dicom_file(path)
+    raise ValueError(f"{path}: unsupported file type: expected .nii, .nii.gz, .nrrd, .nhdr, "
+                     "a DICOM file or a directory holding one DICOM series")
+
+
+def _make_volume(path: pathlib.Path, array: np.ndarray, affine: np.ndarray, **fields) -> Volume:
+    """Volume with spacing taken from the affine; validation errors name the file."""
+    try:
+        return Volume(array=array, spacing=spacing_from_affine(affine), affine=affine,
+                      source=str(path), **fields)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def _spatial_shape(shape: Sequence[int], path: pathlib.Path) -> tuple[int, int, int]:
+    """The 3D shape of an image after dropping trailing length-1 axes; errors for 2D and 4D."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise ValueError(f"{path}: 4D image with {shape[3]} volumes along axis 3 (shape {shape}): "
+                         "extract one volume, e.g. with nibabel `img.slicer[..., 0]`")
+    if len(shape) != 3:
+        raise ValueError(f"{path}: {len(shape)}D image with shape {shape}: expected a 3D volume")
+    if min(shape) < 2:
+        raise ValueError(f"{path}: shape {shape} has an axis shorter than 2 voxels: a volume "
+                         "needs >= 2 voxels along every axis")
+    return shape
+
+
+def _load_nifti(path: pathlib.Path) -> Volume:
+    try:
+        image = nib.load(path)
+        shape = _spatial_shape(image.shape, path)
+        stored = image.get_data_dtype()
+        if stored.kind not in "biuf":
+            raise ValueError(f"{path}: voxel type {stored} is not a real scalar: expected a "
+                             "grey-level volume")
+        data = image.get_fdata(dtype=np.float32).reshape(shape)
+    except PermissionError:
+        raise
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError,
+            EOFError, zlib.error) as error:
+        # nibabel reports truncated or non-NIfTI files from deep inside gzip/zlib.
+        raise ValueError(f"{path}: not a readable NIfTI file (corrupt, truncated or another "
+                         f"format): {type(error).__name__}: {error}") from error
+    slope, inter = image.dataobj.slope, image.dataobj.inter
+    source_dtype = stored.name if (slope, inter) == (1.0, 0.0) else "float32"
+    descrip = image.header["descrip"].item().decode("latin-1").strip()
+    modality = _MODALITY_DESCRIP.match(descrip)
+    return _make_volume(path, data.transpose(2, 1, 0), image.affine @ _SWAP_D_W,
+                        modality=modality.group(1) if modality else None, source_dtype=source_dtype)
+
+
+def _load_nrrd(path: pathlib.Path) -> Volume:
+    try:
+        data, header = nrrd.read(str(path))
+    except (nrrd.NRRDError, OSError, EOFError, ValueError, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable NRRD file: {type(error).__name__}: {error}") from error
+    shape = _spatial_shape(data.shape, path)
+    data = data.reshape(shape)
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: voxel type {data.dtype} is not a real scalar")
+    units = header.get("space units")
+    if units is not None and any(u not in ("mm", "") for u in units):
+        raise ValueError(f"{path}: space units {units} are not millimetres")
+    ijk_to_world = np.eye(4)
+    if "space directions" in header:
+        space = str(header.get("space", "")).lower()
+        if space not in _NRRD_SPACE_FLIPS:
+            raise ValueError(f"{path}: NRRD space {space or '(none)'!r} has no known relation to "
+                             f"RAS: expected one of {sorted(_NRRD_SPACE_FLIPS)}")
+        directions = np.asarray(header["space directions"], dtype=np.float64)[:3]
+        ijk_to_world[:3, :3] = directions.T  # pynrrd gives one row per array axis
+        ijk_to_world[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+        flip_x, flip_y = _NRRD_SPACE_FLIPS[space]
+        ijk_to_world = np.diag([flip_x, flip_y, 1.0, 1.0]) @ ijk_to_world
+    else:
+        # No orientation in the file: like nibabel for unoriented NIfTI, axes are taken as RAS.
+        ijk_to_world[:3, :3] = np.diag(np.asarray(header.get("spacings", np.ones(3)), dtype=np.float64))
+    return _make_volume(path, data.transpose(2, 1, 0), ijk_to_world @ _SWAP_D_W,
+                        source_dtype=data.dtype.name)
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """One 2D DICOM image (a file, or a frame of a multi-frame file) in LPS patient coordinates."""
+
+    label: str                 # file, and frame if any, for messages
+    dataset: int               # index into the datasets read
+    frame: int | None          # None for single-frame files
+    position: np.ndarray       # (3,) ImagePositionPatient, mm
+    orientation: np.ndarray    # (6,) ImageOrientationPatient: row then column direction cosines
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), mm
+    slope: float
+    intercept: float
+
+
+def _has_dicom_preamble(path: pathlib.Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
+def _read_dicom(path: pathlib.Path) -> pydicom.Dataset | None:
+    """The dataset of a DICOM file, or None for a file that is not DICOM."""
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        return None
+    except Exception as error:  # pydicom raises many types on corrupt files
+        raise ValueError(f"{path}: unreadable DICOM file: {type(error).__name__}: {error}") from error
+
+
+def _number(dataset, keyword: str, default: float) -> float:
+    value = None if dataset is None else dataset.get(keyword)
+    return default if value is None or value == "" else float(value)
+
+
+def _slices_of(dataset: pydicom.Dataset, index: int, path: pathlib.Path) -> list[_Slice]:
+    """The 2D images of one DICOM file with their position, orientation and rescaling."""
+    if int(dataset.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError(f"{path}: colour image ({dataset.SamplesPerPixel} samples per pixel): "
+                         "expected a grey-level CT or MR image")
+    slope = _number(dataset, "RescaleSlope", _number(dataset, "DoseGridScaling", 1.0))
+    intercept = _number(dataset, "RescaleIntercept", 0.0)
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        return _enhanced_frames(dataset, index, path, slope, intercept)
+    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+               if k not in dataset]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}: cannot place the image in space")
+    position = np.asarray(dataset.ImagePositionPatient, dtype=np.float64)
+    orientation = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64)
+    pixel_spacing = tuple(float(s) for s in dataset.PixelSpacing)
+    n_frames = int(dataset.get("NumberOfFrames") or 1)
+    if n_frames == 1:
+        return [_Slice(str(path), index, None, position, orientation, pixel_spacing, slope, intercept)]
+    # Plain multi-frame: frames are stacked along the normal from ImagePositionPatient.
+    if "GridFrameOffsetVector" in dataset:  # RT Dose: offsets, relative to the first frame
+        offsets = np.asarray(dataset.GridFrameOffsetVector, dtype=np.float64)
+        offsets = offsets - offsets[0]
+    elif "SpacingBetweenSlices" in dataset:
+        offsets = np.arange(n_frames) * float(dataset.SpacingBetweenSlices)
+    else:
+        raise ValueError(f"{path}: multi-frame image with no per-frame positions (no functional "
+                         "groups, GridFrameOffsetVector or SpacingBetweenSlices)")
+    if len(offsets) != n_frames:
+        raise ValueError(f"{path}: {len(offsets)} frame offsets for {n_frames} frames")
+    normal = _unit(np.cross(orientation[:3], orientation[3:]))
+    return [_Slice(f"{path} (frame {f + 1})", index, f, position + offset * normal, orientation,
+                   pixel_spacing, slope, intercept) for f, offset in enumerate(offsets)]
+
+
+def _enhanced_frames(dataset, index, path, slope, intercept) -> list[_Slice]:
+    """Frames of an enhanced multi-frame file: geometry from the per-frame or shared groups."""
+    shared = dataset.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in dataset else None
+
+    def item(groups, name):
+        for group in (groups, shared):
+            sequence = None if group is None else group.get(name)
+            if sequence:
+                return sequence[0]
+        return None
+
+    slices = []
+    for f, groups in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        plane_position = item(groups, "PlanePositionSequence")
+        plane_orientation = item(groups, "PlaneOrientationSequence")
+        measures = item(groups, "PixelMeasuresSequence")
+        if plane_position is None or plane_orientation is None or measures is None:
+            raise ValueError(f"{path}: frame {f + 1} has no plane position, plane orientation or "
+                             "pixel measures: cannot place it in space")
+        transform = item(groups, "PixelValueTransformationSequence")
+        slices.append(_Slice(
+            f"{path} (frame {f + 1})", index, f,
+            np.asarray(plane_position.ImagePositionPatient, dtype=np.float64),
+            np.asarray(plane_orientation.ImageOrientationPatient, dtype=np.float64),
+            tuple(float(s) for s in measures.PixelSpacing),
+            _number(transform, "RescaleSlope", slope), _number(transform, "RescaleIntercept", intercept)))
+    return slices
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def _load_dicom_file(path: pathlib.Path) -> Volume:
+    dataset = _read_dicom(path)
+    if dataset is None or "PixelData" not in dataset:
+        raise ValueError(f"{path}: not a DICOM image file")
+    slices = _slices_of(dataset, 0, path)
+    if len(slices) < 2:
+        raise ValueError(f"{path}: a single 2D DICOM slice ({dataset.Rows} x {dataset.Columns}); "
+                         "a volume needs >= 2 slices: pass the directory of the series instead")
+    return _stack_slices(path, slices, [dataset])
+
+
+def _load_dicom_series(directory: pathlib.Path) -> Volume:
+    """One DICOM series from the files directly inside `directory`, each read once."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    datasets, paths = [], []
+    for file in files:
+        dataset = _read_dicom(file)
+        if dataset is not None and "PixelData" in dataset:  # skip DICOMDIR, reports, non-DICOM
+            datasets.append(dataset)
+            paths.append(file)
+    if not datasets:
+        raise ValueError(f"{directory}: no DICOM images among its {len(files)} files (subdirectories "
+                         "are not searched): pass a directory holding one DICOM series")
+    series = collections.Counter(str(d.get("SeriesInstanceUID", "(no SeriesInstanceUID)")) for d in datasets)
+    if len(series) > 1:
+        listing = ", ".join(f"{uid} ({n} files)" for uid, n in series.most_common())
+        raise ValueError(f"{directory}: holds {len(series)} DICOM series: {listing}; pass a "
+                         "directory with one series")
+    slices = [s for i, (d, p) in enumerate(zip(datasets, paths)) for s in _slices_of(d, i, p)]
+    if len(slices) < 2:
+        raise ValueError(f"{directory}: holds a single 2D DICOM slice; a volume needs >= 2 slices")
+    return _stack_slices(directory, slices, datasets)
+
+
+def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list) -> Volume:
+    """Sort slices along their normal, check the spacing is regular and build the volume."""
+    first = slices[0]
+    image_shape = (int(datasets[first.dataset].Rows), int(datasets[first.dataset].Columns))
+    for s in slices[1:]:
+        shape = (int(datasets[s.dataset].Rows), int(datasets[s.dataset].Columns))
+        if (shape != image_shape or not np.allclose(s.orientation, first.orientation, atol=1e-4)
+                or not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4)):
+            raise ValueError(
+                f"{where}: {s.label} ({shape}, orientation {s.orientation.tolist()}, pixel spacing "
+                f"{s.pixel_spacing}) does not match {first.label} ({image_shape}, "
+                f"{first.orientation.tolist()}, {first.pixel_spacing}): not one volume")
+    row_cosine, column_cosine = _unit(first.orientation[:3]), _unit(first.orientation[3:])
+    normal = np.cross(row_cosine, column_cosine)
+    along = np.array([s.position @ normal for s in slices])
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    along = along[order]
+    positions = np.array([s.position for s in slices])
+    _check_regular(where, slices, along, positions)
+
+    array = np.empty((len(slices),) + image_shape, dtype=np.float32)
+    decoded = {}  # multi-frame files are decoded once, for all their frames
+    raw_dtypes = set()
+    integral, low, high = True, np.inf, -np.inf
+    for k, s in enumerate(slices):
+        if s.frame is None:
+            frame = _decode(datasets[s.dataset], s.label)
+        else:
+            if s.dataset not in decoded:
+                decoded[s.dataset] = _decode(datasets[s.dataset], s.label)
+            frames = decoded[s.dataset]
+            frame = frames if frames.ndim == 2 else frames[s.frame]
+        if frame.shape != image_shape:
+            raise ValueError(f"{s.label}: pixel data of shape {frame.shape}, expected {image_shape}")
+        raw_dtypes.add(frame.dtype.name)
+        if (s.slope, s.intercept) == (1.0, 0.0):
+            array[k] = frame
+        else:
+            array[k] = frame * s.slope + s.intercept
+            integral = integral and bool(np.all(array[k] == np.rint(array[k])))
+        low, high = min(low, float(array[k].min())), max(high, float(array[k].max()))
+
+    lps = np.eye(4)
+    lps[:3, 0] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 1] = column_cosine * first.pixel_spacing[0]  # down the rows
+    lps[:3, 2] = row_cosine * first.pixel_spacing[1]     # along a row
+    lps[:3, 3] = positions[0]
+    modality = datasets[first.dataset].get("Modality")
+    return _make_volume(where, array, _LPS_TO_RAS @ lps, modality=str(modality) if modality else None,
+                        source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high))
+
+
+def _check_regular(where, slices: list[_Slice], along: np.ndarray, positions: np.ndarray) -> None:
+    """Raise unless sorted slice positions are distinct, evenly spaced and on one line."""
+    gaps = np.diff(along)
+    duplicate = np.flatnonzero(gaps < 0.01)
+    if duplicate.size:
+        a, b = slices[duplicate[0]], slices[duplicate[0] + 1]
+        raise ValueError(f"{where}: {a.label} and {b.label} are at the same position "
+                         f"({along[duplicate[0]]:.3f} mm along the slice normal): repeated positions "
+                         "(echoes, phases, time points) make a 4D series: split it into one "
+                         "directory per volume")
+    median = float(np.median(gaps))
+    # Positions are often rounded to 0.1 mm in the header; a missing slice doubles a gap.
+    tolerance = min(max(0.01 * median, 0.15), 0.5 * median)
+    irregular = np.flatnonzero(np.abs(gaps - median) > tolerance)
+    if irregular.size:
+        i = irregular[0]
+        raise ValueError(f"{where}: missing slices: gap of {gaps[i]:.3f} mm between {slices[i].label} "
+                         f"and {slices[i + 1].label} where the slices are {median:.3f} mm apart")
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    off_line = np.linalg.norm(positions - (positions[0] + np.arange(len(positions))[:, None] * step), axis=1)
+    if off_line.max() > tolerance:
+        i = int(np.argmax(off_line))
+        raise ValueError(f"{where}: slice positions are not on a straight line: {slices[i].label} is "
+                         f"{off_line[i]:.3f} mm off it")
+
+
+def _decode(dataset: pydicom.Dataset, label: str) -> np.ndarray:
+    try:
+        return dataset.pixel_array
+    except Exception as error:  # missing decoder plugin, corrupt or truncated pixel data
+        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+        raise ValueError(f"{label}: cannot decode pixel data (transfer syntax {getattr(syntax, 'name', syntax)}): "
+                         f"{type(error).__name__}: {error}") from error
+
+
+def _dicom_source_dtype(slices, raw_dtypes: set, integral: bool, low: float, high: float) -> str:
+    """Stored dtype when no rescaling applies, else the smallest of int16/int32 that holds the
+    rescaled values if they are integers (HU), else float32."""
+    if all((s.slope, s.intercept) == (1.0, 0.0) for s in slices) and len(raw_dtypes) == 1:
+        return raw_dtypes.pop()
+    if integral:
+        for name in ("int16", "int32"):
+            if np.iinfo(name).min <= low and high <= np.iinfo(name).max:
+                return name
+    return "float32"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 array -> dtype; integers are rounded and clipped to the dtype's range."""
+    if dtype.kind == "f":
+        return array.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    # The largest float32 not above info.max, so the cast cannot overflow.
+    high = np.float32(info.max)
+    if int(high) > info.max:
+        high = np.nextafter(high, np.float32(0))
+    return np.clip(np.rint(array), np.float32(info.min), high).astype(dtype)
+
+
+def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = None) -> pathlib.Path:
+    """Write `volume` to NIfTI (.nii or .nii.gz) atomically; return the path written.
+
+    dtype: stored voxel type, default `volume.source_dtype`; integer types are rounded and
+    clipped to their range. The file appears complete or not at all: it is written to a
+    temporary file in the same directory and renamed. sform and qform (code 1, scanner)
+    hold the affine with D stored as the third (slice) axis; modality goes into `descrip`.
+    """
+    path = pathlib.Path(path)
+    name = path.name
+    suffix = next((s for s in (".nii.gz", ".nii") if name.lower().endswith(s)), None)
+    if suffix is None:
+        raise ValueError(f"{path}: can only write NIfTI: the name must end with .nii or .nii.gz")
+    dtype = _storable_dtype(dtype if dtype is not None else volume.source_dtype, f"{path}: dtype")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "Directory to write into does not exist", str(path))
+
+    affine = volume.affine @ _SWAP_D_W
+    image = nib.Nifti1Image(_cast(volume.array, dtype).transpose(2, 1, 0), affine)
+    image.header.set_data_dtype(dtype)
+    image.header.set_sform(affine, code=1)
+    image.header.set_qform(affine, code=1)  # nibabel drops any shear here; the sform keeps it
+    image.header.set_xyzt_units("mm")
+    image.header.set_dim_info(slice=2)
+    if volume.modality:
+        image.header["descrip"] = f"sr3d modality={volume.modality}"[:80]
+
+    temporary = path.with_name(f".{name[:-len(suffix)]}.tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, f"cannot write NIfTI: {error.strerror}", str(path)) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,334 @@
+"""Training one stage of the network: config, resumable `fit`, validation against Lanczos.
+
+A run lives in `model_dir`:
+  config.json              how the run was made (written first; a rerun must match it)
+  checkpoint/              latest weights + optimizer state and the (epoch, step) they belong to,
+                           written every `save_every_steps` steps and at every epoch end
+  epochs/epoch_NNN.weights.h5   model weights after each epoch
+  history.csv, logs/       per-epoch losses and validation PSNR (CSV and TensorBoard)
+  training_curve.png       loss and validation PSNR vs Lanczos per epoch
+  model.keras, training.json   the final model and a summary of how it was trained
+
+Rerunning with the same `model_dir` resumes from the checkpoint: batches are
+drawn from generators seeded by (seed, epoch, step), the optimizer state is
+restored and ops are deterministic, so a resumed run ends with the weights of
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from sr3d import baselines, data, intensity
+from sr3d import io as sr3d_io
+
+CHECKPOINT_DIR = "checkpoint"
+# Fields that may differ when a run is resumed (they do not change what is learned).
+_RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "save_every_steps", "val_data"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run of one stage."""
+
+    data: tuple[str, ...]
+    model_dir: str
+    stage: str = "hw"
+    scale: int = 2
+    val_data: tuple[str, ...] = ()
+    epochs: int = 40
+    steps_per_epoch: int | None = None     # None: about one pass over every LR voxel per epoch
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    lr_drop_epoch: int | None = None       # None: epochs // 2 (the paper: 1e-3, then 1e-4 after 20 of 40)
+    learning_rate_after_drop: float = 1e-4
+    patch_size: int = 7
+    filters: int = 32
+    second_block: bool = True
+    short_skips: bool = True
+    long_skip: bool = True
+    intermediate_weight: float = 1.0       # lambda of the two-term loss; 0 is the Table 2 ablation
+    blur: str = "random"
+    min_contrast: float = 0.02
+    seed: int = 0
+    save_every_steps: int = 50
+    verbose: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", tuple(str(p) for p in self.data))
+        object.__setattr__(self, "val_data", tuple(str(p) for p in self.val_data))
+        if not self.data:
+            raise ValueError("no training scans given")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.intermediate_weight < 0:
+            raise ValueError(f"intermediate_weight must be >= 0, got {self.intermediate_weight}")
+        if self.save_every_steps < 1:
+            raise ValueError(f"save_every_steps must be >= 1, got {self.save_every_steps}")
+        self.patch_config()  # validates stage, scale, sizes, blur
+
+    def patch_config(self) -> data.PatchConfig:
+        return data.PatchConfig(stage=self.stage, scale=self.scale, patch_size=self.patch_size,
+                                batch_size=self.batch_size, blur=self.blur,
+                                min_contrast=self.min_contrast, seed=self.seed)
+
+    def learning_rate_at(self, epoch: int) -> float:
+        drop = self.epochs // 2 if self.lr_drop_epoch is None else self.lr_drop_epoch
+        return self.learning_rate if epoch < drop else self.learning_rate_after_drop
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def expand_scans(paths: Sequence[str]) -> tuple[str, ...]:
+    """Scan paths from files and directories: a directory of NIfTI files gives each file;
+    any other directory is taken as one DICOM series."""
+    out: list[str] = []
+    for path in paths:
+        p = pathlib.Path(path)
+        if p.is_dir():
+            niftis = sorted([*p.glob("*.nii"), *p.glob("*.nii.gz"), *p.glob("*.nrrd")])
+            out.extend(str(f) for f in niftis) if niftis else out.append(str(p))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    return tuple(out)
+
+
+def load_normalised(paths: Sequence[str]) -> list[np.ndarray]:
+    """Each scan as a (D, H, W) float32 array in network units (its own intensity window)."""
+    volumes = []
+    for path in paths:
+        volume = sr3d_io.load_volume(path)
+        volumes.append(intensity.window(volume.array).normalise(volume.array))
+    return volumes
+
+
+def predict_planes(model, planes: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """The `final` output of a stage model on (N, h, w) planes -> (N, h', w') float32."""
+    outs = [np.asarray(model(planes[i:i + batch_size, ..., None], training=False)["final"])[..., 0]
+            for i in range(0, planes.shape[0], batch_size)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def validation_psnr(model, volumes: Sequence[np.ndarray], stage: str, scale: int) -> tuple[float, float]:
+    """Mean over held-out volumes of the volume PSNR (normalised units, peak 1) of the stage
+    output and of Lanczos on the same LR planes: (network dB, Lanczos dB)."""
+    axes = (1, 2) if stage == "hw" else (1,)
+    net_db, lanczos_db = [], []
+    for volume in volumes:
+        net_se = lanczos_se = count = 0.0
+        for stack in data.plane_stacks(volume, stage, scale):
+            net = predict_planes(model, stack.lr)
+            lanczos = baselines.upscale_axes(stack.lr, scale, "lanczos", axes=axes)
+            net_se += float(np.sum((net.astype(np.float64) - stack.hr) ** 2))
+            lanczos_se += float(np.sum((lanczos.astype(np.float64) - stack.hr) ** 2))
+            count += stack.hr.size
+        net_db.append(10 * math.log10(count / max(net_se, 1e-20)))
+        lanczos_db.append(10 * math.log10(count / max(lanczos_se, 1e-20)))
+    return float(np.mean(net_db)), float(np.mean(lanczos_db))
+
+
+def _atomic_json(path: pathlib.Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_same_run(model_dir: pathlib.Path, config: TrainConfig) -> None:
+    """Refuse to resume a run that was made with different settings."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(config.to_json()))
+    changed = sorted(k for k in set(old) | set(new)
+                     if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(f"{model_dir} holds a run made with other settings ({', '.join(changed)} "
+                         "differ): use a new --model_dir or the same settings to resume it")
+
+
+def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_volumes, start: tuple[int, int]):
+    import keras
+
+    class Checkpoint(keras.callbacks.Callback):
+        """Saves weights + optimizer state and the (epoch, step) reached, atomically."""
+
+        def __init__(self):
+            super().__init__()
+            self.epoch, self.step_offset = start
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def _save(self, epoch: int, step: int) -> None:
+            ckpt = model_dir / CHECKPOINT_DIR
+            ckpt.mkdir(exist_ok=True)
+            tmp = ckpt / f".latest.tmp-{os.getpid()}.weights.h5"
+            self.model.save_weights(tmp)
+            os.replace(tmp, ckpt / "latest.weights.h5")
+            _atomic_json(ckpt / "state.json", {"epoch": epoch, "step": step})
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = self.step_offset + batch + 1
+            if step % config.save_every_steps == 0:
+                self._save(self.epoch, step)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.step_offset = 0
+            self._save(epoch + 1, 0)
+            epochs_dir = model_dir / "epochs"
+            epochs_dir.mkdir(exist_ok=True)
+            weights_only = keras.Model(self.model.inputs, self.model.outputs)
+            weights_only.save_weights(epochs_dir / f"epoch_{epoch + 1:03d}.weights.h5")
+
+    class Validation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if val_volumes and logs is not None:
+                net, lanczos = validation_psnr(self.model, val_volumes, config.stage, config.scale)
+                logs["val_psnr"] = net
+                logs["val_psnr_lanczos"] = lanczos
+                if config.verbose:
+                    print(f"epoch {epoch + 1}: validation PSNR {net:.2f} dB "
+                          f"(Lanczos {lanczos:.2f} dB, {net - lanczos:+.2f} dB)", flush=True)
+
+    return [
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: config.learning_rate_at(epoch)),
+        Validation(),  # before the loggers, so they record its values
+        Checkpoint(),
+        keras.callbacks.CSVLogger(str(model_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs"), write_graph=False,
+                                    update_freq="epoch"),
+    ]
+
+
+def compile_model(model, config: TrainConfig) -> None:
+    """Adam and the two-term loss L1(final, HR) + lambda * L1(intermediate, HR)."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss={"final": keras.losses.MeanAbsoluteError(), "intermediate": keras.losses.MeanAbsoluteError()},
+        loss_weights={"final": 1.0, "intermediate": config.intermediate_weight},
+    )
+
+
+def build_model(config: TrainConfig):
+    from sr3d import models
+
+    return models.build(config.stage, config.scale, filters=config.filters,
+                        second_block=config.second_block, short_skips=config.short_skips,
+                        long_skip=config.long_skip)
+
+
+def _read_state(model_dir: pathlib.Path) -> tuple[int, int] | None:
+    path = model_dir / CHECKPOINT_DIR / "state.json"
+    if not path.exists() or not (model_dir / CHECKPOINT_DIR / "latest.weights.h5").exists():
+        return None
+    state = json.loads(path.read_text())
+    return int(state["epoch"]), int(state["step"])
+
+
+def plot_history(history_csv: pathlib.Path, png: pathlib.Path, title: str) -> None:
+    """Training curve: loss per epoch and validation PSNR against Lanczos."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(history_csv.open()))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(epochs, [float(r["loss"]) for r in rows], "o-", label="total loss")
+    if "final_loss" in rows[0]:
+        axes[0].plot(epochs, [float(r["final_loss"]) for r in rows], ".--", label="L1 final")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss (normalised units)")
+    axes[0].legend()
+    if rows[0].get("val_psnr"):
+        axes[1].plot(epochs, [float(r["val_psnr"]) for r in rows], "o-", label="CNN")
+        axes[1].plot(epochs, [float(r["val_psnr_lanczos"]) for r in rows], "k--", label="Lanczos")
+        axes[1].set_ylabel("validation PSNR (dB, peak 1)")
+        axes[1].legend()
+    axes[1].set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
+    """Trains (or resumes) one stage; returns the path of the final `model.keras`."""
+    import keras
+    import tensorflow as tf
+
+    model_dir = pathlib.Path(config.model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(model_dir, config)
+    _atomic_json(model_dir / "config.json", config.to_json())
+
+    sampler = data.PatchSampler(load_normalised(config.data), config.patch_config())
+    val_volumes = load_normalised(config.val_data)
+    steps = config.steps_per_epoch or sampler.steps_per_epoch()
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = build_model(config)
+    compile_model(model, config)
+
+    state = _read_state(model_dir)
+    start = (0, 0)
+    if state is not None:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(model_dir / CHECKPOINT_DIR / "latest.weights.h5")
+        start = state
+        if config.verbose:
+            print(f"resuming {model_dir} at epoch {state[0] + 1}, step {state[1]}", flush=True)
+    if start[1] >= steps:
+        start = (start[0] + 1, 0)
+
+    cbs = _callbacks(config, model_dir, val_volumes, start) + list(callbacks)
+    epoch, step = start
+    if epoch < config.epochs and step > 0:
+        # Finish the interrupted epoch from the step it reached, then go on.
+        model.fit(data.dataset(sampler, [(epoch, step, steps)]), initial_epoch=epoch, epochs=epoch + 1,
+                  steps_per_epoch=steps - step, callbacks=cbs, verbose=config.verbose)
+        epoch += 1
+    if epoch < config.epochs:
+        plan = [(e, 0, steps) for e in range(epoch, config.epochs)]
+        model.fit(data.dataset(sampler, plan), initial_epoch=epoch, epochs=config.epochs,
+                  steps_per_epoch=steps, callbacks=cbs, verbose=config.verbose)
+
+    final = model_dir / "model.keras"
+    tmp = model_dir / f".model.tmp-{os.getpid()}.keras"
+    model.save(tmp)
+    os.replace(tmp, final)
+    summary = {"config": config.to_json(), "steps_per_epoch": steps,
+               "patches_per_epoch": steps * config.batch_size,
+               "intensity_window": {"low_percentile": intensity.LOW_PERCENTILE,
+                                    "high_percentile": intensity.HIGH_PERCENTILE},
+               "parameters": int(model.count_params())}
+    if val_volumes:
+        net, lanczos = validation_psnr(model, val_volumes, config.stage, config.scale)
+        summary["validation"] = {"psnr_db": net, "lanczos_psnr_db": lanczos,
+                                 "note": "volume PSNR in normalised units (peak 1), stage output vs HR"}
+    _atomic_json(model_dir / "training.json", summary)
+    if (model_dir / "history.csv").exists():
+        plot_history(model_dir / "history.csv", model_dir / "training_curve.png",
+                     f"stage {config.stage}, x{config.scale}")
+    return final

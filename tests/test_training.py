@@ -1,0 +1,178 @@
+"""Tests for sr3d.training and train.py: two-term loss, a short real run, determinism, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sr3d import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_scans(tmp_path_factory, ixi_files):
+    """Crops of three real IXI scans: two to train on, one held out."""
+    out = tmp_path_factory.mktemp("scans")
+    paths = []
+    for f in ixi_files[:2] + ixi_files[-1:]:
+        img = nib.load(f)
+        crop = img.slicer[30:90, 30:90, 40:52]  # (i, j, k) -> Volume (12, 60, 60)
+        path = out / f.name
+        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), path)
+        paths.append(str(path))
+    return paths
+
+
+def _config(scans, model_dir, **changes):
+    base = dict(data=tuple(scans[:2]), val_data=(scans[2],), model_dir=str(model_dir), stage="hw", scale=2,
+                epochs=2, steps_per_epoch=4, batch_size=16, patch_size=5, filters=4, save_every_steps=1,
+                verbose=0)
+    base.update(changes)
+    return training.TrainConfig(**base)
+
+
+def _weights(path):
+    """All arrays of a .weights.h5 file, by path inside the file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_two_term_loss_on_known_tensors(tmp_path):
+    import keras
+
+    config = _config(["a", "b", "c"], tmp_path, intermediate_weight=0.7)
+    model = training.build_model(config)
+    training.compile_model(model, config)
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 5, 6, 1)).astype(np.float32)
+    y = rng.random((3, 10, 12, 1)).astype(np.float32)
+    outputs = model.predict(x, verbose=0)
+    expected = np.mean(np.abs(outputs["final"] - y)) + 0.7 * np.mean(np.abs(outputs["intermediate"] - y))
+    result = model.evaluate(x, {"final": y, "intermediate": y}, verbose=0, return_dict=True)
+    np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+    assert isinstance(model.loss["final"], keras.losses.MeanAbsoluteError)
+
+
+def test_learning_rate_schedule_drops_in_the_middle():
+    config = training.TrainConfig(data=("a",), model_dir="m", epochs=40)
+    assert [config.learning_rate_at(e) for e in (0, 19, 20, 39)] == [1e-3, 1e-3, 1e-4, 1e-4]
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_everything(tmp_path, small_scans):
+    config = _config(small_scans, tmp_path / "run", epochs=3, steps_per_epoch=15, filters=8,
+                     batch_size=32, save_every_steps=50)
+    model_path = training.train(config)
+    assert model_path.exists()
+    for name in ("config.json", "training.json", "history.csv", "training_curve.png",
+                 "epochs/epoch_003.weights.h5", "checkpoint/latest.weights.h5"):
+        assert (tmp_path / "run" / name).exists(), name
+    rows = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    val = [float(r.split(",")[header.index("val_psnr")]) for r in rows[1:]]
+    assert val[-1] > val[0]
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert summary["config"]["stage"] == "hw" and summary["steps_per_epoch"] == 15
+    assert (tmp_path / "run" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["hw", "d"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_scans, stage):
+    import keras
+
+    class StopAt(keras.callbacks.Callback):
+        def __init__(self, at):
+            super().__init__()
+            self.at, self.seen = at, 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen += 1
+            if self.seen == self.at:
+                raise _Interrupt()
+
+    straight = _config(small_scans, tmp_path / "straight", stage=stage)
+    training.train(straight)
+    resumed = _config(small_scans, tmp_path / "resumed", stage=stage)
+    with pytest.raises(_Interrupt):
+        training.train(resumed, callbacks=[StopAt(6)])  # mid-epoch 2 (4 steps per epoch)
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state == {"epoch": 1, "step": 2}
+    training.train(resumed)
+    a = _weights(tmp_path / "straight" / "checkpoint" / "latest.weights.h5")
+    b = _weights(tmp_path / "resumed" / "checkpoint" / "latest.weights.h5")
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, small_scans):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(_config(small_scans, tmp_path / "run").to_json()))
+    with pytest.raises(ValueError, match="scale"):
+        training.train(_config(small_scans, tmp_path / "run", scale=3))
+
+
+def _train_cmd(scans, model_dir, epochs=2):
+    return [sys.executable, os.path.join(REPO, "train.py"), f"--data={scans[0]},{scans[1]}",
+            f"--model_dir={model_dir}", "--stage=hw", "--scale=2", f"--epochs={epochs}",
+            "--steps_per_epoch=40", "--batch_size=16", "--filters=4", "--save_every_steps=2"]
+
+
+@pytest.mark.slow
+def test_killed_train_py_resumes_from_its_checkpoint(tmp_path, small_scans):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    straight = subprocess.run(_train_cmd(small_scans, tmp_path / "straight"), env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(small_scans, killed_dir), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = killed_dir / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists():
+            try:
+                state = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                state = None
+            if state and (state["epoch"], state["step"]) >= (0, 10):
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "model.keras").exists()
+    rerun = subprocess.run(_train_cmd(small_scans, killed_dir), env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    a = _weights(tmp_path / "straight" / "checkpoint" / "latest.weights.h5")
+    b = _weights(killed_dir / "checkpoint" / "latest.weights.h5")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_train_py_rejects_a_missing_scan(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data=/nonexistent/scan.nii.gz",
+                             f"--model_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode != 0
+    assert "/nonexistent/scan.nii.gz" in result.stderr
+    assert "Traceback" not in result.stderr

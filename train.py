@@ -1,0 +1,59 @@
+"""Train one stage of the sr3d network on your scans.
+
+  python train.py --data ../shared/data/ixi-t1-2mm --stage hw --scale 2 --model_dir runs/hw_x2
+
+Rerun the same command to resume an interrupted run from its last checkpoint.
+"""
+import sys
+
+from absl import app, flags
+
+from sr3d import training
+
+_DATA = flags.DEFINE_list("data", None, "Training scans: NIfTI/NRRD files, DICOM series directories, "
+                          "or directories of NIfTI files.", required=True)
+_VAL_DATA = flags.DEFINE_list("val_data", [], "Held-out scans for the per-epoch PSNR vs Lanczos.")
+_STAGE = flags.DEFINE_enum("stage", "hw", ["hw", "d"], "hw: height and width; d: depth.")
+_SCALE = flags.DEFINE_integer("scale", 2, "Upsampling factor r (>= 2).")
+_EPOCHS = flags.DEFINE_integer("epochs", 40, "Epochs.")
+_STEPS = flags.DEFINE_integer("steps_per_epoch", None, "Batches per epoch (default: about one pass "
+                              "over every LR voxel).")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Patches per batch.")
+_LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate before the drop.")
+_LR_AFTER = flags.DEFINE_float("learning_rate_after_drop", 1e-4, "Learning rate after the drop.")
+_LR_DROP = flags.DEFINE_integer("lr_drop_epoch", None, "Epoch of the drop (default: epochs // 2).")
+_PATCH = flags.DEFINE_integer("patch_size", 7, "LR patch side in pixels.")
+_FILTERS = flags.DEFINE_integer("filters", 32, "Filters of the hidden conv layers.")
+_SECOND_BLOCK = flags.DEFINE_bool("second_block", True, "Conv block after the sub-pixel layer.")
+_SHORT_SKIPS = flags.DEFINE_bool("short_skips", True, "Short skips conv1->conv3 and conv7->conv9.")
+_LONG_SKIP = flags.DEFINE_bool("long_skip", True, "Long skip conv1->conv5.")
+_LAMBDA = flags.DEFINE_float("intermediate_weight", 1.0, "Weight of the intermediate L1 loss "
+                             "(0: ablation without it).")
+_BLUR = flags.DEFINE_enum("blur", "random", ["random", "fixed", "none"], "LR blur augmentation: random "
+                          "sigma in [0, 0.5] (paper), fixed sigma 0.5, or none; p = 0.5.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for patches and weights.")
+_SAVE_EVERY = flags.DEFINE_integer("save_every_steps", 50, "Checkpoint every this many steps.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory (checkpoints, logs, model).",
+                                 required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = training.TrainConfig(
+            data=training.expand_scans(_DATA.value), val_data=training.expand_scans(_VAL_DATA.value),
+            model_dir=_MODEL_DIR.value, stage=_STAGE.value, scale=_SCALE.value, epochs=_EPOCHS.value,
+            steps_per_epoch=_STEPS.value, batch_size=_BATCH.value, learning_rate=_LR.value,
+            learning_rate_after_drop=_LR_AFTER.value, lr_drop_epoch=_LR_DROP.value,
+            patch_size=_PATCH.value, filters=_FILTERS.value, second_block=_SECOND_BLOCK.value,
+            short_skips=_SHORT_SKIPS.value, long_skip=_LONG_SKIP.value,
+            intermediate_weight=_LAMBDA.value, blur=_BLUR.value, seed=_SEED.value,
+            save_every_steps=_SAVE_EVERY.value)
+        print(f"saved {training.train(config)}")
+    except (ValueError, OSError) as error:
+        sys.exit(f"train.py: error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)
