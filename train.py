@@ -33,6 +33,9 @@ _BLUR = flags.DEFINE_enum("blur", "random", ["random", "fixed", "none"], "LR blu
                           "sigma in [0, 0.5] (paper), fixed sigma 0.5, or none; p = 0.5.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for patches and weights.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every_steps", 50, "Checkpoint every this many steps.")
+_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                              "tf.distribute strategy: one device, all local devices (2 logical CPUs "
+                              "without a GPU), or the workers of TF_CONFIG (docs/scaling.md).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory (checkpoints, logs, model).",
                                  required=True)
 
@@ -49,7 +52,7 @@ def main(argv):
             patch_size=_PATCH.value, filters=_FILTERS.value, second_block=_SECOND_BLOCK.value,
             short_skips=_SHORT_SKIPS.value, long_skip=_LONG_SKIP.value,
             intermediate_weight=_LAMBDA.value, blur=_BLUR.value, seed=_SEED.value,
-            save_every_steps=_SAVE_EVERY.value)
+            save_every_steps=_SAVE_EVERY.value, strategy=_STRATEGY.value)
         print(f"saved {training.train(config)}")
     except (ValueError, OSError) as error:
         sys.exit(f"train.py: error: {error}")

@@ -29,8 +29,9 @@ from sr3d import baselines, data, intensity
 from sr3d import io as sr3d_io
 
 CHECKPOINT_DIR = "checkpoint"
+STRATEGIES = ("default", "mirrored", "multi_worker")
 # Fields that may differ when a run is resumed (they do not change what is learned).
-_RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "save_every_steps", "val_data"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "save_every_steps", "val_data", "strategy"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrainConfig:
     min_contrast: float = 0.02
     seed: int = 0
     save_every_steps: int = 50
+    strategy: str = "default"              # default | mirrored | multi_worker (see make_strategy)
     verbose: int = 1
 
     def __post_init__(self):
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"intermediate_weight must be >= 0, got {self.intermediate_weight}")
         if self.save_every_steps < 1:
             raise ValueError(f"save_every_steps must be >= 1, got {self.save_every_steps}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         self.patch_config()  # validates stage, scale, sizes, blur
 
     def patch_config(self) -> data.PatchConfig:
@@ -272,24 +276,149 @@ def plot_history(history_csv: pathlib.Path, png: pathlib.Path, title: str) -> No
     os.replace(tmp, png)
 
 
+def make_strategy(name: str, logical_cpus: int = 2):
+    """The tf.distribute strategy for `name`.
+
+    default: one device. mirrored: every local GPU, or, on a machine without
+    GPUs, `logical_cpus` logical CPU devices (the CPU is split so that the
+    replicated path can be used and tested anywhere). multi_worker: one
+    replica per worker process, cluster taken from the TF_CONFIG environment
+    variable (see docs/scaling.md).
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if tf.config.list_physical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(logical_cpus)])
+        except RuntimeError as error:  # the runtime is up: fine if it already has the devices
+            if len(tf.config.list_logical_devices("CPU")) < logical_cpus:
+                raise RuntimeError("the mirrored strategy must be set up before TensorFlow runs any "
+                                   "operation in this process") from error
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy multi_worker needs the TF_CONFIG environment variable "
+                             "(cluster and task of this worker): see docs/scaling.md")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in ("chief", None) or (resolver.task_type == "worker" and resolver.task_id == 0
+                                                    and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def two_term_loss(hr, outputs: dict, intermediate_weight: float):
+    """Per-example L1(final, HR) + lambda * L1(intermediate, HR): shape (B,). The same loss
+    `compile_model` gives `fit` (mean absolute error of each output, weighted and summed)."""
+    import tensorflow as tf
+
+    final = tf.reduce_mean(tf.abs(outputs["final"] - hr), axis=[1, 2, 3])
+    intermediate = tf.reduce_mean(tf.abs(outputs["intermediate"] - hr), axis=[1, 2, 3])
+    return final + intermediate_weight * intermediate
+
+
+def _fit_custom_loop(model, config: TrainConfig, sampler, steps: int, strategy, start: tuple[int, int],
+                     callbacks: list) -> None:
+    """Training with `strategy.run` for MultiWorkerMirroredStrategy, where Keras 3 `fit` fails in
+    TF 2.21 ("unsupported type PerReplica"). Same model, loss, data and callbacks as `fit`; on two
+    workers it reproduces the single-device weights to 3e-8. (With two local devices under
+    MirroredStrategy this loop fails inside the Keras optimizer, so `mirrored` uses `fit`.)
+
+    Every worker draws the same seeded global batch and keeps its own slice of it, so the global
+    batch (and what is learned) is the same as on one device.
+    """
+    import keras
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"batch_size {config.batch_size} must divide by the {replicas} replicas")
+    p = config.patch_size
+    hy, hx = config.patch_config().hr_patch_shape
+
+    def make_dataset(epoch: int, first: int):
+        def dataset_fn(context):
+            per_worker = config.batch_size // context.num_input_pipelines
+            begin = context.input_pipeline_id * per_worker
+
+            def generate():
+                for lr, hr in sampler.batches(epoch, first, steps):
+                    yield lr[begin:begin + per_worker], hr[begin:begin + per_worker]
+
+            signature = (tf.TensorSpec((None, p, p, 1), tf.float32), tf.TensorSpec((None, hy, hx, 1), tf.float32))
+            ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+            return ds.unbatch().batch(context.get_per_replica_batch_size(config.batch_size)).prefetch(2)
+
+        return strategy.distribute_datasets_from_function(dataset_fn)
+
+    def replica_step(lr, hr):
+        with tf.GradientTape() as tape:
+            outputs = model(lr, training=True)
+            per_example = two_term_loss(hr, outputs, config.intermediate_weight)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.batch_size)
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        lr, hr = next(iterator)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(lr, hr)), axis=None)
+
+    callback_list = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=config.verbose > 0,
+                                                 model=model, verbose=config.verbose, epochs=config.epochs,
+                                                 steps=steps)
+    callback_list.on_train_begin()
+    for epoch in range(start[0], config.epochs):
+        first = start[1] if epoch == start[0] else 0
+        callback_list.on_epoch_begin(epoch)
+        iterator = iter(make_dataset(epoch, first))
+        total = 0.0
+        logs = {}
+        for step in range(first, steps):
+            callback_list.on_train_batch_begin(step - first)
+            total += float(train_step(iterator))
+            logs = {"loss": total / (step - first + 1)}
+            callback_list.on_train_batch_end(step - first, logs)
+        callback_list.on_epoch_end(epoch, dict(logs))
+    callback_list.on_train_end()
+
+
 def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     """Trains (or resumes) one stage; returns the path of the final `model.keras`."""
     import keras
     import tensorflow as tf
 
+    strategy = make_strategy(config.strategy)  # first: logical devices must precede any TF op
+    chief = _is_chief(strategy)
     model_dir = pathlib.Path(config.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(model_dir, config)
-    _atomic_json(model_dir / "config.json", config.to_json())
+    # Only the chief writes the run; other workers write their (identical) state aside.
+    out_dir = model_dir if chief else model_dir / f".worker-{strategy.cluster_resolver.task_id}"
+    out_dir.mkdir(exist_ok=True)
+    if chief:
+        _atomic_json(model_dir / "config.json", config.to_json())
 
     sampler = data.PatchSampler(load_normalised(config.data), config.patch_config())
-    val_volumes = load_normalised(config.val_data)
+    val_volumes = load_normalised(config.val_data) if chief else []
     steps = config.steps_per_epoch or sampler.steps_per_epoch()
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    model = build_model(config)
-    compile_model(model, config)
+    with strategy.scope():
+        model = build_model(config)
+        compile_model(model, config)
 
     state = _read_state(model_dir)
     start = (0, 0)
@@ -302,8 +431,11 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     if start[1] >= steps:
         start = (start[0] + 1, 0)
 
-    cbs = _callbacks(config, model_dir, val_volumes, start) + list(callbacks)
+    cbs = _callbacks(config, out_dir, val_volumes, start) + list(callbacks)
     epoch, step = start
+    if config.strategy == "multi_worker":
+        _fit_custom_loop(model, config, sampler, steps, strategy, start, cbs)
+        epoch = config.epochs
     if epoch < config.epochs and step > 0:
         # Finish the interrupted epoch from the step it reached, then go on.
         model.fit(data.dataset(sampler, [(epoch, step, steps)]), initial_epoch=epoch, epochs=epoch + 1,
@@ -315,6 +447,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
                   steps_per_epoch=steps, callbacks=cbs, verbose=config.verbose)
 
     final = model_dir / "model.keras"
+    if not chief:
+        return final
     tmp = model_dir / f".model.tmp-{os.getpid()}.keras"
     model.save(tmp)
     os.replace(tmp, final)

@@ -1,0 +1,115 @@
+"""tf.distribute training: mirrored on two logical CPUs, and two worker processes on 127.0.0.1."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, ixi_files):
+    out = tmp_path_factory.mktemp("scans")
+    paths = []
+    for f in ixi_files[:2]:
+        img = nib.load(f)
+        crop = img.slicer[30:90, 30:90, 40:52]
+        path = out / f.name
+        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), path)
+        paths.append(str(path))
+    return paths
+
+
+def _cmd(scans, model_dir, *extra):
+    return [sys.executable, os.path.join(REPO, "train.py"), f"--data={','.join(scans)}", f"--model_dir={model_dir}",
+            "--stage=hw", "--scale=2", "--epochs=2", "--steps_per_epoch=5", "--batch_size=16", "--patch_size=5",
+            "--filters=4", *extra]
+
+
+def _layer_weights(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()])
+                     if isinstance(o, h5py.Dataset) and n.startswith("layers") else None)
+    return out
+
+
+def _losses(model_dir):
+    rows = (model_dir / "history.csv").read_text().strip().splitlines()
+    col = rows[0].split(",").index("loss")
+    return [float(r.split(",")[col]) for r in rows[1:]]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, scans):
+    model_dir = tmp_path_factory.mktemp("single") / "run"
+    result = subprocess.run(_cmd(scans, model_dir), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_match_one_device(tmp_path, scans, single_device_run):
+    model_dir = tmp_path / "run"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(_cmd(scans, model_dir, "--strategy=multi_worker"), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 all_reduces" in outputs[0][1] or "group_size = 2" in outputs[0][1]
+    # Only the chief (worker 0) writes the run.
+    assert (model_dir / "model.keras").exists() and (model_dir / ".worker-1").is_dir()
+    # Same global batch of the same seeded patches: the same losses and weights as one device,
+    # up to float32 round-off of summing two half-batch gradients.
+    np.testing.assert_allclose(_losses(model_dir), _losses(single_device_run), rtol=1e-5)
+    a = _layer_weights(single_device_run / "checkpoint" / "latest.weights.h5")
+    b = _layer_weights(model_dir / "checkpoint" / "latest.weights.h5")
+    assert a.keys() == b.keys() and len(a) == 20
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_trains(tmp_path, scans, single_device_run):
+    model_dir = tmp_path / "run"
+    result = subprocess.run(_cmd(scans, model_dir, "--strategy=mirrored"), env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_devices = 2" in result.stderr
+    losses = _losses(model_dir)
+    assert losses[1] < losses[0]
+    assert (model_dir / "model.keras").exists()
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, scans):
+    env = {k: v for k, v in ENV.items() if k != "TF_CONFIG"}
+    result = subprocess.run(_cmd(scans, tmp_path / "run", "--strategy=multi_worker"), env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "TF_CONFIG" in result.stderr and "Traceback" not in result.stderr
