@@ -8,6 +8,7 @@ import sys
 
 from absl import app, flags
 
+from sr3d import io as sr3d_io
 from sr3d import training
 
 _DATA = flags.DEFINE_list("data", None, "Training scans: NIfTI/NRRD files, DICOM series directories, "
@@ -45,7 +46,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         config = training.TrainConfig(
-            data=training.expand_scans(_DATA.value), val_data=training.expand_scans(_VAL_DATA.value),
+            data=sr3d_io.expand_scans(_DATA.value), val_data=sr3d_io.expand_scans(_VAL_DATA.value),
             model_dir=_MODEL_DIR.value, stage=_STAGE.value, scale=_SCALE.value, epochs=_EPOCHS.value,
             steps_per_epoch=_STEPS.value, batch_size=_BATCH.value, learning_rate=_LR.value,
             learning_rate_after_drop=_LR_AFTER.value, lr_drop_epoch=_LR_DROP.value,

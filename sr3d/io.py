@@ -192,6 +192,39 @@ def load_volume(path: str | os.PathLike) -> Volume:
                      "a DICOM file or a directory holding one DICOM series")
 
 
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+def _volume_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+
+
+def expand_scans(paths: Sequence[str | os.PathLike]) -> tuple[str, ...]:
+    """Scan paths from files and directories: a directory holding NIfTI/NRRD files gives each
+    file; any other directory is taken as one DICOM series."""
+    out: list[str] = []
+    for path in paths:
+        p = pathlib.Path(path)
+        if p.is_dir():
+            files = _volume_files(p)
+            out.extend(str(f) for f in files) if files else out.append(str(p))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(p))
+    return tuple(out)
+
+
+def scans_in(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """The scans of a batch directory: each NIfTI/NRRD or .dcm file in it, and each
+    subdirectory (one DICOM series), sorted by name."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "No such directory", str(directory))
+    entries = [p for p in sorted(directory.iterdir()) if not p.name.startswith(".")]
+    return [p for p in entries if p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES + (".dcm",))]
+
+
 def _make_volume(path: pathlib.Path, array: np.ndarray, affine: np.ndarray, **fields) -> Volume:
     """Volume with spacing taken from the affine; validation errors name the file."""
     try:
@@ -525,11 +558,13 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(array), np.float32(info.min), high).astype(dtype)
 
 
-def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = None) -> pathlib.Path:
+def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = None,
+                note: str | None = None) -> pathlib.Path:
     """Write `volume` to NIfTI (.nii or .nii.gz) atomically; return the path written.
 
     dtype: stored voxel type, default `volume.source_dtype`; integer types are rounded and
-    clipped to their range. The file appears complete or not at all: it is written to a
+    clipped to their range. note: free text (how the volume was made) stored in the header
+    as a NIfTI comment extension (ecode 6). The file appears complete or not at all: it is written to a
     temporary file in the same directory and renamed. sform and qform (code 1, scanner)
     hold the affine with D stored as the third (slice) axis; modality goes into `descrip`.
     """
@@ -551,6 +586,8 @@ def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = Non
     image.header.set_dim_info(slice=2)
     if volume.modality:
         image.header["descrip"] = f"sr3d modality={volume.modality}"[:80]
+    if note:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", note.encode("utf-8")))
 
     temporary = path.with_name(f".{name[:-len(suffix)]}.tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
     try:

@@ -92,22 +92,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def expand_scans(paths: Sequence[str]) -> tuple[str, ...]:
-    """Scan paths from files and directories: a directory of NIfTI files gives each file;
-    any other directory is taken as one DICOM series."""
-    out: list[str] = []
-    for path in paths:
-        p = pathlib.Path(path)
-        if p.is_dir():
-            niftis = sorted([*p.glob("*.nii"), *p.glob("*.nii.gz"), *p.glob("*.nrrd")])
-            out.extend(str(f) for f in niftis) if niftis else out.append(str(p))
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
-    return tuple(out)
-
-
 def load_normalised(paths: Sequence[str]) -> list[np.ndarray]:
     """Each scan as a (D, H, W) float32 array in network units (its own intensity window)."""
     volumes = []

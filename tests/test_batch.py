@@ -1,0 +1,134 @@
+"""Tests for sr3d.batch and `sr3d upscale-batch`: manifest, failures, resume after a kill."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sr3d import batch, inference, models
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    import keras
+
+    root = tmp_path_factory.mktemp("bundle")
+    keras.utils.set_random_seed(0)
+    paths = []
+    for stage in ("hw", "d"):
+        path = root / f"{stage}_src.keras"
+        models.build(stage, 2, filters=4).save(path)
+        paths.append(path)
+    return inference.make_bundle(paths[0], paths[1], root / "x2", 2)
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory, ixi_files, shared_data):
+    """Four real NIfTI crops, one DICOM series subdirectory and one truncated file."""
+    root = tmp_path_factory.mktemp("in")
+    for k, f in enumerate(ixi_files[:4]):
+        img = nib.load(f)
+        crop = img.slicer[20:100, 20:100, 30:46]
+        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), root / f"scan{k}.nii.gz")
+    series = root / "series_pd"
+    series.mkdir()
+    for name in sorted((shared_data / "oblique-pd-dicom").glob("brain_0[01][0-9].dcm"))[2:6]:
+        shutil.copy(name, series / name.name)
+    data = (root / "scan0.nii.gz").read_bytes()
+    (root / "broken.nii.gz").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "sr3d", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def test_batch_upscales_good_scans_and_lists_the_bad_one(tmp_path, input_dir, bundle_dir):
+    lines = []
+    result = batch.upscale_batch(input_dir, tmp_path / "out", 2, bundle_dir, log=lines.append)
+    assert sorted(result.done) == ["scan0.nii.gz", "scan1.nii.gz", "scan2.nii.gz", "scan3.nii.gz", "series_pd"]
+    assert list(result.failed) == ["broken.nii.gz"]
+    assert "broken.nii.gz" in result.failed["broken.nii.gz"]
+    out = nib.load(tmp_path / "out" / "scan1_x2.nii.gz")
+    assert out.shape == (160, 160, 32)
+    series = nib.load(tmp_path / "out" / "series_pd_x2.nii.gz")
+    assert series.shape == (512, 512, 8)
+    assert not (tmp_path / "out" / "broken_x2.nii.gz").exists()
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["scans"]["broken.nii.gz"]["status"] == "failed"
+    assert manifest["scans"]["scan0.nii.gz"]["status"] == "done"
+    assert any("FAILED" in line for line in lines) and len(lines) == 6
+
+    again = batch.upscale_batch(input_dir, tmp_path / "out", 2, bundle_dir, log=lines.append)
+    assert sorted(again.skipped) == sorted(result.done)
+    assert again.done == [] and list(again.failed) == ["broken.nii.gz"]
+
+
+def test_other_settings_in_the_same_output_dir_are_refused(tmp_path, input_dir, bundle_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / batch.MANIFEST).write_text(json.dumps({"settings": {"scale": 4}, "scans": {}}))
+    with pytest.raises(ValueError, match="other settings"):
+        batch.upscale_batch(input_dir, tmp_path / "out", 2, bundle_dir, log=lambda _: None)
+
+
+def test_empty_input_dir_is_a_clear_error(tmp_path, bundle_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no scans"):
+        batch.upscale_batch(tmp_path / "empty", tmp_path / "out", 2, bundle_dir)
+
+
+@pytest.mark.slow
+def test_killed_batch_resumes_to_the_same_outputs(tmp_path, input_dir, bundle_dir):
+    good = tmp_path / "in"
+    good.mkdir()
+    for f in input_dir.glob("scan*.nii.gz"):
+        shutil.copy(f, good / f.name)
+    clean = _cli("upscale-batch", good, tmp_path / "clean", "--model", bundle_dir)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sr3d", "upscale-batch", str(good), str(killed),
+                             "--model", str(bundle_dir)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            manifest = json.loads((killed / batch.MANIFEST).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            manifest = {"scans": {}}
+        if any(e["status"] == "done" for e in manifest["scans"].values()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the batch finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    statuses = [e["status"] for e in json.loads((killed / batch.MANIFEST).read_text())["scans"].values()]
+    assert "done" in statuses and len([s for s in statuses if s == "done"]) < 4
+
+    rerun = _cli("upscale-batch", good, killed, "--model", bundle_dir)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "skipped" in rerun.stderr
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert sorted(p.name for p in killed.iterdir()) == names  # no temporary files left behind
+    for name in names:
+        if name.endswith(".nii.gz"):
+            a = np.asarray(nib.load(tmp_path / "clean" / name).dataobj)
+            b = np.asarray(nib.load(killed / name).dataobj)
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_cli_batch_exit_code_and_failure_list(tmp_path, input_dir, bundle_dir):
+    result = _cli("upscale-batch", input_dir, tmp_path / "out", "--model", bundle_dir)
+    assert result.returncode == 1
+    assert "failed: broken.nii.gz:" in result.stderr
+    assert "5 upscaled" in result.stderr
+    assert "Traceback" not in result.stderr
