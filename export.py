@@ -1,0 +1,36 @@
+"""Export a model bundle as a SavedModel for TF Serving and TensorFlow pipelines.
+
+  python export.py --scale 2 --export_dir /models            # the shipped 2x model
+  python export.py --model runs/bundle_x2 --scale 2 --export_dir /models --version 3
+
+writes `<export_dir>/<name>/<version>/` (saved_model.pb + variables/), the layout
+TF Serving polls; the signatures are described in sr3d/export.py.
+"""
+import sys
+
+from absl import app, flags
+
+from sr3d import export, inference
+
+_MODEL = flags.DEFINE_string("model", None, "Model bundle directory (hw.keras, d.keras, bundle.json); "
+                             "default: the shipped model for --scale.")
+_SCALE = flags.DEFINE_integer("scale", 2, "Upsampling factor r of the model.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Base directory of the exported models.",
+                                  required=True)
+_NAME = flags.DEFINE_string("name", "sr3d", "Model name: the subdirectory of --export_dir.")
+_VERSION = flags.DEFINE_integer("version", None, "Version subdirectory (default: Unix timestamp).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        bundle = inference.load_models(_MODEL.value, scale=_SCALE.value)
+        path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value)
+        print(f"exported {path}")
+    except (ValueError, OSError) as error:
+        sys.exit(f"export.py: error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

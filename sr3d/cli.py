@@ -1,0 +1,275 @@
+"""The `sr3d` command (also `python -m sr3d`).
+
+  sr3d upscale IN OUT [--scale 2] [--ensemble] [--model DIR] [--axes 3d|2d]
+  sr3d upscale IN OUT --self-supervised [--target-spacing MM] [--time-budget S] [--save-model M.keras]
+                                thick-slice scan: train stage d on the scan itself, upscale its thick axis
+  sr3d demo [--out DIR]         upscale the bundled real scan, write the result and a comparison PNG
+  sr3d upscale-batch IN_DIR OUT_DIR [--scale 2] ...   every scan of a directory, resumable
+  sr3d bundle --hw M --d M --scale R --out DIR   assemble two trained stages into a model bundle
+  sr3d study make --scans S... --methods cnn,lanczos --scale 2 --n 100 --seed 0 --out DIR
+                                write a blinded reader-study web page (Table 7) into DIR
+  sr3d study tally ANSWERS... --key DIR/key.json [--out DIR]   count the readers' choices
+
+Bad input ends with one line on stderr naming the file and the problem and
+exit status 2; no partial output file is left behind (outputs are written
+under a temporary name and renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
+
+
+class _ProgressBar:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, label: str, stream=None):
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
+        self.start = time.perf_counter()
+
+    def __call__(self, unit: str, done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{done}/{total} {unit} {elapsed:6.1f}s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _check_output_path(path: str) -> pathlib.Path:
+    out = pathlib.Path(path)
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{out}: output must be a NIfTI file ending in .nii or .nii.gz")
+    parent = out.parent if str(out.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{out}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{out}: output directory {parent} is not writable")
+    return out
+
+
+def cmd_upscale(args) -> int:
+    from sr3d import inference
+    from sr3d import io as sr3d_io
+
+    if getattr(args, "self_supervised", False):
+        return cmd_upscale_self_supervised(args)
+    if getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None):
+        raise ValueError("--target-spacing and --save-model apply only with --self-supervised")
+    out = _check_output_path(args.output)
+    if args.scale < 2:
+        raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
+    volume = sr3d_io.load_volume(args.input)
+    bundle = inference.load_models(args.model, args.scale)
+    mode = args.axes
+    print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
+          f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
+          f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
+    result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=args.ensemble,
+                                      tile_mb=args.tile_mb, batch_size=args.batch_size,
+                                      progress=_ProgressBar("upscale"))
+    sr3d_io.save_volume(result, out)
+    print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
+          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
+    return 0
+
+
+def cmd_upscale_self_supervised(args) -> int:
+    """`upscale --self-supervised`: the factor follows from the slice spacing and --target-spacing,
+    so --scale is not used (a value other than its default is an error); --model is a .keras
+    file written by --save-model, reused instead of training."""
+    from sr3d import io as sr3d_io
+    from sr3d import selfsup
+
+    out = _check_output_path(args.output)
+    if args.scale != 2:
+        raise ValueError(f"--scale {args.scale} does not apply with --self-supervised: the factor is the slice "
+                         "spacing / --target-spacing (default: the in-plane spacing)")
+    if args.model and args.save_model:
+        raise ValueError("--save-model with --model: the reused model is saved already")
+    if args.save_model:
+        save_path = pathlib.Path(args.save_model)
+        if save_path.suffix != ".keras" or not (save_path.parent if str(save_path.parent) else pathlib.Path(".")).is_dir():
+            raise ValueError(f"{save_path}: --save-model must be a .keras file in an existing directory")
+    volume = sr3d_io.load_volume(args.input)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.model:
+        model, info = selfsup.load_model(args.model)
+        plan = selfsup.plan_for_model(volume.spacing, info, args.target_spacing)
+    else:
+        config = selfsup.SelfSupConfig(target_spacing=args.target_spacing, time_budget_s=args.time_budget)
+        plan = selfsup.plan_for(volume.spacing, target_spacing=args.target_spacing)
+    print(f"{args.input}: {' x '.join(map(str, volume.shape))} voxels (D x H x W) at "
+          f"{', '.join(f'{s:.3g}' for s in volume.spacing)} mm; {plan.describe()}", file=sys.stderr)
+    if not args.model:
+        model = selfsup.train_on_scan(volume, config, progress=log)
+        if args.save_model:
+            selfsup.save_model(model, args.save_model, plan, config)
+            log(f"wrote {args.save_model} (and {pathlib.Path(args.save_model).with_suffix('.json').name})")
+    result = selfsup.upscale_thick(volume, model, target_spacing=plan.target_mm, ensemble=args.ensemble,
+                                   batch_size=args.batch_size, progress=log)
+    sr3d_io.save_volume(result, out, note=plan.describe())
+    print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
+          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
+    return 0
+
+
+def cmd_upscale_batch(args) -> int:
+    from sr3d import batch
+
+    if args.scale < 2:
+        raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
+    result = batch.upscale_batch(args.input_dir, args.output_dir, args.scale, args.model, ensemble=args.ensemble,
+                                 mode=args.axes, tile_mb=args.tile_mb,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"{len(result.done)} upscaled, {len(result.skipped)} skipped (done before), "
+          f"{len(result.failed)} failed; manifest: {result.manifest}", file=sys.stderr)
+    for name, reason in result.failed.items():
+        print(f"failed: {name}: {reason}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_demo(args) -> int:
+    from sr3d import demo
+
+    report = demo.run(pathlib.Path(args.out), scale=args.scale)
+    print(report)
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from sr3d import inference
+
+    out = inference.make_bundle(args.hw, args.d, args.out, args.scale,
+                                info={"note": args.note} if args.note else None)
+    print(f"wrote model bundle {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_study_make(args) -> int:
+    from sr3d import study
+
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    config = study.StudyConfig(scans=tuple(args.scans), methods=methods, scale=args.scale, n=args.n,
+                               seed=args.seed, model_dir=args.model)
+    out = study.make_study(config, args.out, progress=_ProgressBar("study"))
+    print(f"wrote reader study {out}: open {out / 'index.html'} in a browser; send readers the "
+          f"directory WITHOUT {study.KEY_FILE}, which says which side is which method", file=sys.stderr)
+    return 0
+
+
+def cmd_study_tally(args) -> int:
+    from sr3d import study
+
+    result = study.tally(args.answers, args.key)
+    out = args.out if args.out is not None else pathlib.Path(args.key).parent
+    md, js = study.write_tally(result, out)
+    print(study.tally_markdown(result), end="")
+    print(f"wrote {md} and {js}", file=sys.stderr)
+    return 0
+
+
+def _add_study_parser(sub) -> None:
+    study = sub.add_parser("study", help="blinded reader study (Table 7): make the page, tally the answers")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    make = study_sub.add_parser("make", help="write a self-contained reader-study web page")
+    make.add_argument("--scans", nargs="+", required=True,
+                      help="test scans (NIfTI/NRRD files or DICOM series directories)")
+    make.add_argument("--methods", default="cnn,lanczos",
+                      help="the two methods compared, comma-separated (cnn, nearest, bilinear, bicubic, "
+                           "lanczos; default cnn,lanczos)")
+    make.add_argument("--scale", type=int, default=2, help="downscaling / upscaling factor (default 2)")
+    make.add_argument("--n", type=int, default=100, help="number of cases per reader (default 100)")
+    make.add_argument("--seed", type=int, default=0, help="seed of the slice sampling and left/right order")
+    make.add_argument("--model", default=None, help="model bundle for cnn (default: the shipped model)")
+    make.add_argument("--out", required=True, help="study directory to create (must not exist or be empty)")
+    make.set_defaults(func=cmd_study_make)
+    tally = study_sub.add_parser("tally", help="count the readers' answers per method, with binomial tests")
+    tally.add_argument("answers", nargs="+", help="answers_<reader>.json files saved from the page")
+    tally.add_argument("--key", required=True, help="key.json of the study")
+    tally.add_argument("--out", default=None, help="directory for tally.md and tally.json "
+                                                   "(default: the key's directory)")
+    tally.set_defaults(func=cmd_study_tally)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sr3d", description="3D super-resolution of CT and MRI scans.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upscale", help="upscale a NIfTI file or DICOM series directory")
+    up.add_argument("input", help="NIfTI/NRRD file, DICOM series directory or multi-frame DICOM file")
+    up.add_argument("output", help="output NIfTI file (.nii or .nii.gz)")
+    up.add_argument("--scale", type=int, default=2, help="upscaling factor (shipped models: 2, 4)")
+    up.add_argument("--ensemble", action="store_true", help="self-ensemble (8 transforms, median)")
+    up.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
+    up.add_argument("--axes", choices=["3d", "2d"], default="3d", help="3d: all axes; 2d: in-plane only")
+    up.add_argument("--tile-mb", dest="tile_mb", type=float, default=256,
+                    help="memory budget of one band of rows in MB (default 256)")
+    up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")
+    up.add_argument("--self-supervised", dest="self_supervised", action="store_true",
+                    help="thick-slice scan: train stage d on the scan's own in-plane slices, then upscale the "
+                         "thick axis (--scale is not used: see --target-spacing; --model: a --save-model file)")
+    up.add_argument("--target-spacing", dest="target_spacing", type=float, default=None, metavar="MM",
+                    help="with --self-supervised: spacing of the result along the thick axis in mm "
+                         "(default: the in-plane spacing; a non-integer ratio is upsampled to the next "
+                         "integer and resampled)")
+    up.add_argument("--time-budget", dest="time_budget", type=float, default=180.0, metavar="S",
+                    help="with --self-supervised: training time in seconds (default 180)")
+    up.add_argument("--save-model", dest="save_model", default=None, metavar="PATH.keras",
+                    help="with --self-supervised: save the trained network (and a .json beside it) to reuse "
+                         "on scans of the same protocol with --model")
+    up.set_defaults(func=cmd_upscale)
+
+    many = sub.add_parser("upscale-batch", help="upscale every scan of a directory (resumable)")
+    many.add_argument("input_dir", help="directory of NIfTI/NRRD files and DICOM series subdirectories")
+    many.add_argument("output_dir", help="directory for the outputs and manifest.json")
+    many.add_argument("--scale", type=int, default=2)
+    many.add_argument("--ensemble", action="store_true")
+    many.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
+    many.add_argument("--axes", choices=["3d", "2d"], default="3d")
+    many.add_argument("--tile-mb", dest="tile_mb", type=float, default=256)
+    many.set_defaults(func=cmd_upscale_batch)
+
+    bundle = sub.add_parser("bundle", help="assemble a model bundle from two trained stages")
+    bundle.add_argument("--hw", required=True, help="model.keras of the stage-hw run")
+    bundle.add_argument("--d", required=True, help="model.keras of the stage-d run")
+    bundle.add_argument("--scale", type=int, required=True)
+    bundle.add_argument("--out", required=True, help="bundle directory to write")
+    bundle.add_argument("--note", default="", help="free text stored in bundle.json")
+    bundle.set_defaults(func=cmd_bundle)
+
+    demo = sub.add_parser("demo", help="upscale the bundled real scan and write a comparison figure")
+    demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    demo.add_argument("--scale", type=int, default=2)
+    demo.set_defaults(func=cmd_demo)
+    _add_study_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:  # OSError: missing, unreadable or unwritable files
+        print(f"sr3d {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sr3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""SavedModel export for TF Serving and TensorFlow pipelines.
+
+`export(bundle, export_dir, name)` writes `<export_dir>/<name>/<version>/`, the
+layout TF Serving polls, holding one SavedModel with these signatures:
+
+  serving_default   volume: float32 [D, H, W] in the scan's own units (HU for CT)
+                    -> upscaled: float32 [rD, rH, rW], same units. Stage hw on every
+                    slice, then stage d on every (D, rW) plane, with the intensity
+                    window, normalisation, its inverse and the clip to the input's
+                    range inside the graph: the same arithmetic as `sr3d.inference`.
+  upscale_2d        volume [D, H, W] -> upscaled [D, rH, rW] (stage hw only).
+  stage_hw          images: float32 [B, h, w, 1], normalised units -> final [B, rh, rw, 1].
+  stage_d           images: float32 [B, d, w, 1], normalised units -> final [B, rd, w, 1].
+
+The archive is written with `keras.export.ExportArchive` tracking both models,
+which TF Serving's session-based loader (and `saved_model_cli run`) can load;
+a plain `tf.saved_model.save` of a `tf.Module` holding Keras 3 models cannot.
+Slices and planes go through the networks one at a time (`tf.map_fn`), so the
+server's memory stays near the size of its input and output, whatever D is.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import time
+
+from sr3d import intensity
+
+
+def _serving_fns(hw_model, d_model):
+    import tensorflow as tf
+
+    def run_planes(model, planes):
+        """(N, h, w) normalised planes -> (N, h', w'), one plane per network call."""
+        return tf.map_fn(lambda p: model(p[None, :, :, None], training=False)["final"][0, :, :, 0],
+                         planes, fn_output_signature=tf.TensorSpec([None, None], tf.float32))
+
+    def upscale(volume, mode: str):
+        volume = tf.convert_to_tensor(volume, tf.float32)
+        lo, hi = intensity.window_tf(volume)
+        x = (volume - lo) / (hi - lo)
+        x = run_planes(hw_model, x)                                  # (D, rH, rW)
+        if mode == "3d":
+            x = tf.transpose(x, [1, 0, 2])                           # (rH, D, rW): one plane per row
+            x = tf.transpose(run_planes(d_model, x), [1, 0, 2])     # (rD, rH, rW)
+        y = x * (hi - lo) + lo
+        return {"upscaled": tf.clip_by_value(y, tf.reduce_min(volume), tf.reduce_max(volume))}
+
+    return (lambda volume: upscale(volume, "3d"), lambda volume: upscale(volume, "2d"),
+            lambda images: {"final": hw_model(images, training=False)["final"]},
+            lambda images: {"final": d_model(images, training=False)["final"]})
+
+
+def export_archive(bundle, path: str | os.PathLike) -> pathlib.Path:
+    """Writes the SavedModel of a `sr3d.inference.ModelBundle` to `path` (atomically)."""
+    import keras
+    import tensorflow as tf
+
+    path = pathlib.Path(path)
+    if path.exists():
+        raise ValueError(f"{path} exists already: export to a new version directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    volume_spec = tf.TensorSpec([None, None, None], tf.float32, name="volume")
+    image_spec = tf.TensorSpec([None, None, None, 1], tf.float32, name="images")
+    serve_3d, serve_2d, stage_hw, stage_d = _serving_fns(bundle.hw, bundle.d)
+    archive = keras.export.ExportArchive()
+    archive.track(bundle.hw)
+    archive.track(bundle.d)
+    archive.add_endpoint("serving_default", serve_3d, input_signature=[volume_spec])
+    archive.add_endpoint("upscale_2d", serve_2d, input_signature=[volume_spec])
+    archive.add_endpoint("stage_hw", stage_hw, input_signature=[image_spec])
+    archive.add_endpoint("stage_d", stage_d, input_signature=[image_spec])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def export(bundle, export_dir: str | os.PathLike, name: str = "sr3d", version: int | None = None) -> pathlib.Path:
+    """Writes `<export_dir>/<name>/<version>/` for TF Serving; version defaults to a Unix timestamp."""
+    if version is None:
+        version = int(time.time())
+    if int(version) < 0:
+        raise ValueError(f"version must be a non-negative integer, got {version}")
+    return export_archive(bundle, pathlib.Path(export_dir) / name / str(int(version)))

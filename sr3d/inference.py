@@ -1,0 +1,326 @@
+"""Upscaling whole volumes with a pair of stage models: 3D or in-plane, tiled, self-ensembled.
+
+3D (the paper's pipeline): stage `hw` upsamples every axial slice (D, H, W) ->
+(D, rH, rW); stage `d` then upsamples every (D, rW) plane, one per output row,
+-> (rD, rH, rW). `planes="both"` also runs stage `d` on the (D, rH) planes,
+one per output column, and averages the two (the authors' code did this).
+
+Tiling works in bands of LR rows. A band's slices are extended by the
+receptive-field halo (`sr3d.models.lr_halo`), run through stage `hw`, trimmed,
+and its output rows go straight through stage `d` into the output array. So
+besides the output only one band lives in memory: peak memory is the output
+plus a budget set by `tile_mb`, and since each band sees all the context its
+outputs depend on, the tiled result equals the untiled one (up to float
+round-off of different convolution sizes).
+
+Self-ensemble (Lim et al. 2017, as in the paper): each input is also run
+flipped and rotated, each output transformed back, and the pixel-wise median
+taken: 8 transforms for stage `hw`; for stage `d` only the 4 flips that keep
+the depth axis in place (a 90-degree rotation would swap depth with a spatial
+axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from sr3d import intensity
+from sr3d import io as sr3d_io
+
+MODES = ("3d", "2d")
+PLANES = ("dw", "both")
+MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
+BUNDLE_JSON = "bundle.json"
+SHIPPED_DIR = pathlib.Path(__file__).resolve().parent / "data_files" / "models"
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """The two stage networks for one scale factor (Keras models)."""
+
+    hw: object
+    d: object
+    scale: int
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def shipped_model_dir(scale: int) -> pathlib.Path:
+    return SHIPPED_DIR / f"x{scale}"
+
+
+def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> ModelBundle:
+    """Loads a model bundle directory (hw.keras, d.keras, bundle.json); None = the shipped one."""
+    directory = pathlib.Path(model_dir) if model_dir is not None else shipped_model_dir(scale)
+    # Checks that need no TensorFlow come first, so a wrong path fails fast and quietly.
+    if not directory.is_dir():
+        if model_dir is None:
+            raise ValueError(f"no shipped model for scale {scale}: available scales are "
+                             f"{available_scales()}; pass --model DIR for others")
+        raise FileNotFoundError(f"{directory}: model directory not found")
+    missing = [name for name in MODEL_FILES.values() if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"{directory}: not an sr3d model bundle, missing {', '.join(missing)} "
+                         "(make one with sr3d.inference.make_bundle)")
+    info = json.loads((directory / BUNDLE_JSON).read_text()) if (directory / BUNDLE_JSON).exists() else {}
+    if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
+        raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
+    hw, d = (_load_keras(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
+    bundle_scale = _bundle_scale(hw, d, directory, info.get("scale"))
+    if model_dir is not None and scale != bundle_scale:
+        raise ValueError(f"{directory}: the model upscales by {bundle_scale}, not by {scale}")
+    return ModelBundle(hw=hw, d=d, scale=bundle_scale, info=info)
+
+
+def _load_keras(path: pathlib.Path):
+    import keras
+
+    from sr3d import layers  # noqa: F401  (registers the custom layers for deserialisation)
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
+        raise ValueError(f"{path}: not a readable Keras model: {error}") from error
+
+
+def _stage_scale(model, stage: str) -> int | None:
+    """The factor a model upsamples a 4x4 probe by, if it is a stage `stage` network, else None."""
+    probe = np.zeros((1, 4, 4, 1), np.float32)
+    try:
+        shape = tuple(model(probe, training=False)["final"].shape)
+    except Exception:  # noqa: BLE001  (any model that cannot take the probe is the wrong model)
+        return None
+    r = shape[1] // 4
+    expected = (1, 4 * r, 4 * r, 1) if stage == "hw" else (1, 4 * r, 4, 1)
+    return r if r >= 2 and shape == expected else None
+
+
+def _bundle_scale(hw_model, d_model, where, declared=None) -> int:
+    """The common scale of the two stage models; ValueError naming `where` if they do not fit."""
+    r_hw, r_d = _stage_scale(hw_model, "hw"), _stage_scale(d_model, "d")
+    if r_hw is None or r_d is None:
+        wrong = "hw" if r_hw is None else "d"
+        raise ValueError(f"{where}: the {wrong} model is not an sr3d stage-{wrong} network "
+                         f"(built by sr3d.models.build('{wrong}', r))")
+    if r_hw != r_d or (declared is not None and int(declared) != r_hw):
+        raise ValueError(f"{where}: the stages upscale by {r_hw} (hw) and {r_d} (d)"
+                         + (f", the bundle says {declared}" if declared is not None else ""))
+    return r_hw
+
+
+def available_scales() -> list[int]:
+    return sorted(int(p.name[1:]) for p in SHIPPED_DIR.glob("x*") if (p / MODEL_FILES["hw"]).exists())
+
+
+def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | None = None) -> pathlib.Path:
+    """Assembles a bundle directory from the `model.keras` of two training runs (compile=False copies)."""
+    hw, d = _load_keras(pathlib.Path(hw_model_path)), _load_keras(pathlib.Path(d_model_path))
+    _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, model in (("hw", hw), ("d", d)):
+        tmp = out / f".{stage}.tmp.keras"
+        model.save(tmp)
+        tmp.replace(out / MODEL_FILES[stage])
+    (out / BUNDLE_JSON).write_text(json.dumps({"scale": scale, **(info or {})}, indent=2, sort_keys=True))
+    return out
+
+
+# ---------------------------------------------------------------------------- transforms
+
+def _dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    """Transform k of 8 on the (1, 2) axes of a (B, h, w) batch: rot90 k%4 times, flipped if k >= 4."""
+    y = np.rot90(x, k % 4, axes=(1, 2))
+    return y[:, :, ::-1] if k >= 4 else y
+
+
+def _dihedral_inverse(y: np.ndarray, k: int) -> np.ndarray:
+    x = y[:, :, ::-1] if k >= 4 else y
+    return np.rot90(x, -(k % 4), axes=(1, 2))
+
+
+def _flip(x: np.ndarray, k: int) -> np.ndarray:
+    """Transform k of the 4 that keep axis 1 (depth) in place: flips of axes 1 and/or 2 (self-inverse)."""
+    if k & 1:
+        x = x[:, ::-1, :]
+    if k & 2:
+        x = x[:, :, ::-1]
+    return x
+
+
+class _Stage:
+    """One stage network as a batched numpy function (B, h, w) -> (B, h', w')."""
+
+    def __init__(self, model, batch_size: int, ensemble: bool, kind: str):
+        import tensorflow as tf
+
+        self._fn = tf.function(lambda x: model(x, training=False)["final"],
+                               input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+        self.batch_size = batch_size
+        self.ensemble = ensemble
+        self.kind = kind
+
+    def _run(self, planes: np.ndarray) -> np.ndarray:
+        out = [self._fn(np.ascontiguousarray(planes[i:i + self.batch_size, ..., None], np.float32)).numpy()[..., 0]
+               for i in range(0, planes.shape[0], self.batch_size)]
+        return np.concatenate(out)
+
+    def __call__(self, planes: np.ndarray) -> np.ndarray:
+        if not self.ensemble:
+            return self._run(planes)
+        if self.kind == "hw":
+            outs = [_dihedral_inverse(self._run(_dihedral(planes, k)), k) for k in range(8)]
+        else:
+            outs = [_flip(self._run(_flip(planes, k)), k) for k in range(4)]
+        return np.median(np.stack(outs), axis=0).astype(np.float32)
+
+
+def _depth_pass(stage_d: _Stage, volume: np.ndarray, both: bool) -> np.ndarray:
+    """Stage d on a (D, H, W) array -> (rD, H, W): one (D, W) plane per row, and with `both`
+    also one (D, H) plane per column, the two results averaged."""
+    out = stage_d(np.ascontiguousarray(volume.transpose(1, 0, 2))).transpose(1, 0, 2)
+    if both:
+        out = out + stage_d(np.ascontiguousarray(volume.transpose(2, 0, 1))).transpose(1, 2, 0)
+        out *= 0.5
+    return out
+
+
+def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False, planes: str = "dw",
+                             batch_size: int = 8, rows_per_band: int = 64,
+                             progress: Progress | None = None) -> np.ndarray:
+    """Stage d alone: a normalised (D, H, W) float32 array -> (rD, H, W), r the model's factor.
+
+    For scans whose slices are already fine in-plane (thick-slice scans, `sr3d.selfsup`).
+    planes "dw" runs bands of `rows_per_band` rows; "both" needs whole columns (one band).
+    """
+    if planes not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    lr = np.asarray(lr, np.float32)
+    if lr.ndim != 3:
+        raise ValueError(f"lr must be a (D, H, W) array, got shape {lr.shape}")
+    stage_d = _Stage(d_model, batch_size, ensemble, "d")
+    h = lr.shape[1]
+    rows = h if planes == "both" else max(1, rows_per_band)
+    bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
+    out = None
+    for index, (y0, y1) in enumerate(bands):
+        band = _depth_pass(stage_d, lr[:, y0:y1, :], planes == "both")
+        if out is None:
+            out = np.empty((band.shape[0], h, lr.shape[2]), np.float32)
+        out[:, y0:y1, :] = band
+        if progress is not None:
+            progress("bands", index + 1, len(bands))
+    return out
+
+
+def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str) -> int:
+    """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb."""
+    d, h, w = shape
+    if tile_mb is None:
+        return h
+    depth_out = d * scale if mode == "3d" else d
+    bytes_per_lr_row = 4 * scale * (w * scale) * (d + depth_out) * 2  # outputs + ensemble headroom
+    return int(min(h, max(1, tile_mb * 2**20 // bytes_per_lr_row)))
+
+
+def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+                       planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
+                       progress: Progress | None = None) -> np.ndarray:
+    """Upscale a normalised (D, H, W) float32 array -> (rD, rH, rW) (3d) or (D, rH, rW) (2d).
+
+    tile_mb: memory budget of one band of rows (None: the whole volume in one band).
+    """
+    from sr3d import models as sr3d_models
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if planes not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if tile_mb is not None and not tile_mb > 0:
+        raise ValueError(f"tile_mb must be a positive number of megabytes or None, got {tile_mb!r}")
+    if np.ndim(lr) != 3:
+        raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
+    r = models.scale
+    d, h, w = lr.shape
+    stage_hw = _Stage(models.hw, batch_size, ensemble, "hw")
+    stage_d = _Stage(models.d, batch_size, ensemble, "d")
+    halo = sr3d_models.lr_halo("hw", r)[0]
+    out_depth = d * r if mode == "3d" else d
+    out = np.empty((out_depth, h * r, w * r), np.float32)
+    both = mode == "3d" and planes == "both"
+    # Averaging over (D, H) planes needs whole columns: the stage-hw output is then kept whole.
+    rows = h if both else _band_rows(lr.shape, r, tile_mb, mode)
+    bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
+    for index, (y0, y1) in enumerate(bands):
+        a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
+        hw_out = stage_hw(lr[:, a0:a1, :])[:, (y0 - a0) * r:(y0 - a0 + y1 - y0) * r, :]
+        if mode == "2d":
+            out[:, y0 * r:y1 * r, :] = hw_out
+        else:
+            out[:, y0 * r:y1 * r, :] = _depth_pass(stage_d, hw_out, both)
+        if progress is not None:
+            progress("bands", index + 1, len(bands))
+    return out
+
+
+def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+                   planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
+                   progress: Progress | None = None) -> sr3d_io.Volume:
+    """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
+
+    The result has the upscaled affine (voxel sizes / r, same physical extent).
+    """
+    r = models.scale
+    min_side = 2
+    if mode == "3d" and volume.array.shape[0] < min_side:
+        raise ValueError(f"{volume.source or 'volume'}: 3D upscaling needs at least {min_side} slices, "
+                         f"got {volume.array.shape[0]}; use mode='2d'")
+    win = intensity.window(volume.array)
+    result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
+                                planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress)
+    result = win.denormalise(result)
+    np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
+    axes = (0, 1, 2) if mode == "3d" else (1, 2)
+    return sr3d_io.upscaled_volume(volume, result, r, axes=axes)
+
+
+def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, *, mode: str = "3d",
+            **options) -> sr3d_io.Volume:
+    """Upscale a scan (Volume or path to NIfTI / DICOM series) with the shipped or a given model.
+
+    model: None (the shipped model for `scale`), a bundle directory, or a ModelBundle.
+    """
+    volume = volume_or_path if isinstance(volume_or_path, sr3d_io.Volume) else sr3d_io.load_volume(volume_or_path)
+    bundle = model if isinstance(model, ModelBundle) else load_models(model, scale)
+    if bundle.scale != scale:
+        raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
+    return upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
+
+
+def output_voxels(shape: tuple[int, int, int], scale: int, mode: str = "3d") -> int:
+    d, h, w = shape
+    return (d * scale if mode == "3d" else d) * h * scale * w * scale
+
+
+def conv_flops(shape: tuple[int, int, int], scale: int, filters: int = 32, mode: str = "3d") -> float:
+    """Multiply-add FLOPs (2 per MAC) of the two stages on a (D, H, W) input, without ensemble."""
+    d, h, w = shape
+    f = filters
+
+    def stage(lr_pixels: int, hr_pixels: int, upsampled: int) -> float:
+        block1 = 9 * (1 * f + 4 * f * f + f * upsampled) * lr_pixels
+        block2 = 9 * (1 * f + 2 * f * f + f * 1) * hr_pixels
+        return 2.0 * (block1 + block2)
+
+    total = stage(d * h * w, d * h * w * scale * scale, scale * scale)
+    if mode == "3d":
+        total += stage(d * h * scale * w * scale, d * scale * h * scale * w * scale, scale)
+    return total
