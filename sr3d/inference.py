@@ -279,10 +279,18 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     The result has the upscaled affine (voxel sizes / r, same physical extent).
     """
     r = models.scale
-    min_side = 2
-    if mode == "3d" and volume.array.shape[0] < min_side:
-        raise ValueError(f"{volume.source or 'volume'}: 3D upscaling needs at least {min_side} slices, "
+    from sr3d import models as sr3d_models
+
+    name = volume.source or "volume"
+    min_slices = 2
+    if mode == "3d" and volume.array.shape[0] < min_slices:
+        raise ValueError(f"{name}: 3D upscaling needs at least {min_slices} slices, "
                          f"got {volume.array.shape[0]}; use mode='2d'")
+    # Smaller slices would be all border: every output pixel would see the zero padding.
+    min_side = 2 * sr3d_models.lr_halo("hw", r)[0] + 1
+    if min(volume.array.shape[1:]) < min_side:
+        raise ValueError(f"{name}: slices of {volume.array.shape[1]} x {volume.array.shape[2]} voxels are "
+                         f"smaller than the network's receptive field ({min_side} x {min_side} at scale {r})")
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
                                 planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress)

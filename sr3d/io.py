@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import gzip
 import os
 import pathlib
 import re
@@ -250,8 +251,18 @@ def _spatial_shape(shape: Sequence[int], path: pathlib.Path) -> tuple[int, int, 
     return shape
 
 
+def _check_gzip(path: pathlib.Path) -> None:
+    """Reads a .gz file to its end, so gzip checks its CRC and length: nibabel stops reading
+    after the voxels, so damage inside the compressed stream could otherwise pass as data."""
+    with gzip.open(path, "rb") as stream:
+        while stream.read(1 << 22):
+            pass
+
+
 def _load_nifti(path: pathlib.Path) -> Volume:
     try:
+        if path.name.lower().endswith(".gz"):
+            _check_gzip(path)
         image = nib.load(path)
         shape = _spatial_shape(image.shape, path)
         stored = image.get_data_dtype()
@@ -262,7 +273,7 @@ def _load_nifti(path: pathlib.Path) -> Volume:
     except PermissionError:
         raise
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError,
-            EOFError, zlib.error) as error:
+            EOFError, zlib.error, gzip.BadGzipFile) as error:
         # nibabel reports truncated or non-NIfTI files from deep inside gzip/zlib.
         raise ValueError(f"{path}: not a readable NIfTI file (corrupt, truncated or another "
                          f"format): {type(error).__name__}: {error}") from error
