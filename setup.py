@@ -28,6 +28,9 @@ setuptools.setup(
         "pyrtools>=1.0",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "scikit-image"]},
+    extras_require={
+        # playwright drives Debian's chromium in tests/test_study.py (its own browsers are never downloaded).
+        "test": ["pytest", "scikit-image", "playwright"],
+    },
     entry_points={"console_scripts": ["sr3d=sr3d.cli:main"]},
 )

@@ -69,6 +69,10 @@ def cmd_upscale(args) -> int:
     out = _check_output_path(args.output)
     if args.scale < 2:
         raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if not args.tile_mb > 0:
+        raise ValueError(f"--tile-mb must be a positive number of megabytes, got {args.tile_mb:g}")
     volume = sr3d_io.load_volume(args.input)
     bundle = inference.load_models(args.model, args.scale)
     mode = args.axes
