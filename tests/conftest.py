@@ -25,3 +25,19 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def ixi_files(shared_data):
     return sorted((shared_data / "ixi-t1-2mm").glob("*.nii.gz"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    """A 2x model bundle directory of random-weight stage networks (4 filters, seed 0): fast
+    stand-ins for the shipped models in inference, export and CLI tests."""
+    import keras
+
+    from sr3d import inference, models
+
+    keras.utils.set_random_seed(0)
+    runs = tmp_path_factory.mktemp("tiny_runs")
+    for stage in models.STAGES:
+        models.build(stage, 2, filters=4).save(runs / f"{stage}.keras")
+    return inference.make_bundle(runs / "hw.keras", runs / "d.keras", runs / "bundle_x2", scale=2,
+                                 info={"note": "random weights, for tests"})

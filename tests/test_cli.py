@@ -1,0 +1,172 @@
+"""Tests for sr3d/cli.py: `sr3d upscale` end to end on real NIfTI and DICOM input, and its errors.
+
+Two runs go through `python -m sr3d` in a subprocess (the real command, exit status and
+stderr); the rest call `sr3d.cli.main([...])` in this process. Models: the random-weight
+test bundle (tests/conftest.py), so only geometry, files and messages are checked here.
+"""
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from sr3d import cli, inference
+from sr3d import io as sr3d_io
+
+DICOM_FILES = [f"brain_{i:03d}.dcm" for i in range(5, 11)]   # 6 consecutive slices, 256 x 256
+
+
+def _sr3d(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sr3d", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _world(affine: np.ndarray, index) -> np.ndarray:
+    return (affine @ np.append(np.asarray(index, float), 1.0))[:3]
+
+
+@pytest.fixture(scope="module")
+def nifti_crop(tmp_path_factory, ixi_files):
+    """A 6 x 24 x 20 (D, H, W) crop of a real IXI T1 scan written as NIfTI, origin moved with it."""
+    scan = sr3d_io.load_volume(ixi_files[1])
+    affine = scan.affine.copy()
+    affine[:3, 3] = _world(scan.affine, (40, 48, 50))
+    crop = sr3d_io.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
+    return sr3d_io.save_volume(crop, tmp_path_factory.mktemp("nifti") / "crop.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory, shared_data):
+    """Six slices of a real oblique DICOM series (gaps between slices) in their own directory."""
+    directory = tmp_path_factory.mktemp("dicom") / "series"
+    directory.mkdir()
+    for name in DICOM_FILES:
+        shutil.copyfile(shared_data / "oblique-pd-dicom" / name, directory / name)
+    return directory
+
+
+def _fov_corners(affine: np.ndarray, shape) -> np.ndarray:
+    """World coordinates of the outer corners of the first and the last voxel."""
+    return np.array([_world(affine, [-0.5] * 3), _world(affine, np.asarray(shape) - 0.5)])
+
+
+@pytest.mark.slow
+def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
+    out = tmp_path / "crop_x2.nii.gz"
+    result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "upscale [" in result.stderr and "1/1 bands" in result.stderr   # the progress bar
+    written_in, written_out = nib.load(nifti_crop), nib.load(out)
+    assert written_in.shape == (20, 24, 6)                                 # NIfTI (i, j, k) = (W, H, D)
+    assert written_out.shape == (40, 48, 12)
+    np.testing.assert_allclose(_fov_corners(written_out.affine, written_out.shape),
+                               _fov_corners(written_in.affine, written_in.shape), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(written_out.header.get_zooms(), np.array(written_in.header.get_zooms()) / 2)
+    # The command writes what the library computes.
+    expected = inference.upscale_volume(sr3d_io.load_volume(nifti_crop),
+                                        inference.load_models(tiny_bundle_dir, scale=2)).array
+    np.testing.assert_allclose(np.asarray(written_out.dataobj).transpose(2, 1, 0), expected, rtol=0, atol=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.nii.gz"]
+
+
+def _dicom_voxel_centres_ras(directory) -> np.ndarray:
+    """World RAS+ mm of the 8 extreme voxel centres of a DICOM series, from the headers alone."""
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(directory.iterdir())]
+    row_cos, col_cos = (np.array(datasets[0].ImageOrientationPatient[i:i + 3], float) for i in (0, 3))
+    normal = np.cross(row_cos, col_cos)
+    positions = sorted((np.array(ds.ImagePositionPatient, float) for ds in datasets), key=lambda p: p @ normal)
+    row_spacing, col_spacing = map(float, datasets[0].PixelSpacing)   # between rows, between columns
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    corners = [position + c * col_spacing * row_cos + r * row_spacing * col_cos
+               for position in (positions[0], positions[-1]) for r in (0, rows - 1) for c in (0, cols - 1)]
+    return np.array(corners) * [-1.0, -1.0, 1.0]                          # LPS -> RAS
+
+
+@pytest.mark.slow
+def test_upscale_dicom_series_subprocess(tmp_path, dicom_dir, tiny_bundle_dir):
+    out = tmp_path / "series_x2.nii"
+    result = _sr3d("upscale", dicom_dir, out, "--model", tiny_bundle_dir, "--scale", "2")
+    assert result.returncode == 0, result.stderr
+    assert "upscale [" in result.stderr
+    written = nib.load(out)
+    assert written.shape == (512, 512, 12)
+    # Input voxel n sits at output index 2n + 0.5 on every axis: the grids overlay in world space.
+    upscaled = [_world(written.affine, (i, j, k)) for k in (0.5, 10.5) for j in (0.5, 510.5) for i in (0.5, 510.5)]
+    expected = _dicom_voxel_centres_ras(dicom_dir)
+    np.testing.assert_allclose(np.array(sorted(map(tuple, upscaled))), np.array(sorted(map(tuple, expected))),
+                               rtol=0, atol=1e-3)
+    assert written.get_data_dtype() == np.int16, "the input's dtype is kept"
+
+
+def test_upscale_2d_in_process(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
+    out = tmp_path / "crop_2d.nii.gz"
+    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--axes", "2d",
+                       "--tile-mb", "0.01", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "(2d)" in err and "bands" in err
+    written_in, written_out = nib.load(nifti_crop), nib.load(out)
+    assert written_out.shape == (40, 48, 6)
+    np.testing.assert_allclose(written_out.header.get_zooms(), np.array(written_in.header.get_zooms()) / [2, 2, 1])
+    np.testing.assert_allclose(_fov_corners(written_out.affine, written_out.shape),
+                               _fov_corners(written_in.affine, written_in.shape), rtol=0, atol=1e-4)
+
+
+def test_bundle_command(tmp_path, tiny_bundle_dir, capsys):
+    out = tmp_path / "bundle"
+    status = cli.main(["bundle", "--hw", str(tiny_bundle_dir / "hw.keras"), "--d", str(tiny_bundle_dir / "d.keras"),
+                       "--scale", "2", "--out", str(out), "--note", "copy"])
+    assert status == 0, capsys.readouterr().err
+    bundle = inference.load_models(out, scale=2)
+    assert bundle.info == {"note": "copy", "scale": 2}
+
+
+# ---------------------------------------------------------------------------- errors
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan\n")
+    (tmp_path / "text.nii.gz").write_text("not a scan either\n")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("input_name, output_name, extra, named", [
+    ("missing.nii.gz", "out/x.nii.gz", [], "missing.nii.gz"),
+    ("notes.txt", "out/x.nii.gz", [], "notes.txt: unsupported file type"),
+    ("text.nii.gz", "out/x.nii.gz", [], "text.nii.gz: not a readable NIfTI file"),
+    ("CROP", "nowhere/x.nii.gz", [], "x.nii.gz: output directory"),
+    ("CROP", "out/x.nrrd", [], "x.nrrd: output must be a NIfTI file ending in .nii or .nii.gz"),
+    ("CROP", "out/x.nii.gz", ["--scale", "1"], "--scale must be an integer >= 2, got 1"),
+    ("CROP", "out/x.nii.gz", ["--model", "DIR"], "not an sr3d model bundle, missing hw.keras, d.keras"),
+    ("CROP", "out/x.nii.gz", ["--scale", "3"], "the model upscales by 2, not by 3"),
+    ("CROP", "out/x.nii.gz", ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    ("CROP", "out/x.nii.gz", ["--tile-mb", "-1"], "--tile-mb must be a positive number of megabytes, got -1"),
+])
+def test_upscale_errors_in_process(bad_inputs, nifti_crop, tiny_bundle_dir, capsys, input_name, output_name,
+                                   extra, named):
+    source = nifti_crop if input_name == "CROP" else bad_inputs / input_name
+    extra = [str(bad_inputs) if a == "DIR" else a for a in extra]
+    model = [] if "--model" in extra else ["--model", str(tiny_bundle_dir)]
+    status = cli.main(["upscale", str(source), str(bad_inputs / output_name), *model, *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("sr3d upscale: error: ") and named in lines[0], lines
+    assert list((bad_inputs / "out").iterdir()) == [], "no output or temporary file is left"
+
+
+@pytest.mark.parametrize("case", ["missing input", "not a bundle"])
+def test_upscale_errors_subprocess(bad_inputs, nifti_crop, case):
+    if case == "missing input":
+        args, named = [bad_inputs / "missing.nii.gz", bad_inputs / "out" / "x.nii.gz"], "missing.nii.gz"
+    else:
+        args, named = [nifti_crop, bad_inputs / "out" / "x.nii.gz", "--model", bad_inputs], str(bad_inputs)
+    result = _sr3d("upscale", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sr3d upscale: error: ") and named in lines[0], result.stderr
+    assert list((bad_inputs / "out").iterdir()) == []

@@ -1,0 +1,194 @@
+"""Tests for sr3d/export.py and the export.py script: layout, signatures, and that a fresh
+process (tf.saved_model.load, tf.data, saved_model_cli) gets the Python path's numbers.
+
+The SavedModel is exported once per module from the random-weight test bundle and run once in
+a fresh Python process (`_LOADER`); the tests compare its outputs with `sr3d.inference` and the
+Keras models in this process.
+"""
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sr3d import export, inference
+from sr3d import io as sr3d_io
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIGNATURES = ("serving_default", "upscale_2d", "stage_hw", "stage_d")
+
+# Runs in a fresh process: argv[1] = SavedModel directory, argv[2] = inputs .npz, argv[3] = outputs .npz.
+_LOADER = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+loaded = tf.saved_model.load(sys.argv[1])
+inputs = np.load(sys.argv[2])
+sig = loaded.signatures
+batch = inputs["batch"]
+mapped = tf.data.Dataset.from_tensor_slices(batch).map(
+    lambda v: loaded.signatures["serving_default"](volume=v)["upscaled"])
+np.savez(sys.argv[3],
+         signatures=np.array(sorted(sig.keys())),
+         serving_default=sig["serving_default"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
+         upscale_2d=sig["upscale_2d"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
+         stage_hw=sig["stage_hw"](images=tf.constant(inputs["images"]))["final"].numpy(),
+         stage_d=sig["stage_d"](images=tf.constant(inputs["images"]))["final"].numpy(),
+         mapped=np.stack([v.numpy() for v in mapped]))
+"""
+
+
+def _run(args: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_dir):
+    """The test bundle with its output layer amplified, so that the clip to the input range acts."""
+    bundle = inference.load_models(tiny_bundle_dir, scale=2)
+    conv10 = bundle.d.get_layer("conv10")
+    kernel, bias = conv10.get_weights()
+    conv10.set_weights([kernel * 40.0, bias])
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def ct_volume(shared_data):
+    """12 x 48 x 40 voxels of a real CT in Hounsfield units (air, fat, soft tissue and bone)."""
+    scan = sr3d_io.load_volume(shared_data / "totalseg-ct" / "example_ct.nii.gz")
+    return scan.replace(array=scan.array[50:62, 30:78, 40:80].copy())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, bundle, ct_volume):
+    """(SavedModel path, inputs, outputs of the fresh process)."""
+    root = tmp_path_factory.mktemp("export")
+    path = export.export(bundle, root / "models", "sr3d", version=1)
+    rng = np.random.default_rng(0)
+    volume = ct_volume.array
+    inputs = {
+        "volume": volume,
+        # tf.data batch: the crop and a second real crop of the same shape (upside down, darker).
+        "batch": np.stack([volume, volume[::-1, :, ::-1] * 0.5 - 100.0]).astype(np.float32),
+        "images": rng.uniform(-0.2, 1.2, size=(3, 9, 11, 1)).astype(np.float32),
+    }
+    np.savez(root / "inputs.npz", **inputs)
+    result = _run([sys.executable, "-c", _LOADER, path, root / "inputs.npz", root / "outputs.npz"])
+    assert result.returncode == 0, result.stderr
+    return path, inputs, dict(np.load(root / "outputs.npz"))
+
+
+def test_layout_is_what_tf_serving_polls(exported):
+    path, _, _ = exported
+    assert path == path.parents[1] / "sr3d" / "1"
+    assert (path / "saved_model.pb").is_file()
+    assert (path / "variables" / "variables.index").is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1"], "no temporary directory is left"
+
+
+def test_fresh_process_lists_the_four_signatures(exported):
+    _, _, outputs = exported
+    assert sorted(outputs["signatures"]) == sorted(SIGNATURES)
+
+
+@pytest.mark.parametrize("signature, mode", [("serving_default", "3d"), ("upscale_2d", "2d")])
+def test_served_volume_matches_python_inference(exported, bundle, ct_volume, signature, mode):
+    _, _, outputs = exported
+    expected = inference.upscale_volume(ct_volume, bundle, mode=mode).array
+    data_range = float(ct_volume.array.max() - ct_volume.array.min())
+    assert outputs[signature].shape == expected.shape == ((24 if mode == "3d" else 12), 96, 80)
+    np.testing.assert_allclose(outputs[signature], expected, rtol=0, atol=1e-4 * data_range)
+    assert outputs[signature].std() > 1e-3 * data_range, "a constant output would make the check empty"
+    if mode == "3d":  # the clip to the input's range is part of what is compared
+        assert expected.min() == ct_volume.array.min() and expected.max() == ct_volume.array.max()
+
+
+@pytest.mark.parametrize("stage", ["hw", "d"])
+def test_stage_signatures_match_the_keras_models(exported, bundle, stage):
+    _, inputs, outputs = exported
+    model = bundle.hw if stage == "hw" else bundle.d
+    expected = model(inputs["images"], training=False)["final"].numpy()
+    assert outputs[f"stage_{stage}"].shape == ((3, 18, 22, 1) if stage == "hw" else (3, 18, 11, 1))
+    np.testing.assert_allclose(outputs[f"stage_{stage}"], expected, rtol=0, atol=1e-5)
+
+
+def test_signature_inside_a_tf_data_map(exported, bundle, ct_volume):
+    _, inputs, outputs = exported
+    for served, volume in zip(outputs["mapped"], inputs["batch"]):
+        expected = inference.upscale_volume(ct_volume.replace(array=volume), bundle).array
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4 * float(volume.max() - volume.min()))
+
+
+def test_export_refuses_an_existing_version(exported, bundle):
+    path, _, _ = exported
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    with pytest.raises(ValueError, match=re.escape(f"{path} exists already: export to a new version directory")):
+        export.export(bundle, path.parents[1], "sr3d", version=1)
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
+
+
+def test_export_rejects_a_negative_version(tmp_path, bundle):
+    with pytest.raises(ValueError, match="version must be a non-negative integer, got -1"):
+        export.export(bundle, tmp_path, version=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _saved_model_cli() -> list[str]:
+    found = shutil.which("saved_model_cli")
+    return [found] if found else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+
+
+@pytest.mark.slow
+def test_saved_model_cli_show_and_run(exported, tmp_path):
+    """`saved_model_cli run` uses the session-based loader, as TF Serving does."""
+    path, inputs, outputs = exported
+    shown = _run(_saved_model_cli() + ["show", "--dir", path, "--all"])
+    assert shown.returncode == 0, shown.stderr
+    for name in SIGNATURES:
+        assert f"signature_def['{name}']" in shown.stdout
+    np.save(tmp_path / "x.npy", inputs["volume"])
+    ran = _run(_saved_model_cli() + ["run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                                     "serving_default", "--inputs", f"volume={tmp_path / 'x.npy'}",
+                                     "--outdir", tmp_path / "out"])
+    assert ran.returncode == 0, ran.stderr
+    data_range = float(inputs["volume"].max() - inputs["volume"].min())
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "upscaled.npy"), outputs["serving_default"],
+                               rtol=0, atol=1e-4 * data_range)
+
+
+# ---------------------------------------------------------------------------- export.py
+
+@pytest.mark.slow
+def test_export_script_writes_a_version(tmp_path, tiny_bundle_dir):
+    result = _run([sys.executable, REPO / "export.py", f"--model={tiny_bundle_dir}", "--scale=2",
+                   f"--export_dir={tmp_path}", "--name=brain", "--version=3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"exported {tmp_path / 'brain' / '3'}"
+    assert (tmp_path / "brain" / "3" / "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model={tmp}/nowhere"], "export.py: error: {tmp}/nowhere: model directory not found"),
+    (["--model={tmp}"], "export.py: error: {tmp}: not an sr3d model bundle, missing hw.keras, d.keras "
+                        "(make one with sr3d.inference.make_bundle)"),
+    (["--model={bundle}", "--scale=3"], "export.py: error: {bundle}: the model upscales by 2, not by 3"),
+])
+def test_export_script_errors_are_one_line(tmp_path, tiny_bundle_dir, args, message):
+    args = [a.format(tmp=tmp_path, bundle=tiny_bundle_dir) for a in args]
+    result = _run([sys.executable, REPO / "export.py", f"--export_dir={tmp_path / 'out'}", *args])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [message.format(tmp=tmp_path, bundle=tiny_bundle_dir)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_script_rejects_stray_arguments(tmp_path, tiny_bundle_dir):
+    result = _run([sys.executable, REPO / "export.py", f"--model={tiny_bundle_dir}",
+                   f"--export_dir={tmp_path}", "extra"])
+    assert result.returncode != 0
+    assert "unexpected arguments: ['extra']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
