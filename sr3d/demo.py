@@ -22,8 +22,15 @@ from sr3d import io as sr3d_io
 BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
 
 
+def _up_is_row_zero(affine: np.ndarray, axis: int) -> bool:
+    """Whether image row 0 should be drawn at the top for a plane whose rows run along `axis`:
+    rows are drawn so that anterior/superior (positive RAS A or S) is up."""
+    direction = affine[:3, axis]
+    return not direction[int(np.argmax(np.abs(direction)))] > 0
+
+
 def _figure(hr: np.ndarray, lr_nearest: np.ndarray, lanczos: np.ndarray, cnn: np.ndarray, scores: dict,
-            path: pathlib.Path, scale: int) -> None:
+            path: pathlib.Path, scale: int, affine: np.ndarray) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -31,14 +38,15 @@ def _figure(hr: np.ndarray, lr_nearest: np.ndarray, lanczos: np.ndarray, cnn: np
     columns = [(f"input ({scale}x coarser)", lr_nearest), (f"Lanczos {scores['lanczos']['psnr']:.2f} dB", lanczos),
                (f"sr3d CNN {scores['cnn']['psnr']:.2f} dB", cnn), ("ground truth", hr)]
     d, h, w = hr.shape
-    views = [("slice (H, W)", lambda v: v[d // 2]), ("(D, W) plane", lambda v: v[:, h // 2, :]),
-             ("(D, H) plane", lambda v: v[:, :, w // 2])]
+    views = [("slice (H, W)", lambda v: v[d // 2], 1), ("(D, W) plane", lambda v: v[:, h // 2, :], 0),
+             ("(D, H) plane", lambda v: v[:, :, w // 2], 0)]
     vmax = float(np.percentile(hr, 99.5))
     fig, axes = plt.subplots(len(views), len(columns), figsize=(3.2 * len(columns), 3.2 * len(views)))
-    for row, (view_name, take) in enumerate(views):
+    for row, (view_name, take, row_axis) in enumerate(views):
+        origin = "upper" if _up_is_row_zero(affine, row_axis) else "lower"
         for col, (title, volume) in enumerate(columns):
             ax = axes[row, col]
-            ax.imshow(take(volume), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.imshow(take(volume), cmap="gray", vmin=0, vmax=vmax, interpolation="nearest", origin=origin)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -75,7 +83,7 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
               for name, up in (("lanczos", lanczos), ("cnn", cnn))}
     nearest = baselines.upscale(lr, scale, "nearest", mode="3d")
     figure = out_dir / f"comparison_x{scale}.png"
-    _figure(hr, nearest, lanczos, cnn, scores, figure, scale)
+    _figure(hr, nearest, lanczos, cnn, scores, figure, scale, volume.affine)
     report = {"scan": str(scan), "scale": scale, "input_shape": list(volume.array.shape),
               "output_shape": list(upscaled.array.shape), "output": str(result_path),
               "upscale_seconds": seconds, "comparison": scores, "protocol": protocol.describe(),
