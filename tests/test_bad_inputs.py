@@ -13,20 +13,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from sr3d import cli, inference, models
+from sr3d import cli
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    import keras
-
-    root = tmp_path_factory.mktemp("bundle")
-    keras.utils.set_random_seed(0)
-    paths = []
-    for stage in ("hw", "d"):
-        paths.append(root / f"{stage}.src.keras")
-        models.build(stage, 2, filters=4).save(paths[-1])
-    return inference.make_bundle(paths[0], paths[1], root / "x2", 2)
+def bundle_dir(tiny_bundle_dir):
+    return tiny_bundle_dir
 
 
 def _nifti(path, array, affine=np.eye(4)):

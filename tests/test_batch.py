@@ -11,23 +11,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import batch, inference, models
+from sr3d import batch
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    import keras
-
-    root = tmp_path_factory.mktemp("bundle")
-    keras.utils.set_random_seed(0)
-    paths = []
-    for stage in ("hw", "d"):
-        path = root / f"{stage}_src.keras"
-        models.build(stage, 2, filters=4).save(path)
-        paths.append(path)
-    return inference.make_bundle(paths[0], paths[1], root / "x2", 2)
+def bundle_dir(tiny_bundle_dir):
+    return tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")
