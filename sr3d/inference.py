@@ -25,6 +25,7 @@ import dataclasses
 import json
 import numbers
 import pathlib
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -154,14 +155,27 @@ def _flip(x: np.ndarray, k: int) -> np.ndarray:
     return x
 
 
+# One traced function per model, kept as long as the model lives: upscaling many scans with the
+# same bundle (sr3d upscale-batch) traces each network once, not once per scan.
+_TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _traced(model):
+    import tensorflow as tf
+
+    fn = _TRACED.get(model)
+    if fn is None:
+        fn = tf.function(lambda x: model(x, training=False)["final"],
+                         input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+        _TRACED[model] = fn
+    return fn
+
+
 class _Stage:
     """One stage network as a batched numpy function (B, h, w) -> (B, h', w')."""
 
     def __init__(self, model, batch_size: int, ensemble: bool, kind: str):
-        import tensorflow as tf
-
-        self._fn = tf.function(lambda x: model(x, training=False)["final"],
-                               input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+        self._fn = _traced(model)
         self.batch_size = batch_size
         self.ensemble = ensemble
         self.kind = kind
