@@ -19,6 +19,7 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterator, Sequence
 
@@ -110,9 +111,15 @@ def blur_patches(halo_patches: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
 
 
 class PatchSampler:
-    """Draws random aligned (LR, HR) patches from normalised volumes."""
+    """Draws random aligned (LR, HR) patches from normalised volumes.
 
-    def __init__(self, volumes: Sequence[np.ndarray], config: PatchConfig):
+    stacks: further aligned plane stacks used as they are, for LR made by another
+    degradation model (`sr3d.selfsup` degrades in-plane slices by a slice profile);
+    their HR must be the LR times (r, r) for stage "hw" or (r, 1) for stage "d".
+    """
+
+    def __init__(self, volumes: Sequence[np.ndarray], config: PatchConfig,
+                 stacks: Sequence[PlaneStack] = ()):
         self.config = config
         p, r = config.patch_size, config.scale
         self._ry, self._rx = (r, r) if config.stage == "hw" else (r, 1)
@@ -120,9 +127,14 @@ class PatchSampler:
         self._hr: list[np.ndarray] = []
         positions = []
         lr_voxels = 0
-        for volume in volumes:
-            for stack in plane_stacks(volume, config.stage, r):
+        # A generator: each volume's planes are made only when its turn comes.
+        groups = itertools.chain((plane_stacks(volume, config.stage, r) for volume in volumes), [stacks])
+        for group in groups:
+            for stack in group:
                 n, h, w = stack.lr.shape
+                if stack.hr.shape != (n, h * self._ry, w * self._rx):
+                    raise ValueError(f"plane stack HR shape {stack.hr.shape} is not its LR shape "
+                                     f"{stack.lr.shape} times ({self._ry}, {self._rx}) (stage {config.stage!r})")
                 if h < p or w < p:
                     continue
                 self._lr_padded.append(np.pad(stack.lr, ((0, 0), (1, 1), (1, 1)), mode="reflect"))

@@ -1,0 +1,321 @@
+"""Self-supervised thick-slice upscaling (sr3d.selfsup) on real scans: numbers and figures for docs/thick_slice.md.
+
+  python experiments/thick_slice.py --part=simulate --scans=stroke-t1 --factors=3,4   (one run ~4 min)
+  python experiments/thick_slice.py --part=real --scans=brain1                        (one run ~4 min)
+  python experiments/thick_slice.py --part=supervised   (adds the shipped models' rows to the simulate runs)
+  python experiments/thick_slice.py --part=report
+
+simulate: a real isotropic scan is the ground truth; thick slices along D are
+simulated from it with a box slice profile (`selfsup.simulate_thick_slices`);
+the thick scan is brought back to the truth's grid by Lanczos along D
+(`baselines.upscale_axes(..., axes=(0,))`), by the self-supervised stage-d
+network trained on the thick scan itself within the time budget, and by the
+supervised shipped stage-d network when one exists for the factor
+(sr3d/data_files/models/x{r}); all are scored with `sr3d.metrics` (float
+protocol, the scan's own min..max as the window, PSNR over the volume, SSIM
+averaged over the (H, W) slices, no IFC).
+
+real: the thick-slice brain MRIs (6.5 mm slices, 0.78 mm pixels) upscaled to
+1.3 mm (x5) by Lanczos and by the self-supervised network; no ground truth, so
+the figures show reformatted coronal and sagittal views, and two checks are
+reported: data consistency (the result, degraded again by the box profile,
+against the acquired slices) and the training task itself (the scan's own
+in-plane slices degraded along one axis, reconstructed).
+
+Every run adds its entry to docs/thick_slice/{simulated,real}.json (reruns
+replace it); --part=report writes docs/thick_slice/results.md from them.
+"""
+import json
+import os
+import re
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from sr3d import baselines, inference, metrics, selfsup  # noqa: E402
+from sr3d import io as sr3d_io  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("SR3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+SIMULATED_SCANS = {
+    "stroke-t1": "stroke-t1-t2-flair/T1.nii.gz",
+    "seg3d-head": "seg3d-head-mr/head_MR.nii.gz",
+    "totalseg-ct": "totalseg-ct/example_ct.nii.gz",
+}
+REAL_SCANS = {
+    "brain1": "thick-slice-brain-mr/brain1_image.nrrd",
+    "brain2": "thick-slice-brain-mr/brain2_image.nrrd",
+}
+REAL_TARGET_MM = 1.3
+
+_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "report"], "What to run.")
+_SCANS = flags.DEFINE_list("scans", None, "Scan names (default: all of the part).")
+_FACTORS = flags.DEFINE_list("factors", ["3", "4"], "Simulated slice-thickness factors.")
+_BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "Training budget in seconds.")
+_OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
+_NIFTI_DIR = flags.DEFINE_string("nifti_dir", "/tmp/sr3d_thick_slice", "Where upscaled real scans are written "
+                                 "(not in docs: the thick-slice scans may not be redistributed).")
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{float(v):.3g}" for v in values)
+
+
+def _rel(path: pathlib.Path) -> str:
+    """A path relative to the repository, as written into the JSON."""
+    return os.path.relpath(path, REPO)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _update_json(path: pathlib.Path, key: str, entry: dict) -> None:
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = entry
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _lanczos_depth(thick: sr3d_io.Volume, factor: int) -> np.ndarray:
+    """Lanczos along D, clipped to the input's range like the networks' outputs."""
+    up = baselines.upscale_axes(thick.array, factor, "lanczos", axes=(0,))
+    return np.clip(up, thick.array.min(), thick.array.max())
+
+
+def _train(thick: sr3d_io.Volume, config: selfsup.SelfSupConfig) -> tuple[object, dict]:
+    started = time.perf_counter()
+    model = selfsup.train_on_scan(thick, config, progress=_log)
+    return model, {"train_seconds": time.perf_counter() - started,
+                   "train_steps": int(model.optimizer.iterations.numpy()),
+                   "train_patches": int(model.optimizer.iterations.numpy()) * config.batch_size}
+
+
+def _timed_upscale(thick, model, **options) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    array = selfsup.upscale_thick(thick, model, **options).array
+    return array, time.perf_counter() - started
+
+
+def run_simulated(name: str, factor: int, budget: float, out_dir: pathlib.Path) -> dict:
+    volume = sr3d_io.load_volume(SHARED / SIMULATED_SCANS[name])
+    truth, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile="box")
+    _log(f"{name}: {volume.shape} at {_mm(volume.spacing)} mm -> thick {thick.shape} at "
+         f"{_mm(thick.spacing)} mm (box profile, x{factor})")
+    data_range = (float(truth.array.min()), float(truth.array.max()))
+    protocol = metrics.float_protocol(data_range, with_ifc=False)
+    outputs = {"lanczos": _lanczos_depth(thick, factor)}
+    config = selfsup.SelfSupConfig(factor=factor, time_budget_s=budget)
+    model, training = _train(thick, config)
+    outputs["selfsup"], training["infer_seconds"] = _timed_upscale(thick, model)
+    outputs["selfsup_both"], _ = _timed_upscale(thick, model, planes="both")
+    shipped = inference.shipped_model_dir(factor)
+    if (shipped / inference.MODEL_FILES["d"]).exists():
+        bundle = inference.load_models(None, factor)
+        outputs["supervised"], _ = _timed_upscale(thick, bundle.d)
+    scores = {}
+    for method, array in outputs.items():
+        score = metrics.score_volume(truth.array, array, protocol)
+        scores[method] = {"psnr": score["psnr"], "ssim": score["ssim"]}
+        _log(f"  {method:13s} PSNR {score['psnr']:.2f} dB  SSIM {score['ssim']:.4f}")
+    figure = out_dir / f"sim_{name}_x{factor}.png"
+    columns = [("ground truth", truth.array), (f"thick input ({thick.spacing[0]:.3g} mm)",
+                                               np.repeat(thick.array, factor, axis=0))]
+    labels = {"lanczos": "Lanczos along D", "selfsup": "self-supervised", "supervised": "supervised (shipped)"}
+    columns += [(f"{labels[m]}\n{scores[m]['psnr']:.2f} dB, SSIM {scores[m]['ssim']:.3f}", outputs[m])
+                for m in ("lanczos", "selfsup", "supervised") if m in outputs]
+    _figure(figure, columns, truth, f"{name}: thick slices x{factor} simulated (box profile), "
+            f"reformatted views; PSNR/SSIM over the volume", error_of=truth.array)
+    return {"scan": _rel(SHARED / SIMULATED_SCANS[name]), "factor": factor, "profile": "box",
+            "truth_shape": list(truth.shape), "thick_spacing_mm": list(thick.spacing),
+            "data_range": list(data_range), "protocol": protocol.describe(),
+            "supervised_model": _rel(shipped) if "supervised" in outputs else None,
+            "budget_s": budget, **training, "scores": scores, "figure": figure.name}
+
+
+def add_supervised(entry: dict) -> bool:
+    """Scores the shipped stage-d model on a simulate entry's thick scan (the simulation is
+    deterministic, so the same input); False when no model is shipped for the factor."""
+    factor = entry["factor"]
+    shipped = inference.shipped_model_dir(factor)
+    if not (shipped / inference.MODEL_FILES["d"]).exists():
+        return False
+    truth, thick = selfsup.simulate_thick_slices(sr3d_io.load_volume(REPO / entry["scan"]), factor, axis=0,
+                                                 profile=entry["profile"])
+    array, _ = _timed_upscale(thick, inference.load_models(None, factor).d)
+    score = metrics.score_volume(truth.array, array, metrics.float_protocol(entry["data_range"], with_ifc=False))
+    entry["scores"]["supervised"] = {"psnr": score["psnr"], "ssim": score["ssim"]}
+    entry["supervised_model"] = _rel(shipped)
+    return True
+
+
+def _in_plane_task(thick: sr3d_io.Volume, model, plan: selfsup.ThickSlicePlan) -> dict:
+    """PSNR (normalised units, peak 1) on the scan's own in-plane slices degraded along H, as in
+    training: the network vs Lanczos. Seen in training, so an optimistic, self-consistency check."""
+    from sr3d import intensity, training
+
+    normalised = intensity.window(thick.array).normalise(thick.array)
+    stack = selfsup.training_stacks(normalised, plan)[0]
+    net = training.predict_planes(model, stack.lr, batch_size=4)
+    lanczos = baselines.upscale_axes(stack.lr, plan.factor, "lanczos", axes=(1,))
+    return {name: metrics.psnr(np.clip(stack.hr, 0, 1), np.clip(out, 0, 1), data_range=1.0)
+            for name, out in (("selfsup", net), ("lanczos", lanczos))}
+
+
+def run_real(name: str, budget: float, out_dir: pathlib.Path, nifti_dir: pathlib.Path) -> dict:
+    thick = sr3d_io.load_volume(SHARED / REAL_SCANS[name])
+    config = selfsup.SelfSupConfig(target_spacing=REAL_TARGET_MM, time_budget_s=budget)
+    plan = selfsup.plan_for(thick.spacing, target_spacing=REAL_TARGET_MM)
+    _log(f"{name}: {thick.shape} at {_mm(thick.spacing)} mm; {plan.describe()}")
+    model, training = _train(thick, config)
+    started = time.perf_counter()
+    result = selfsup.upscale_thick(thick, model, target_spacing=REAL_TARGET_MM)
+    training["infer_seconds"] = time.perf_counter() - started
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    sr3d_io.save_volume(result, nifti_dir / f"{name}_selfsup_{REAL_TARGET_MM}mm.nii.gz", note=plan.describe())
+    lanczos = _lanczos_depth(thick, plan.factor)
+    data_range = (float(thick.array.min()), float(thick.array.max()))
+    consistency = {}
+    for method, array in (("lanczos", lanczos), ("selfsup", result.array)):
+        again = selfsup.degrade_along(array, plan.factor, axis=0, profile="box")
+        consistency[method] = metrics.psnr(thick.array, np.clip(again, *data_range),
+                                           data_range=data_range[1] - data_range[0])
+    in_plane = _in_plane_task(thick, model, plan)
+    _log(f"  data consistency PSNR: {consistency}; in-plane task PSNR: {in_plane}")
+    columns = [(f"acquired ({thick.spacing[0]:.3g} mm slices)", np.repeat(thick.array, plan.factor, axis=0)),
+               (f"Lanczos along D (x{plan.factor})", lanczos), (f"self-supervised (x{plan.factor})", result.array)]
+    figure = out_dir / f"real_{name}.png"
+    _figure(figure, columns, result, f"{name}: real {thick.spacing[0]:.3g} mm slices, {_mm(thick.spacing[1:])} "
+            f"mm pixels -> {REAL_TARGET_MM} mm; reformatted views (no ground truth)", window=(1, 98))
+    return {"scan": _rel(SHARED / REAL_SCANS[name]), "shape": list(thick.shape),
+            "spacing_mm": list(thick.spacing), "target_mm": REAL_TARGET_MM, "factor": plan.factor,
+            "budget_s": budget, **training, "data_consistency_psnr_db": consistency,
+            "data_consistency_note": "the output degraded again along D by the box profile vs the acquired "
+                                     "slices; scan units, peak = the scan's max - min",
+            "in_plane_task_psnr_db": in_plane,
+            "in_plane_task_note": "in-plane slices degraded along H as in training (seen in training: "
+                                  "optimistic); normalised units clipped to [0, 1], peak 1",
+            "figure": figure.name}
+
+
+def _figure(path: pathlib.Path, columns: list, grid: sr3d_io.Volume, title: str,
+            error_of: np.ndarray | None = None, window: tuple[float, float] = (0.5, 99.5)) -> None:
+    """Coronal ((D, W) plane) and sagittal ((D, H) plane) reformats of each column at the grid's
+    physical aspect, superior up; with `error_of`, a third row of |column - truth| (coronal).
+    window: grey levels span these percentiles of the first column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d, h, w = grid.shape
+    reference = columns[0][1]
+    vmin, vmax = np.percentile(reference, window)
+    flip = grid.affine[2, 0] < 0  # D runs towards inferior: flip so superior is up
+    views = [("coronal (D, W)", lambda v: v[:, h // 2, :], grid.spacing[0] / grid.spacing[2]),
+             ("sagittal (D, H)", lambda v: v[:, :, w // 2], grid.spacing[0] / grid.spacing[1])]
+    rows = len(views) + (error_of is not None)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(3.1 * len(columns), 3.1 * rows), squeeze=False)
+    for col, (label, array) in enumerate(columns):
+        for row, (view, take, aspect) in enumerate(views):
+            plane = take(array)
+            axes[row, col].imshow(plane if flip else plane[::-1], cmap="gray", vmin=vmin, vmax=vmax,
+                                  aspect=aspect, interpolation="nearest")
+            if col == 0:
+                axes[row, col].set_ylabel(view)
+        axes[0, col].set_title(label, fontsize=9)
+        if error_of is not None:
+            if col == 0:
+                axes[-1, 0].set_ylabel("|error| (coronal)")
+                axes[-1, 0].axis("off")
+            else:
+                plane = np.abs(views[0][1](array) - views[0][1](error_of))
+                axes[-1, col].imshow(plane if flip else plane[::-1], cmap="magma", vmin=0,
+                                     vmax=0.25 * (vmax - vmin), aspect=views[0][2], interpolation="nearest")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out_dir: pathlib.Path) -> pathlib.Path:
+    lines = ["# Thick-slice upscaling: generated results", "",
+             "Written by `experiments/thick_slice.py --part=report` from simulated.json and real.json.", ""]
+    simulated_path = out_dir / "simulated.json"
+    if simulated_path.exists():
+        simulated = json.loads(simulated_path.read_text())
+        lines += ["## Simulated thick slices (ground truth known)", "",
+                  "| scan | factor (slice mm) | Lanczos along D PSNR / SSIM | self-supervised PSNR / SSIM "
+                  "| self-sup., (D,W)+(D,H) planes | supervised shipped stage d | training steps in budget |",
+                  "|---|---|---|---|---|---|---|"]
+        for key in sorted(simulated):
+            e = simulated[key]
+            s = e["scores"]
+
+            def cell(m):
+                return f"{s[m]['psnr']:.2f} / {s[m]['ssim']:.4f}" if m in s else f"no shipped x{e['factor']}"
+            lines.append(f"| {key.split('|')[0]} | x{e['factor']} ({e['thick_spacing_mm'][0]:.3g}) | "
+                         f"{cell('lanczos')} | {cell('selfsup')} | {cell('selfsup_both')} | {cell('supervised')} | "
+                         f"{e['train_steps']} in {e['train_seconds']:.0f} s |")
+        protocol = re.sub(r"the fixed window \[[^]]*\]", "the scan's own [min, max]",
+                          next(iter(simulated.values()))["protocol"])
+        windows = sorted({(k.split("|")[0], tuple(e["data_range"])) for k, e in simulated.items()})
+        lines += ["", f"Scores: {protocol} Windows: " + "; ".join(f"{n} [{lo:g}, {hi:g}]" for n, (lo, hi) in windows)
+                  + ". Supervised: the shipped stage-d network of the same factor (sr3d/data_files/models/x{r}), "
+                  "trained with bicubic-downscaled depth on six IXI T1 scans and the upper 72 slices of the "
+                  "TotalSegmentator CT (so its totalseg-ct rows are partly on training data); rows without "
+                  "one say so.", ""]
+    real_path = out_dir / "real.json"
+    if real_path.exists():
+        real = json.loads(real_path.read_text())
+        lines += ["## Real thick-slice scans (no ground truth)", "",
+                  "| scan | slices | factor | data consistency PSNR, Lanczos / self-sup. | in-plane task PSNR, "
+                  "Lanczos / self-sup. | training steps in budget |", "|---|---|---|---|---|---|"]
+        for key in sorted(real):
+            e = real[key]
+            c, t = e["data_consistency_psnr_db"], e["in_plane_task_psnr_db"]
+            lines.append(f"| {key} | {e['shape'][0]} x {e['spacing_mm'][0]:.3g} mm | x{e['factor']} -> "
+                         f"{e['target_mm']} mm | {c['lanczos']:.2f} / {c['selfsup']:.2f} | "
+                         f"{t['lanczos']:.2f} / {t['selfsup']:.2f} | {e['train_steps']} in "
+                         f"{e['train_seconds']:.0f} s |")
+        lines += ["", f"Data consistency: {next(iter(real.values()))['data_consistency_note']}.",
+                  f"In-plane task: {next(iter(real.values()))['in_plane_task_note']}.", ""]
+    path = out_dir / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    out_dir = pathlib.Path(_OUT_DIR.value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _PART.value == "simulate":
+        for name in _SCANS.value or list(SIMULATED_SCANS):
+            for factor in (int(f) for f in _FACTORS.value):
+                entry = run_simulated(name, factor, _BUDGET.value, out_dir)
+                _update_json(out_dir / "simulated.json", f"{name}|x{factor}", entry)
+    elif _PART.value == "supervised":
+        path = out_dir / "simulated.json"
+        for key, entry in json.loads(path.read_text()).items():
+            if add_supervised(entry):
+                _update_json(path, key, entry)
+                _log(f"{key}: supervised {entry['scores']['supervised']}")
+    elif _PART.value == "real":
+        for name in _SCANS.value or list(REAL_SCANS):
+            entry = run_real(name, _BUDGET.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
+            _update_json(out_dir / "real.json", name, entry)
+    print(f"wrote {write_report(out_dir)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,629 @@
+"""Thick-slice scans without training data: the stage-d network trained on the scan itself.
+
+Clinical scans are often fine in-plane (0.5-1 mm) with thick slices (3-7 mm),
+and no high-resolution ground truth exists to train on. Stage `d` of the
+two-stage design already upsamples one axis of a plane, so it can learn the
+thick axis from the fine one (as SMORE/ECLARE do): every in-plane slice is
+degraded along one of its axes the way the scanner degraded the thick axis
+(blurred by the slice profile and decimated by the thickness ratio), which
+gives (LR, HR) pairs whose LR looks like the planes that contain the thick
+axis; the network trained on them then upsamples the thick axis.
+
+Geometry. The thick axis is the one with the largest spacing (`thick_axis`).
+`plan_for` turns the spacing and a target spacing t (default: the in-plane
+spacing) into a plan: the network factor r = ceil(thick / t) (any integer
+>= 2), the network's output spacing thick / r, and whether the result is
+resampled to exactly t (when thick / t is not an integer). Training HR slices
+are first resampled along the degraded axis to thick / r, so that a training
+pair has the same physical spacings as the inference planes (thick LR axis,
+fine r-times axis, untouched in-plane axis): a 6.5 mm scan with 0.78 mm pixels
+taken to 1.3 mm trains on 1.3 mm -> 6.5 mm pairs, not 0.78 -> 3.9 mm.
+
+Degradation model (`degrade_along`): thick voxel i covers fine voxels
+i*r .. i*r + r - 1 (the grid convention of `sr3d.io.upscaled_affine`); its
+value is the slice profile (`slice_profile`: a box of width r, or a Gaussian
+with FWHM r, in fine voxels) centred on that span, with mirrored borders.
+Slice thickness is taken equal to the slice spacing (no gaps, no overlap).
+
+Training (`train_on_scan`): both in-plane directions give pairs (rotating the
+degradation direction is the augmentation), drawn as 7x7 LR patches by
+`sr3d.data.PatchSampler` with the paper's blur augmentation, loss and
+optimizer; it stops at a wall-clock budget (default 180 s) or a step count,
+and drops the learning rate 10x half way. Batches are seeded by (seed, epoch,
+step) and ops are deterministic, so two runs with the same seed agree step for
+step; only where the time budget cuts differs.
+
+Inference (`upscale_thick`): the thick axis is moved to D, the scan normalised
+(`sr3d.intensity.window`), stage `d` run on every (D, W) plane (optionally also
+(D, H), averaged), denormalised and clipped to the input's range; for a
+non-integer ratio the r-times result is resampled along D (cubic spline) to
+exactly the target spacing. The output overlays the input: integer factors use
+`sr3d.io.upscaled_volume` (field-of-view edges coincide); resampled grids keep
+the centre of the field of view, with round(n * thick / t) voxels.
+
+A trained network is saved as `.keras` with a JSON beside it (factor, profile,
+spacings, config: `save_model`), and reused for other scans of the same
+protocol (`load_model`, `upscale_thick(volume, "model.keras")`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+
+from sr3d import data, degrade, intensity
+from sr3d import io as sr3d_io
+
+PROFILES = ("box", "gaussian")
+# Spacings within this relative difference count as equal (isotropic scan, same protocol).
+ISOTROPY_TOLERANCE = 0.10
+PROTOCOL_TOLERANCE = 0.05
+# A ratio within this relative distance of an integer is that integer (no resampling).
+_INTEGER_TOLERANCE = 1e-3
+_GAUSSIAN_TRUNCATE = 3.0  # Gaussian profile support, in standard deviations
+MODEL_JSON_FORMAT = "sr3d-selfsup-1"
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def thick_axis(spacing) -> int:
+    """The axis (0, 1 or 2 of (D, H, W)) whose spacing is largest.
+
+    Raises ValueError when the scan is isotropic within ISOTROPY_TOLERANCE (nothing to
+    upscale) or when two axes are thick (the in-plane slices would not be fine).
+    """
+    spacing = np.asarray(spacing, np.float64).ravel()
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise ValueError(f"spacing must be 3 positive numbers in mm (D, H, W), got {spacing.tolist()}")
+    order = np.argsort(spacing)[::-1]
+    thick, middle = spacing[order[0]], spacing[order[1]]
+    if thick <= (1 + ISOTROPY_TOLERANCE) * spacing.min():
+        raise ValueError(f"the scan is isotropic within {ISOTROPY_TOLERANCE:.0%} (spacing "
+                         f"{_mm(spacing)} mm): it has no thick axis to upscale; use the supervised "
+                         "model (sr3d upscale without --self-supervised)")
+    if thick <= (1 + ISOTROPY_TOLERANCE) * middle:
+        raise ValueError(f"two axes are thick (spacing {_mm(spacing)} mm): self-supervision needs one "
+                         "thick axis and fine slices across it")
+    return int(order[0])
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{float(v):.4g}" for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThickSlicePlan:
+    """How a thick-slice scan is upscaled.
+
+    axis: thick axis of the (D, H, W) array. thick_mm: its spacing. inplane_mm: the
+    spacings of the two other axes, in (D, H, W) order. target_mm: spacing of the
+    result along the thick axis. factor: the network's integer factor.
+    """
+
+    axis: int
+    thick_mm: float
+    inplane_mm: tuple[float, float]
+    target_mm: float
+    factor: int
+
+    @property
+    def ratio(self) -> float:
+        return self.thick_mm / self.target_mm
+
+    @property
+    def network_mm(self) -> float:
+        """Spacing of the network's output along the thick axis: thick_mm / factor."""
+        return self.thick_mm / self.factor
+
+    @property
+    def resample(self) -> bool:
+        """True when thick / target is not an integer: the network output is resampled."""
+        return abs(self.ratio - self.factor) > _INTEGER_TOLERANCE * self.factor
+
+    def describe(self) -> str:
+        axis = "DHW"[self.axis]
+        text = (f"sr3d self-supervised thick-slice upscaling along axis {axis}: {self.thick_mm:.4g} mm "
+                f"slices, {_mm(self.inplane_mm)} mm in-plane; stage-d network x{self.factor} trained on "
+                f"the scan's own in-plane slices")
+        if self.resample:
+            text += (f"; ratio {self.ratio:.4g} is not an integer: upsampled x{self.factor} to "
+                     f"{self.network_mm:.4g} mm, then resampled (cubic spline) to {self.target_mm:.4g} mm")
+        else:
+            text += f"; output spacing {self.target_mm:.4g} mm"
+        return text
+
+
+def plan_for(spacing, factor: int | None = None, target_spacing: float | None = None) -> ThickSlicePlan:
+    """The plan for a scan of this (D, H, W) spacing in mm.
+
+    factor: integer factor along the thick axis (target = thick / factor), or
+    target_spacing: spacing wanted along the thick axis, in mm (factor = ceil(thick / target)).
+    Neither: target = the coarser in-plane spacing (isotropic output). Not both.
+    """
+    axis = thick_axis(spacing)
+    spacing = tuple(float(s) for s in np.ravel(spacing))
+    thick = spacing[axis]
+    inplane = tuple(s for a, s in enumerate(spacing) if a != axis)
+    if factor is not None and target_spacing is not None:
+        raise ValueError(f"give a factor or a target spacing, not both: got factor {factor} and "
+                         f"target spacing {target_spacing} mm")
+    if factor is not None:
+        factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.plan_for")
+        return ThickSlicePlan(axis, thick, inplane, thick / factor, factor)
+    target = max(inplane) if target_spacing is None else float(target_spacing)
+    if not (math.isfinite(target) and target > 0):
+        raise ValueError(f"target spacing must be a positive number of mm, got {target_spacing!r}")
+    if target < min(inplane) * (1 - PROTOCOL_TOLERANCE):
+        raise ValueError(f"target spacing {target:g} mm is finer than the in-plane spacing "
+                         f"{_mm(inplane)} mm: the scan holds no detail at that scale to learn from")
+    ratio = thick / target
+    factor = max(2, math.ceil(ratio - _INTEGER_TOLERANCE * ratio))
+    if ratio < 1 + _INTEGER_TOLERANCE:
+        raise ValueError(f"target spacing {target:g} mm is not finer than the slice spacing {thick:g} mm: "
+                         "nothing to upscale")
+    return ThickSlicePlan(axis, thick, inplane, target, factor)
+
+
+# ---------------------------------------------------------------------------- degradation model
+
+def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) -> np.ndarray:
+    """The slice profile sampled on the fine grid: float64 1D kernel summing to 1.
+
+    ratio: slice thickness in fine voxels (the box width, or the Gaussian's FWHM).
+    factor: the integer decimation it is used with (default round(ratio)). Thick voxel i
+    covers fine voxels i*factor .. i*factor + factor - 1, so its centre falls on a fine
+    voxel for odd factors and between two for even ones: the kernel has odd length for
+    an odd factor and even length for an even one, taps at offsets k - (n - 1) / 2 from
+    the centre. Box: each tap weighs the overlap of its voxel [x - 1/2, x + 1/2] with
+    [-ratio / 2, ratio / 2]. Gaussian: exp(-x^2 / (2 sigma^2)), sigma = ratio / (2 sqrt(2 ln 2)),
+    cut at 3 sigma.
+    """
+    if kind not in PROFILES:
+        raise ValueError(f"slice profile must be one of {PROFILES}, got {kind!r}")
+    ratio = float(ratio)
+    if not (math.isfinite(ratio) and ratio >= 1):
+        raise ValueError(f"slice profile width must be >= 1 fine voxel, got {ratio!r}")
+    factor = max(1, round(ratio)) if factor is None else degrade._check_scale(factor, where="sr3d.selfsup")
+    half_width = ratio / 2 if kind == "box" else _GAUSSIAN_TRUNCATE * ratio / (2 * math.sqrt(2 * math.log(2)))
+    # Smallest length with the factor's parity whose taps cover [-half_width, half_width].
+    n = max(1, math.ceil(2 * half_width - 1e-9))
+    if n % 2 != factor % 2:
+        n += 1
+    offsets = np.arange(n) - (n - 1) / 2
+    if kind == "box":
+        lo = np.maximum(offsets - 0.5, -ratio / 2)
+        hi = np.minimum(offsets + 0.5, ratio / 2)
+        weights = np.clip(hi - lo, 0.0, None)
+    else:
+        sigma = ratio / (2 * math.sqrt(2 * math.log(2)))
+        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.ndarray = "box") -> np.ndarray:
+    """Simulated thick-slice acquisition along one axis: blur by the slice profile, keep every
+    factor-th sample. Output sample i is the profile centred on input samples
+    i*factor .. i*factor + factor - 1, borders mirrored (half-sample symmetric).
+
+    planes: any array; its length along `axis` must divide by `factor` (crop first with
+    `sr3d.degrade.crop_to_multiple`). profile: "box", "gaussian" (`slice_profile(factor, kind)`)
+    or an explicit kernel whose length has the parity of `factor`. Returns float32
+    (float64 for float64 input) with length n // factor along `axis`.
+    """
+    factor = degrade._check_scale(factor, where="sr3d.selfsup.degrade_along")
+    planes = np.asarray(planes)
+    (axis,) = degrade._check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
+    kernel = slice_profile(factor, profile, factor) if isinstance(profile, str) else np.asarray(profile, np.float64)
+    if kernel.ndim != 1 or kernel.size == 0 or kernel.size % 2 != factor % 2:
+        raise ValueError(f"slice profile must be a 1D kernel whose length has the parity of the factor "
+                         f"{factor}, got shape {kernel.shape}")
+    length = planes.shape[axis]
+    if length % factor:
+        raise ValueError(f"sr3d.selfsup.degrade_along: axis {axis} has length {length}, which does not divide "
+                         f"by the factor {factor}: crop first with sr3d.degrade.crop_to_multiple")
+    dtype = np.float64 if planes.dtype == np.float64 else np.float32
+    moved = np.moveaxis(planes, axis, 0).astype(np.float64, copy=False)
+    n_out = length // factor
+    start = (factor - kernel.size) // 2          # first tap of output 0, may be negative
+    pad = max(0, -start)
+    padded = np.pad(moved, [(pad, pad)] + [(0, 0)] * (moved.ndim - 1), mode="symmetric") if pad else moved
+    out = np.zeros((n_out,) + moved.shape[1:], np.float64)
+    for k, weight in enumerate(kernel):
+        first = start + pad + k
+        out += weight * padded[first:first + factor * (n_out - 1) + 1:factor]
+    return np.moveaxis(out, 0, axis).astype(dtype)
+
+
+def simulate_thick_slices(volume: sr3d_io.Volume, factor: int, axis: int = 0,
+                          profile: str = "box") -> tuple[sr3d_io.Volume, sr3d_io.Volume]:
+    """(ground truth, thick-slice scan) from a fine scan, for evaluation.
+
+    The fine scan is cropped at the end of `axis` to a multiple of `factor` (the ground
+    truth) and degraded along `axis` (`degrade_along`); the thick scan's affine places
+    thick voxel i at the centre of the fine voxels it covers, so `sr3d.io.upscaled_affine`
+    of it is the ground truth's affine again.
+    """
+    factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
+    hr = np.ascontiguousarray(degrade.crop_to_multiple(volume.array, factor, axes=(axis,)))
+    lr = degrade_along(hr, factor, axis, profile)
+    index_map = np.eye(4)
+    index_map[axis, axis] = factor
+    index_map[axis, 3] = (factor - 1) / 2
+    spacing = list(volume.spacing)
+    spacing[axis] *= factor
+    truth = volume.replace(array=hr, source=None)
+    thick = volume.replace(array=lr, affine=volume.affine @ index_map, spacing=tuple(spacing), source=None)
+    return truth, thick
+
+
+# ---------------------------------------------------------------------------- training
+
+@dataclasses.dataclass(frozen=True)
+class SelfSupConfig:
+    """One self-supervised training run on a scan.
+
+    factor / target_spacing: see `plan_for` (at most one; neither: isotropic output).
+    profile: slice profile of the simulated thick slices ("box" or "gaussian").
+    time_budget_s: wall-clock training budget in seconds (None: only max_steps stops).
+    max_steps: stop after this many steps (None: only the budget stops).
+    steps_per_epoch: steps between progress lines.
+    lr_drop_fraction: the learning rate drops 10x after this fraction of the budget/steps.
+    The rest are as in `sr3d.training.TrainConfig`.
+    """
+
+    factor: int | None = None
+    target_spacing: float | None = None
+    profile: str = "box"
+    time_budget_s: float | None = 180.0
+    max_steps: int | None = None
+    steps_per_epoch: int = 100
+    patch_size: int = 7
+    batch_size: int = 128
+    filters: int = 32
+    learning_rate: float = 1e-3
+    learning_rate_after_drop: float = 1e-4
+    lr_drop_fraction: float = 0.5
+    intermediate_weight: float = 1.0
+    blur: str = "random"
+    min_contrast: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.factor is not None and self.target_spacing is not None:
+            raise ValueError(f"SelfSupConfig: give factor or target_spacing, not both: got {self.factor} "
+                             f"and {self.target_spacing} mm")
+        if self.factor is not None:
+            degrade._check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
+        if self.target_spacing is not None and not (math.isfinite(self.target_spacing) and self.target_spacing > 0):
+            raise ValueError(f"SelfSupConfig: target_spacing must be > 0 mm, got {self.target_spacing!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"SelfSupConfig: profile must be one of {PROFILES}, got {self.profile!r}")
+        if self.time_budget_s is None and self.max_steps is None:
+            raise ValueError("SelfSupConfig: give time_budget_s or max_steps (or both), got neither")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"SelfSupConfig: time_budget_s must be > 0 seconds, got {self.time_budget_s!r}")
+        for name in ("max_steps", "steps_per_epoch", "patch_size", "batch_size", "filters"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"SelfSupConfig: {name} must be an integer >= 1, got {value!r}")
+        if not 0 < self.lr_drop_fraction <= 1:
+            raise ValueError(f"SelfSupConfig: lr_drop_fraction must be in (0, 1], got {self.lr_drop_fraction!r}")
+        if self.blur not in data.BLUR_MODES:
+            raise ValueError(f"SelfSupConfig: blur must be one of {data.BLUR_MODES}, got {self.blur!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _thick_first(volume: sr3d_io.Volume, axis: int) -> tuple[sr3d_io.Volume, tuple[int, int, int]]:
+    """The volume with `axis` moved to D (array, spacing and affine permuted alike) and the
+    permutation used; `_permuted(v, np.argsort(perm))` undoes it."""
+    perm = (axis,) + tuple(a for a in range(3) if a != axis)
+    return _permuted(volume, perm), perm
+
+
+def _permuted(volume: sr3d_io.Volume, perm) -> sr3d_io.Volume:
+    perm = tuple(int(p) for p in perm)
+    if perm == (0, 1, 2):
+        return volume
+    # New index n has old index o with o[perm[j]] = n[j]: new column j = old column perm[j].
+    return volume.replace(array=np.ascontiguousarray(volume.array.transpose(perm)),
+                          spacing=tuple(volume.spacing[p] for p in perm),
+                          affine=volume.affine[:, list(perm) + [3]])
+
+
+def _resample_inplane(slices: np.ndarray, axis: int, from_mm: float, to_mm: float) -> np.ndarray:
+    """(N, H, W) slices resampled along axis 1 or 2 from `from_mm` to about `to_mm` spacing
+    (cv2: area averaging when shrinking, bicubic when enlarging); unchanged within 1%."""
+    import cv2
+
+    if abs(from_mm / to_mm - 1) <= 0.01:
+        return slices
+    n, h, w = slices.shape
+    size = round((h if axis == 1 else w) * from_mm / to_mm)
+    if size < 1:
+        raise ValueError(f"in-plane size {h if axis == 1 else w} at {from_mm:g} mm is below one voxel "
+                         f"at {to_mm:g} mm")
+    flag = cv2.INTER_AREA if to_mm > from_mm else cv2.INTER_CUBIC
+    dsize = (w, size) if axis == 1 else (size, h)
+    return np.stack([cv2.resize(s, dsize, interpolation=flag) for s in slices]).astype(np.float32)
+
+
+def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan, profile: str = "box") -> list[data.PlaneStack]:
+    """The (LR, HR) training planes of a normalised scan whose thick axis is D.
+
+    normalised: float32 (D, H, W) in network units, D the thick axis. Two stacks: the
+    in-plane slices degraded along H, and degraded along W then transposed, so in both the
+    degraded axis is axis 1 of the plane as stage d expects: LR (D, h, w), HR (D, h * r, w).
+    Each HR is the slice resampled along the degraded axis to the network spacing
+    thick / r (`plan.network_mm`), its other axis kept at the in-plane spacing, as in the
+    (D, W) and (D, H) planes the network sees at inference.
+    """
+    r = plan.factor
+    stacks = []
+    for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1])):
+        hr = _resample_inplane(np.asarray(normalised, np.float32), axis, spacing, plan.network_mm)
+        if hr.shape[axis] < r:
+            raise ValueError(f"in-plane axis {axis} has {hr.shape[axis]} voxels at {plan.network_mm:.3g} mm, "
+                             f"fewer than the factor {r}")
+        hr = degrade.crop_to_multiple(hr, r, axes=(axis,))
+        lr = degrade_along(hr, r, axis, profile)
+        if axis == 2:
+            hr, lr = hr.transpose(0, 2, 1), lr.transpose(0, 2, 1)
+        stacks.append(data.PlaneStack(np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(hr, np.float32)))
+    return stacks
+
+
+def train_on_scan(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(),
+                  progress: Progress | None = None):
+    """Trains a stage-d network on the scan's own in-plane slices; returns the keras.Model.
+
+    volume: the thick-slice scan (any axis may be the thick one). Stops when
+    `config.time_budget_s` seconds of training have passed or `config.max_steps` steps are
+    done; `progress` gets one line per `config.steps_per_epoch` steps.
+    """
+    import keras
+    import tensorflow as tf
+
+    from sr3d import models, training
+
+    started = time.perf_counter()
+    plan = plan_for(volume.spacing, config.factor, config.target_spacing)
+    moved, _ = _thick_first(volume, plan.axis)
+    normalised = intensity.window(moved.array).normalise(moved.array)
+    stacks = training_stacks(normalised, plan, config.profile)
+    patch_config = data.PatchConfig(stage="d", scale=plan.factor, patch_size=config.patch_size,
+                                    batch_size=config.batch_size, blur=config.blur,
+                                    min_contrast=config.min_contrast, seed=config.seed)
+    sampler = data.PatchSampler([], patch_config, stacks=stacks)
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = models.build("d", plan.factor, filters=config.filters, name=f"sr3d_selfsup_d_x{plan.factor}")
+    training.compile_model(model, config)  # reads learning_rate and intermediate_weight
+
+    steps = config.steps_per_epoch
+    if config.max_steps is not None:
+        max_epochs = math.ceil(config.max_steps / steps)
+    else:  # more epochs than any machine gets through within the budget
+        max_epochs = math.ceil(config.time_budget_s * 1000 / steps)
+    if progress is not None:
+        progress(f"self-supervised training: x{plan.factor} stage-d network on the {stacks[0].lr.shape[0]} "
+                 f"in-plane slices, each degraded along H and along W; budget {_limits(config)}")
+    budget = _Budget(config, started, progress)
+    model.fit(data.dataset(sampler, [(e, 0, steps) for e in range(max_epochs)]), epochs=max_epochs,
+              steps_per_epoch=steps, callbacks=[budget.callback()], verbose=0)
+    if progress is not None:
+        progress(f"self-supervised training done: {budget.steps} steps, {budget.steps * config.batch_size} "
+                 f"patches in {time.perf_counter() - started:.0f} s")
+    return model
+
+
+def _limits(config: SelfSupConfig) -> str:
+    parts = []
+    if config.time_budget_s is not None:
+        parts.append(f"{config.time_budget_s:g} s")
+    if config.max_steps is not None:
+        parts.append(f"{config.max_steps} steps")
+    return " or ".join(parts)
+
+
+class _Budget:
+    """Stops training at the time budget or step limit and drops the learning rate half way."""
+
+    def __init__(self, config: SelfSupConfig, started: float, progress: Progress | None):
+        self.config = config
+        self.started = started
+        self.progress = progress
+        self.steps = 0
+        self.dropped = False
+
+    def _fraction_done(self) -> float:
+        cfg = self.config
+        fractions = []
+        if cfg.time_budget_s is not None:
+            fractions.append((time.perf_counter() - self.started) / cfg.time_budget_s)
+        if cfg.max_steps is not None:
+            fractions.append(self.steps / cfg.max_steps)
+        return max(fractions)
+
+    def callback(self):
+        import keras
+
+        budget = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                if not budget.dropped and budget._fraction_done() >= budget.config.lr_drop_fraction:
+                    self.model.optimizer.learning_rate.assign(budget.config.learning_rate_after_drop)
+                    budget.dropped = True
+
+            def on_train_batch_end(self, batch, logs=None):
+                budget.steps += 1
+                if budget._fraction_done() >= 1.0:
+                    self.model.stop_training = True
+
+            def on_epoch_end(self, epoch, logs=None):
+                if budget.progress is not None:
+                    loss = (logs or {}).get("final_loss", (logs or {}).get("loss", float("nan")))
+                    budget.progress(f"  epoch {epoch + 1}: step {budget.steps}, "
+                                    f"{time.perf_counter() - budget.started:5.0f} s, L1 {float(loss):.4f} "
+                                    f"(normalised units), learning rate "
+                                    f"{float(self.model.optimizer.learning_rate.numpy()):.0e}")
+
+        return Callback()
+
+
+# ---------------------------------------------------------------------------- save / load
+
+def save_model(model, path: str | os.PathLike, plan: ThickSlicePlan,
+               config: SelfSupConfig | None = None) -> pathlib.Path:
+    """Writes the network to `path` (.keras) and its protocol to the same name with .json."""
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"{path}: a self-supervised model is saved as a .keras file")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: directory {path.parent} does not exist")
+    info = {"format": MODEL_JSON_FORMAT, "stage": "d", "factor": plan.factor,
+            "profile": config.profile if config else None,
+            "thick_spacing_mm": plan.thick_mm, "inplane_spacing_mm": list(plan.inplane_mm),
+            "target_spacing_mm": plan.target_mm, "network_spacing_mm": plan.network_mm,
+            "config": config.to_json() if config else None,
+            "training_steps": int(model.optimizer.iterations.numpy()) if model.optimizer else None,
+            "note": "stage-d network trained on one scan's in-plane slices (sr3d.selfsup)"}
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    _info_path(path).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return path
+
+
+def _info_path(path: pathlib.Path) -> pathlib.Path:
+    return path.with_suffix(".json")
+
+
+def load_model(path: str | os.PathLike):
+    """(keras.Model, info dict) of a model written by `save_model`."""
+    import keras
+
+    from sr3d import layers  # noqa: F401  (registers the custom layers)
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: self-supervised model file not found")
+    info_path = _info_path(path)
+    if not info_path.is_file():
+        raise ValueError(f"{path}: {info_path.name} is missing beside it: not a model saved by "
+                         "sr3d.selfsup.save_model (or sr3d upscale --self-supervised --save-model)")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != MODEL_JSON_FORMAT:
+        raise ValueError(f"{info_path}: format {info.get('format')!r} is not {MODEL_JSON_FORMAT!r}")
+    return keras.saving.load_model(path, compile=False), info
+
+
+def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> ThickSlicePlan:
+    """The plan for reusing a saved model (`load_model` info) on a scan of this spacing.
+
+    The scan must be of the same protocol: thick and in-plane spacings within
+    PROTOCOL_TOLERANCE of those the model was trained on. target_spacing: default the
+    model's target; must need the model's factor.
+    """
+    target = info["target_spacing_mm"] if target_spacing is None else target_spacing
+    plan = plan_for(spacing, target_spacing=target)
+    trained = [info["thick_spacing_mm"], *info["inplane_spacing_mm"]]
+    given = [plan.thick_mm, *plan.inplane_mm]
+    if any(abs(g / t - 1) > PROTOCOL_TOLERANCE for g, t in zip(given, trained)):
+        raise ValueError(f"the model was trained on {_mm(trained)} mm voxels (thick axis first), this scan "
+                         f"has {_mm(given)} mm: not the same protocol; train on this scan instead")
+    if plan.factor != info["factor"]:
+        raise ValueError(f"target spacing {plan.target_mm:g} mm needs a x{plan.factor} network, the model is "
+                         f"x{info['factor']}: choose a target between {plan.thick_mm / info['factor']:.3g} "
+                         f"and {plan.thick_mm / (info['factor'] - 1):.3g} mm")
+    return plan
+
+
+# ---------------------------------------------------------------------------- inference
+
+def _model_factor(model) -> int:
+    probe = np.zeros((1, 4, 4, 1), np.float32)
+    out = model(probe, training=False)["final"]
+    if out.shape[2] != 4:
+        raise ValueError(f"not a stage-d network: it maps a 4x4 plane to {tuple(out.shape[1:3])}")
+    return int(out.shape[1]) // 4
+
+
+def _resampled_along_d(volume: sr3d_io.Volume, fine: np.ndarray, factor: int, target_mm: float) -> sr3d_io.Volume:
+    """`fine` (factor * D, H, W), the network output on `volume`'s grid, resampled along D to
+    exactly target_mm: round(D * thick / target) voxels centred on the field of view."""
+    from scipy import interpolate
+
+    n = volume.shape[0]
+    thick = volume.spacing[0]
+    step = target_mm / thick                                  # new voxel step in old voxel units
+    m = max(1, round(n * thick / target_mm))
+    old_index = (n - 1) / 2 + (np.arange(m) - (m - 1) / 2) * step
+    fine_index = np.clip((old_index + 0.5) * factor - 0.5, 0, fine.shape[0] - 1)
+    # Spline interpolation is linear in the data: the rows of the matrix interpolate the identity.
+    matrix = interpolate.make_interp_spline(np.arange(fine.shape[0]), np.eye(fine.shape[0]), k=3)(fine_index)
+    array = (matrix.astype(np.float32) @ fine.reshape(fine.shape[0], -1)).reshape((m,) + fine.shape[1:])
+    new_to_old = np.eye(4)
+    new_to_old[0, 0] = step
+    new_to_old[0, 3] = (n - 1) / 2 - (m - 1) / 2 * step
+    return volume.replace(array=array, affine=volume.affine @ new_to_old,
+                          spacing=(target_mm,) + tuple(volume.spacing[1:]), source=None)
+
+
+def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacing: float | None = None,
+                  ensemble: bool = False, planes: str = "dw", batch_size: int = 8,
+                  progress: Progress | None = None) -> sr3d_io.Volume:
+    """Upscales the thick axis of a scan with a stage-d network; returns the new Volume.
+
+    model_or_config: a SelfSupConfig (or None for the default one): train on this scan
+    first (`train_on_scan`); a keras.Model from `train_on_scan`; or the path of a model
+    written by `save_model` (reused only on scans of the same protocol).
+    target_spacing: mm along the thick axis; default: the config's, the saved model's, or
+    thick / factor for an in-memory model. Output: the input's units, clipped to its range;
+    spacing target_spacing along the thick axis, the same field of view.
+    planes: "dw" (the (thick, W) planes) or "both" (also (thick, H), averaged).
+    """
+    from sr3d import inference
+
+    if model_or_config is None or isinstance(model_or_config, SelfSupConfig):
+        config = model_or_config or SelfSupConfig()
+        if target_spacing is not None:
+            config = dataclasses.replace(config, target_spacing=target_spacing, factor=None)
+        plan = plan_for(volume.spacing, config.factor, config.target_spacing)
+        model = train_on_scan(volume, config, progress)
+    elif isinstance(model_or_config, (str, os.PathLike)):
+        model, info = load_model(model_or_config)
+        plan = plan_for_model(volume.spacing, info, target_spacing)
+    else:
+        model = model_or_config
+        factor = _model_factor(model)
+        plan = (plan_for(volume.spacing, factor=factor) if target_spacing is None
+                else plan_for(volume.spacing, target_spacing=target_spacing))
+        if plan.factor != factor:
+            raise ValueError(f"target spacing {target_spacing:g} mm needs a x{plan.factor} network, "
+                             f"the model is x{factor}")
+
+    moved, perm = _thick_first(volume, plan.axis)
+    win = intensity.window(moved.array)
+    band_progress = None if progress is None else (
+        lambda unit, done, total: progress(f"upscaling the thick axis: {done}/{total} {unit}"))
+    fine = inference.upscale_depth_normalised(win.normalise(moved.array), model, ensemble=ensemble, planes=planes,
+                                              batch_size=batch_size, progress=band_progress)
+    fine = win.denormalise(fine)
+    if plan.resample:
+        result = _resampled_along_d(moved, fine, plan.factor, plan.target_mm)
+    else:
+        result = sr3d_io.upscaled_volume(moved, fine, plan.factor, axes=(0,))
+    result = result.replace(array=np.clip(result.array, volume.array.min(), volume.array.max()))
+    return _permuted(result, np.argsort(perm))

@@ -1,0 +1,277 @@
+"""Tests of sr3d.selfsup: thick-axis detection, the slice-profile degradation, the plan, and short
+end-to-end runs (API and `python -m sr3d upscale --self-supervised`) on a crop of a real
+6.5 mm thick-slice brain MRI."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sr3d import cli, selfsup
+from sr3d import io as sr3d_io
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+THICK = 6.5
+INPLANE = 0.78125
+
+
+@pytest.fixture(scope="module")
+def thick_scan(shared_data):
+    return sr3d_io.load_volume(shared_data / "thick-slice-brain-mr" / "brain1_image.nrrd")
+
+
+@pytest.fixture(scope="module")
+def small_scan(thick_scan):
+    """6 slices x 96 x 96 of the real scan around its centre, with the affine of the crop."""
+    lo = np.array([9, 80, 80])
+    array = thick_scan.array[9:15, 80:176, 80:176]
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    return sr3d_io.Volume(array=array, spacing=thick_scan.spacing, affine=thick_scan.affine @ shift,
+                          source_dtype=thick_scan.source_dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    # 6.5 mm -> 1.625 mm: a x4 network; a handful of steps is enough to exercise every path.
+    # No time budget, so the run stops at max_steps whatever the machine's load: reproducible.
+    return selfsup.SelfSupConfig(target_spacing=1.625, time_budget_s=None, max_steps=12, steps_per_epoch=6,
+                                 batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(small_scan, tiny_config):
+    return selfsup.train_on_scan(small_scan, tiny_config)
+
+
+def _world(affine, index):
+    return (np.asarray(affine) @ np.append(np.asarray(index, np.float64), 1.0))[:3]
+
+
+# ---------------------------------------------------------------------------- spacing detection
+
+def test_thick_axis_on_real_headers(shared_data, thick_scan):
+    assert thick_scan.spacing[0] == pytest.approx(THICK, rel=1e-9)
+    assert selfsup.thick_axis(thick_scan.spacing) == 0
+    oblique = sr3d_io.load_volume(shared_data / "oblique-pd-dicom")  # 7 mm slice spacing, 0.86 mm pixels
+    assert selfsup.thick_axis(oblique.spacing) == 0
+    for isotropic in ("stroke-t1-t2-flair/T1.nii.gz", "totalseg-ct/example_ct.nii.gz"):
+        spacing = sr3d_io.load_volume(shared_data / isotropic).spacing
+        with pytest.raises(ValueError, match="isotropic"):
+            selfsup.thick_axis(spacing)
+    # 0.898 x 0.898 x 1.0 mm is 11% anisotropic, just beyond the 10% tolerance: W is the thick axis.
+    assert selfsup.thick_axis(sr3d_io.load_volume(shared_data / "seg3d-head-mr/head_MR.nii.gz").spacing) == 2
+
+
+def test_thick_axis_any_axis_and_two_thick_axes():
+    assert selfsup.thick_axis((1.0, 1.0, 3.0)) == 2
+    assert selfsup.thick_axis((0.5, 5.0, 0.5)) == 1
+    with pytest.raises(ValueError, match="two axes are thick"):
+        selfsup.thick_axis((3.0, 3.0, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        selfsup.thick_axis((3.0, 0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------- degradation model
+
+def test_box_profile_sums_to_one_with_the_slice_width():
+    np.testing.assert_allclose(selfsup.slice_profile(3, "box"), [1 / 3] * 3, rtol=1e-12)
+    np.testing.assert_allclose(selfsup.slice_profile(4, "box"), [0.25] * 4, rtol=1e-12)
+    # Width 2.5 fine voxels centred on a voxel: outer taps see 0.75 of their voxel.
+    np.testing.assert_allclose(selfsup.slice_profile(2.5, "box", factor=3), [0.3, 0.4, 0.3], rtol=1e-12)
+    # Width 3 centred between two voxels (even factor): 0.5 + 1 + 1 + 0.5.
+    np.testing.assert_allclose(selfsup.slice_profile(3, "box", factor=2), [1 / 6, 1 / 3, 1 / 3, 1 / 6], rtol=1e-12)
+
+
+def test_gaussian_profile_has_the_slice_width_as_fwhm():
+    # A Gaussian with full width at half maximum F falls to 1/2 at F/2: g(x)/g(0) = 2^-(2x/F)^2.
+    odd = selfsup.slice_profile(3, "gaussian")
+    assert odd.size % 2 == 1
+    centre = odd.size // 2
+    offsets = np.arange(odd.size) - centre
+    np.testing.assert_allclose(odd / odd[centre], 0.5 ** ((2 * offsets / 3) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(odd.sum(), 1.0, rtol=1e-12)
+    even = selfsup.slice_profile(4, "gaussian")
+    assert even.size % 2 == 0  # the centre of an even factor's thick voxel lies between two fine voxels
+    offsets = np.arange(even.size) - (even.size - 1) / 2
+    np.testing.assert_allclose(even / even[even.size // 2], 0.5 ** ((2 * offsets / 4) ** 2 - (2 * 0.5 / 4) ** 2),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="profile"):
+        selfsup.slice_profile(3, "sinc")
+
+
+@pytest.mark.parametrize("profile", ["box", "gaussian"])
+@pytest.mark.parametrize("factor", [3, 4])
+def test_degrade_along_keeps_a_constant(profile, factor):
+    planes = np.full((3, 12, 24), 3.7, np.float32)  # both in-plane lengths divide by 3 and 4
+    for axis in (1, 2):
+        lr = selfsup.degrade_along(planes, factor, axis, profile)
+        assert lr.shape[axis] == planes.shape[axis] // factor
+        np.testing.assert_allclose(lr, 3.7, rtol=1e-6)
+
+
+def test_degrade_along_box_means_of_a_ramp():
+    ramp = np.broadcast_to(np.arange(12, dtype=np.float32)[None, :, None], (2, 12, 3))
+    # Thick voxel i is the mean of fine voxels 3i, 3i+1, 3i+2.
+    np.testing.assert_allclose(selfsup.degrade_along(ramp, 3, axis=1)[0, :, 0], [1, 4, 7, 10], rtol=1e-6)
+    ramp16 = np.arange(16, dtype=np.float64).reshape(1, 16)
+    np.testing.assert_allclose(selfsup.degrade_along(ramp16, 4, axis=1)[0], [1.5, 5.5, 9.5, 13.5], rtol=1e-12)
+    # Along the last axis of a 3D stack: same numbers.
+    np.testing.assert_allclose(selfsup.degrade_along(ramp.transpose(0, 2, 1), 3, axis=2)[1, 2], [1, 4, 7, 10],
+                               rtol=1e-6)
+
+
+def test_degrade_along_gaussian_keeps_a_ramp_away_from_the_borders():
+    # A symmetric kernel maps a linear function to itself at the thick voxel centres 3i + 1.
+    ramp = np.arange(30, dtype=np.float64)[None, :]
+    lr = selfsup.degrade_along(ramp, 3, axis=1, profile="gaussian")[0]
+    half = selfsup.slice_profile(3, "gaussian").size // 2
+    inner = [i for i in range(10) if 3 * i + 1 - half >= 0 and 3 * i + 1 + half < 30]
+    assert len(inner) >= 6
+    np.testing.assert_allclose(lr[inner], 3 * np.array(inner) + 1, rtol=1e-12)
+
+
+def test_degrade_along_rejects_bad_input():
+    with pytest.raises(ValueError, match="does not divide"):
+        selfsup.degrade_along(np.zeros((2, 10, 4)), 3, axis=1)
+    with pytest.raises(ValueError, match="parity"):
+        selfsup.degrade_along(np.zeros((2, 12, 4)), 3, axis=1, profile=np.full(4, 0.25))
+
+
+def test_simulated_thick_scan_overlays_the_truth(small_scan):
+    fine = sr3d_io.Volume(array=np.random.default_rng(0).random((13, 5, 6)), spacing=(1.0, 0.9, 0.8),
+                          affine=np.diag([1.0, 0.9, 0.8, 1.0]) @ np.array(
+                              [[1, 0, 0, 4], [0, 1, 0, -2], [0, 0, 1, 7], [0, 0, 0, 1.0]]))
+    truth, thick = selfsup.simulate_thick_slices(fine, 4)
+    assert truth.shape == (12, 5, 6) and thick.shape == (3, 5, 6)
+    np.testing.assert_allclose(thick.spacing, (4.0, 0.9, 0.8), rtol=1e-12)
+    # The thick scan's D edges are the truth's: continuous index -0.5 and n - 0.5.
+    np.testing.assert_allclose(_world(thick.affine, (-0.5, 2, 3)), _world(truth.affine, (-0.5, 2, 3)), atol=1e-9)
+    np.testing.assert_allclose(_world(thick.affine, (2.5, 2, 3)), _world(truth.affine, (11.5, 2, 3)), atol=1e-9)
+    np.testing.assert_allclose(thick.array[1, 2, 3], truth.array[4:8, 2, 3].mean(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- plan and training data
+
+def test_plan_integer_and_non_integer_ratios():
+    spacing = (THICK, INPLANE, INPLANE)
+    five = selfsup.plan_for(spacing, target_spacing=1.3)
+    assert (five.factor, five.resample) == (5, False)
+    three_and_a_quarter = selfsup.plan_for(spacing, target_spacing=2.0)
+    assert (three_and_a_quarter.factor, three_and_a_quarter.resample) == (4, True)
+    assert three_and_a_quarter.network_mm == pytest.approx(1.625, rel=1e-12)
+    assert "resampled" in three_and_a_quarter.describe()
+    isotropic = selfsup.plan_for(spacing)  # default: in-plane spacing, 8.32 -> x9
+    assert (isotropic.factor, isotropic.target_mm) == (9, INPLANE)
+    assert selfsup.plan_for((1.0, 1.0, 3.0), factor=3).axis == 2
+    with pytest.raises(ValueError, match="finer than the in-plane"):
+        selfsup.plan_for(spacing, target_spacing=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        selfsup.plan_for(spacing, factor=4, target_spacing=1.6)
+
+
+def test_training_stacks_pair_thick_lr_with_resampled_hr(small_scan):
+    plan = selfsup.plan_for(small_scan.spacing, target_spacing=1.625)
+    stacks = selfsup.training_stacks(small_scan.array / 1000.0, plan)
+    # 96 px at 0.78125 mm = 75 mm -> 46 px at 1.625 mm, cropped to 44 (a multiple of 4).
+    for stack in stacks:
+        assert stack.hr.shape == (6, 44, 96)
+        assert stack.lr.shape == (6, 11, 96)
+    # In both directions the degraded axis is axis 1 of the plane: LR is the 4-voxel mean of HR.
+    np.testing.assert_allclose(stacks[0].lr[:, 2, :], stacks[0].hr[:, 8:12, :].mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stacks[1].lr[:, 5, :], stacks[1].hr[:, 20:24, :].mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def test_training_is_deterministic_for_a_seed(small_scan, tiny_model, tiny_config):
+    again = selfsup.train_on_scan(small_scan, tiny_config)
+    for a, b in zip(again.get_weights(), tiny_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_upscale_thick_integer_factor_keeps_the_field_of_view(small_scan, tiny_model):
+    lines = []
+    result = selfsup.upscale_thick(small_scan, tiny_model, progress=lines.append)
+    assert result.shape == (24, 96, 96)
+    np.testing.assert_allclose(result.spacing, (1.625, INPLANE, INPLANE), rtol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(result.affine[:3, :3], axis=0), (1.625, INPLANE, INPLANE), rtol=1e-9)
+    for in_index, out_index in (((-0.5, 0, 0), (-0.5, 0, 0)), ((5.5, 95, 95), (23.5, 95, 95))):
+        np.testing.assert_allclose(_world(result.affine, out_index), _world(small_scan.affine, in_index), atol=1e-6)
+    assert small_scan.array.min() <= result.array.min() and result.array.max() <= small_scan.array.max()
+    assert lines and "bands" in lines[-1]
+
+
+def test_upscale_thick_finds_the_thick_axis_anywhere(small_scan, tiny_model):
+    # The same scan stored (H, W, D): the thick axis is last; the world geometry is unchanged.
+    moved = sr3d_io.Volume(array=small_scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
+                           affine=small_scan.affine[:, [1, 2, 0, 3]])
+    expected = selfsup.upscale_thick(small_scan, tiny_model)
+    result = selfsup.upscale_thick(moved, tiny_model)
+    assert result.shape == (96, 96, 24)
+    np.testing.assert_allclose(result.array, expected.array.transpose(1, 2, 0), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(result.affine, expected.affine[:, [1, 2, 0, 3]], atol=1e-9)
+
+
+def test_upscale_thick_non_integer_ratio_resamples_to_the_target(small_scan, tiny_model):
+    result = selfsup.upscale_thick(small_scan, tiny_model, target_spacing=1.8)  # 3.61 -> x4, then resampled
+    expected_slices = round(6 * THICK / 1.8)  # 21.67 -> 22
+    assert result.shape == (expected_slices, 96, 96)
+    assert result.spacing[0] == pytest.approx(1.8, rel=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(result.affine[:3, 0]), 1.8, rtol=1e-9)
+    # The centre of the field of view stays where it was.
+    np.testing.assert_allclose(_world(result.affine, ((expected_slices - 1) / 2, 10, 20)),
+                               _world(small_scan.affine, (2.5, 10, 20)), atol=1e-6)
+    with pytest.raises(ValueError, match="x5 network"):
+        selfsup.upscale_thick(small_scan, tiny_model, target_spacing=1.3)
+
+
+def test_saved_model_is_reused_on_the_same_protocol_only(tmp_path, small_scan, tiny_model, tiny_config):
+    plan = selfsup.plan_for(small_scan.spacing, target_spacing=1.625)
+    path = selfsup.save_model(tiny_model, tmp_path / "brain.keras", plan, tiny_config)
+    info = json.loads((tmp_path / "brain.json").read_text())
+    assert (info["factor"], info["profile"], info["thick_spacing_mm"]) == (4, "box", pytest.approx(THICK))
+    model, loaded_info = selfsup.load_model(path)
+    plane = np.random.default_rng(0).random((2, 5, 9, 1)).astype(np.float32)
+    np.testing.assert_allclose(model(plane)["final"], tiny_model(plane)["final"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(selfsup.upscale_thick(small_scan, path).array,
+                               selfsup.upscale_thick(small_scan, tiny_model).array, rtol=1e-5, atol=1e-3)
+    other = small_scan.replace(affine=small_scan.affine @ np.diag([5.0 / THICK, 1, 1, 1]),
+                               spacing=(5.0, INPLANE, INPLANE))
+    with pytest.raises(ValueError, match="not the same protocol"):
+        selfsup.plan_for_model(other.spacing, loaded_info)
+
+
+@pytest.mark.slow
+def test_cli_self_supervised_writes_a_valid_nifti_and_reuses_the_model(tmp_path, small_scan, capsys):
+    scan = sr3d_io.save_volume(small_scan, tmp_path / "thick.nii.gz")
+    out, model = tmp_path / "fine.nii.gz", tmp_path / "brain.keras"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-m", "sr3d", "upscale", str(scan), str(out), "--self-supervised",
+                          "--target-spacing", "1.625", "--time-budget", "4", "--save-model", str(model)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "epoch" in run.stderr and "x4" in run.stderr
+    image = nib.load(out)
+    assert image.shape == (96, 96, 24)  # NIfTI stores (W, H, D)
+    np.testing.assert_allclose(image.header.get_zooms(), (INPLANE, INPLANE, 1.625), rtol=1e-6)
+    # The first output slice's outer face is the input's: half a voxel of each below index 0.
+    np.testing.assert_allclose(image.affine @ [0, 0, -0.5, 1], nib.load(scan).affine @ [0, 0, -0.5, 1], atol=1e-4)
+    assert any(b"self-supervised" in e.get_content() for e in image.header.extensions)
+
+    resampled = tmp_path / "fine_1p8.nii.gz"
+    assert cli.main(["upscale", str(scan), str(resampled), "--self-supervised", "--model", str(model),
+                     "--target-spacing", "1.8"]) == 0
+    image = nib.load(resampled)
+    assert image.shape == (96, 96, 22)
+    np.testing.assert_allclose(image.header.get_zooms()[2], 1.8, rtol=1e-6)
+    assert any(b"resampled" in e.get_content() for e in image.header.extensions)
+
+    capsys.readouterr()
+    assert cli.main(["upscale", str(scan), str(tmp_path / "x.nii.gz"), "--self-supervised", "--scale", "3"]) == 2
+    assert "--target-spacing" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
