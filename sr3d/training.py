@@ -313,10 +313,13 @@ def two_term_loss(hr, outputs: dict, intermediate_weight: float):
 
 def _fit_custom_loop(model, config: TrainConfig, sampler, steps: int, strategy, start: tuple[int, int],
                      callbacks: list) -> None:
-    """Training with `strategy.run` for MultiWorkerMirroredStrategy, where Keras 3 `fit` fails in
-    TF 2.21 ("unsupported type PerReplica"). Same model, loss, data and callbacks as `fit`; on two
-    workers it reproduces the single-device weights to 3e-8. (With two local devices under
-    MirroredStrategy this loop fails inside the Keras optimizer, so `mirrored` uses `fit`.)
+    """Training with `strategy.run` for the replicated strategies (mirrored, multi_worker).
+
+    Keras 3 `fit` fails under MultiWorkerMirroredStrategy in TF 2.21 ("unsupported type
+    PerReplica"); under MirroredStrategy on two logical CPUs it runs, but its results vary from
+    run to run and drift from the single-device run after a few steps. This loop reproduces the
+    single-device losses and weights to float round-off with either strategy. Same model, loss,
+    data and callbacks as `fit`.
 
     Every worker draws the same seeded global batch and keeps its own slice of it, so the global
     batch (and what is learned) is the same as on one device.
@@ -344,6 +347,12 @@ def _fit_custom_loop(model, config: TrainConfig, sampler, steps: int, strategy, 
             return ds.unbatch().batch(context.get_per_replica_batch_size(config.batch_size)).prefetch(2)
 
         return strategy.distribute_datasets_from_function(dataset_fn)
+
+    # Optimizer slots are made here, in cross-replica context: creating them lazily inside
+    # strategy.run fails with two local replicas.
+    if not model.optimizer.built:
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
 
     def replica_step(lr, hr):
         with tf.GradientTape() as tape:
@@ -417,7 +426,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
 
     cbs = _callbacks(config, out_dir, val_volumes, start) + list(callbacks)
     epoch, step = start
-    if config.strategy == "multi_worker":
+    if config.strategy != "default":
         _fit_custom_loop(model, config, sampler, steps, strategy, start, cbs)
         epoch = config.epochs
     if epoch < config.epochs and step > 0:
