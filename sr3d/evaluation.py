@@ -359,33 +359,57 @@ def _mean_scores(cells: list[dict]) -> dict:
     }
 
 
-def _paired_slice_psnr(cells: list[dict], reference_cells: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice PSNR of a method and of the reference method, pooled over scans, in the same order."""
+def _paired_slice_values(cells: list[dict], reference_cells: list[dict],
+                         metric: str = "psnr") -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice `metric` of a method and of the reference method, pooled over scans, in the same order."""
     tests, references = [], []
     for cell, reference in zip(cells, reference_cells, strict=True):
         if cell["slice_indices"] != reference["slice_indices"]:
             raise RuntimeError(f"{cell['scan']}: scored slices differ between methods; cannot pair them")
-        tests.extend(cell["per_slice"]["psnr"])
-        references.extend(reference["per_slice"]["psnr"])
+        if cell["per_slice"][metric] is None or reference["per_slice"][metric] is None:
+            raise ValueError(f"{cell['scan']}: no per-slice {metric} was computed (IFC needs with_ifc)")
+        tests.extend(cell["per_slice"][metric])
+        references.extend(reference["per_slice"][metric])
     return np.array(tests, dtype=np.float64), np.array(references, dtype=np.float64)
 
 
-def _wilcoxon_vs_reference(cells: list[dict], reference_cells: list[dict]) -> dict:
-    """Two-sided Wilcoxon signed-rank test of per-slice PSNR, method minus reference."""
+def _wilcoxon_vs_reference(cells: list[dict], reference_cells: list[dict], metric: str = "psnr") -> dict:
+    """Two-sided Wilcoxon signed-rank test of per-slice `metric`, method minus reference."""
     from scipy import stats
 
-    test, reference = _paired_slice_psnr(cells, reference_cells)
+    test, reference = _paired_slice_values(cells, reference_cells, metric)
     finite = np.isfinite(test) & np.isfinite(reference)  # identical slices give infinite PSNR
     difference = test[finite] - reference[finite]
-    result = {"n_pairs": int(difference.size),
-              "median_psnr_difference_db": float(np.median(difference)) if difference.size else None,
+    median = float(np.median(difference)) if difference.size else None
+    result = {"n_pairs": int(difference.size), "median_difference": median,
               "p_value": None, "significant": False}
+    if metric == "psnr":
+        result["median_psnr_difference_db"] = median
     if difference.size and np.any(difference != 0):
         result["p_value"] = float(stats.wilcoxon(difference, alternative="two-sided").pvalue)
         result["significant"] = bool(result["p_value"] < ALPHA)
     elif difference.size:
         result["p_value"] = 1.0  # every slice identical to the reference's
     return result
+
+
+def compare_methods(results: dict, method: str, reference: str, metric: str = "psnr") -> dict:
+    """The test of "significance" between any two rows of one `evaluate` result (there: every
+    method against Lanczos, on PSNR), e.g. an ablated CNN against the full one, on any metric.
+
+    results: as returned by `evaluate`, or its JSON read back (None per-slice values count as
+    non-finite and are dropped, as infinite ones are). metric: "psnr", "ssim" or "ifc".
+    Returns [protocol]["x{r}"] -> {"n_pairs", "median_difference" (method minus reference;
+    also as "median_psnr_difference_db" for PSNR), "p_value", "significant"}.
+    """
+    per_scan = results["per_scan"]
+    for name in (method, reference):
+        if any(name not in cells for by_scale in per_scan.values() for cells in by_scale.values()):
+            raise ValueError(f"compare_methods: no row {name!r} in the results, which have "
+                             f"{results.get('methods')}")
+    return {protocol: {key: _wilcoxon_vs_reference(cells[method], cells[reference], metric)
+                       for key, cells in by_scale.items()}
+            for protocol, by_scale in per_scan.items()}
 
 
 def _figure_info(path: str, slice_index: int, methods: list[str], per_scan: dict, key: str) -> dict:
@@ -528,6 +552,7 @@ def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> 
     temporary = pathlib.Path(temporary)
     try:
         write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes files private (0600); reports are for sharing
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

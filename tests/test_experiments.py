@@ -1,0 +1,136 @@
+"""Tests for experiments/run_paper.py: a quick Table 2 with two rows on small crops of the IXI scans.
+
+Checks the layout of the JSON and Markdown it writes, the ablation significance test against
+scipy on the saved per-slice values, and that a rerun skips the finished training and evaluation.
+"""
+import contextlib
+import importlib.util
+import json
+import pathlib
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# (W, H, D) crop of the middle of each 120 x 120 x 90 IXI scan: small enough to train and score fast.
+CROP = (40, 40, 6)
+ROWS = ("espcn", "full")
+
+
+@pytest.fixture(scope="module")
+def run_paper():
+    spec = importlib.util.spec_from_file_location("run_paper", REPO / "experiments" / "run_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_paper"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("run_paper", None)
+
+
+@pytest.fixture(scope="module")
+def quick_table2(run_paper, ixi_files, tmp_path_factory):
+    """run_paper.py --budget quick --only table2 on crops of the 8 IXI scans, run twice;
+    returns (out dir, runs dir, captured log of the second run)."""
+    root = tmp_path_factory.mktemp("run_paper")
+    shared = root / "shared"
+    (shared / "ixi-t1-2mm").mkdir(parents=True)
+    for source in ixi_files:
+        image = nib.load(source)
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        start = [(n - c) // 2 for n, c in zip(data.shape, CROP)]
+        crop = data[tuple(slice(s, s + c) for s, c in zip(start, CROP))]
+        affine = image.affine.copy()
+        affine[:3, 3] += image.affine[:3, :3] @ np.array(start, dtype=np.float64)
+        nib.save(nib.Nifti1Image(crop, affine), shared / "ixi-t1-2mm" / source.name)
+    argv = ["--budget", "quick", "--only", "table2", "--table2_rows", ",".join(ROWS),
+            "--shared_data", str(shared), "--out", str(root / "results"), "--runs_dir", str(root / "runs")]
+    run_paper.main(argv)
+    log_path = root / "second_run.log"
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+        run_paper.main(argv)
+    return root / "results", root / "runs", log_path.read_text()
+
+
+def test_json_has_the_rows_protocols_and_budget(quick_table2, ixi_files):
+    out, runs, _ = quick_table2
+    table = json.loads((out / "table2_ablation.json").read_text())
+    assert [row["key"] for row in table["rows"]] == list(ROWS)
+    assert table["budget"]["name"] == "quick"
+    assert [pathlib.Path(p).name for p in table["test_scans"]] == [p.name for p in ixi_files[-2:]]
+    assert [pathlib.Path(p).name for p in table["train_scans"]] == [p.name for p in ixi_files[:-2]]
+    assert sorted(table["protocols"]) == ["float", "paper"]
+    for row in table["rows"]:
+        assert pathlib.Path(row["training"]["run_dir"]) == runs / "table2" / row["key"]
+        assert row["training"]["patches_seen"] == 1 * 2 * 128  # 1 epoch x 2 steps x batch 128
+        for protocol in ("float", "paper"):
+            assert np.isfinite(row["scores"][protocol]["psnr"]) and -1 <= row["scores"][protocol]["ssim"] <= 1
+    assert table["rows"][0]["switches"] == {"second_block": False, "intermediate_weight": 0.0,
+                                            "short_skips": True, "long_skip": True, "blur": "random"}
+    assert table["rows"][1]["vs_full"] is None
+
+
+def test_ablation_test_matches_scipy_on_the_saved_slices(quick_table2):
+    out, _, _ = quick_table2
+    table = json.loads((out / "table2_ablation.json").read_text())
+    saved = json.loads((out / "eval" / "table2" / "results.json").read_text())
+    for protocol in ("float", "paper"):
+        cells = saved["per_scan"][protocol]["x2"]
+        ablated = np.concatenate([c["per_slice"]["psnr"] for c in cells["espcn"]])
+        full = np.concatenate([c["per_slice"]["psnr"] for c in cells["full"]])
+        assert ablated.size == 2 * CROP[2]
+        expected = stats.wilcoxon(ablated - full, alternative="two-sided").pvalue
+        test = table["rows"][0]["vs_full"][protocol]
+        assert test["n_pairs"] == 2 * CROP[2]
+        np.testing.assert_allclose(test["p_value"], expected, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(test["median_psnr_difference_db"], np.median(ablated - full),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_markdown_has_the_paper_columns_and_protocol_lines(quick_table2):
+    out, _, _ = quick_table2
+    lines = (out / "table2_ablation.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Row"))
+    assert [c.strip() for c in header.strip("|").split("|")][:10] == [
+        "Row", "Second block", "Intermediate loss", "Short skips", "Long skip", "Variable σ",
+        "SSIM (float)", "PSNR (float)", "SSIM (paper)", "PSNR (paper)"]
+    start = lines.index(header)
+    body = [line for line in lines[start + 2:] if line.startswith("|")]
+    assert [line.split("|")[1].strip() for line in body] == [
+        "without second conv block (ESPCN-like)", "full model", "Bicubic (reference)", "Lanczos (reference)"]
+    assert body[0].split("|")[2:7] == [" × ", " × ", " ✓ ", " ✓ ", " ✓ "]
+    assert any(line.startswith("Protocol float: float protocol") for line in lines)
+    assert any(line.startswith("Protocol paper: paper protocol") for line in lines)
+    page = (out.parent / "results.md").read_text()
+    assert "## Table 2 (ablation, 2D, 2x)" in page and "python experiments/run_paper.py --budget full" in page
+    assert (out / "figures" / "training_table2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "eval" / "table2" / "comparison_x2.png").exists()
+
+
+def test_rerun_skips_finished_training_and_evaluation(quick_table2):
+    _, _, log = quick_table2
+    assert log.count("finished before, skipped") == len(ROWS)
+    assert "table2: unchanged, read back" in log and "evaluation table2:" not in log
+    assert "training espcn: 1 epochs" not in log
+
+
+def test_compare_methods_tests_any_saved_metric(quick_table2):
+    from sr3d import evaluation
+
+    out, _, _ = quick_table2
+    saved = json.loads((out / "eval" / "table2" / "results.json").read_text())
+    result = evaluation.compare_methods(saved, "espcn", "full", metric="ssim")
+    for protocol in ("float", "paper"):
+        cells = saved["per_scan"][protocol]["x2"]
+        difference = (np.concatenate([c["per_slice"]["ssim"] for c in cells["espcn"]])
+                      - np.concatenate([c["per_slice"]["ssim"] for c in cells["full"]]))
+        test = result[protocol]["x2"]
+        np.testing.assert_allclose(test["p_value"], stats.wilcoxon(difference).pvalue, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(test["median_difference"], np.median(difference), rtol=1e-12, atol=1e-15)
+        assert "median_psnr_difference_db" not in test
+    with pytest.raises(ValueError, match="no per-slice ifc"):
+        evaluation.compare_methods(saved, "espcn", "full", metric="ifc")
+    with pytest.raises(ValueError, match="no row 'nope'"):
+        evaluation.compare_methods(saved, "nope", "full")
