@@ -243,6 +243,19 @@ def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, m
     return int(min(h, max(1, tile_mb * 2**20 // bytes_per_lr_row)))
 
 
+def _planes_per_call(model, hr_pixels: int, tile_mb: float | None, batch_size: int) -> int:
+    """Planes per network call so that the activations of one call fit in tile_mb: about four
+    HR-sized maps of `filters` channels are alive at once in block 2 (conv7 kept for its skip)."""
+    if tile_mb is None:
+        return batch_size
+    try:
+        filters = int(model.get_layer("conv1").filters)
+    except (ValueError, AttributeError):
+        filters = 32
+    bytes_per_plane = 4 * filters * 4 * hr_pixels
+    return int(min(batch_size, max(1, tile_mb * 2**20 // bytes_per_plane)))
+
+
 def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                        planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
                        progress: Progress | None = None) -> np.ndarray:
@@ -264,14 +277,17 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
         raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
     r = models.scale
     d, h, w = lr.shape
-    stage_hw = _Stage(models.hw, batch_size, ensemble, "hw")
-    stage_d = _Stage(models.d, batch_size, ensemble, "d")
     halo = sr3d_models.lr_halo("hw", r)[0]
     out_depth = d * r if mode == "3d" else d
     out = np.empty((out_depth, h * r, w * r), np.float32)
     both = mode == "3d" and planes == "both"
     # Averaging over (D, H) planes needs whole columns: the stage-hw output is then kept whole.
     rows = h if both else _band_rows(lr.shape, r, tile_mb, mode)
+    # The budget also bounds the network's activations: big planes go through a few at a time.
+    hw_pixels = (min(h, rows + 2 * halo) * r) * (w * r)
+    d_pixels = (d * r) * (max(h, w) * r if both else w * r)
+    stage_hw = _Stage(models.hw, _planes_per_call(models.hw, hw_pixels, tile_mb, batch_size), ensemble, "hw")
+    stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d")
     bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
     for index, (y0, y1) in enumerate(bands):
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
@@ -308,7 +324,10 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
                                 planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress)
-    result = win.denormalise(result)
+    # In place (the same float32 arithmetic as Window.denormalise): a copy of the output would
+    # double the peak memory of a big scan.
+    result *= np.float32(win.hi - win.lo)
+    result += np.float32(win.lo)
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
     axes = (0, 1, 2) if mode == "3d" else (1, 2)
     return sr3d_io.upscaled_volume(volume, result, r, axes=axes)
