@@ -64,8 +64,9 @@ def cmd_upscale(args) -> int:
 
     if getattr(args, "self_supervised", False):
         return cmd_upscale_self_supervised(args)
-    if getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None):
-        raise ValueError("--target-spacing and --save-model apply only with --self-supervised")
+    if (getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None)
+            or getattr(args, "slice_profile", None)):
+        raise ValueError("--target-spacing, --slice-profile and --save-model apply only with --self-supervised")
     out = _check_output_path(args.output)
     if args.scale < 2:
         raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
@@ -114,7 +115,8 @@ def cmd_upscale_self_supervised(args) -> int:
         model, info = selfsup.load_model(args.model)
         plan = selfsup.plan_for_model(volume.spacing, info, args.target_spacing)
     else:
-        config = selfsup.SelfSupConfig(target_spacing=args.target_spacing, time_budget_s=args.time_budget)
+        config = selfsup.SelfSupConfig(target_spacing=args.target_spacing, time_budget_s=args.time_budget,
+                                       profile=args.slice_profile or "box")
         plan = selfsup.plan_for(volume.spacing, target_spacing=args.target_spacing)
     print(f"{args.input}: {' x '.join(map(str, volume.shape))} voxels (D x H x W) at "
           f"{', '.join(f'{s:.3g}' for s in volume.spacing)} mm; {plan.describe()}", file=sys.stderr)
@@ -232,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
                          "integer and resampled)")
     up.add_argument("--time-budget", dest="time_budget", type=float, default=180.0, metavar="S",
                     help="with --self-supervised: training time in seconds (default 180)")
+    up.add_argument("--slice-profile", dest="slice_profile", choices=["box", "gaussian"], default=None,
+                    help="with --self-supervised: profile of a thick slice used to simulate training pairs "
+                         "(default box: contiguous slices; gaussian: FWHM = slice spacing)")
     up.add_argument("--save-model", dest="save_model", default=None, metavar="PATH.keras",
                     help="with --self-supervised: save the trained network (and a .json beside it) to reuse "
                          "on scans of the same protocol with --model")

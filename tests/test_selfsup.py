@@ -275,3 +275,16 @@ def test_cli_self_supervised_writes_a_valid_nifti_and_reuses_the_model(tmp_path,
     assert cli.main(["upscale", str(scan), str(tmp_path / "x.nii.gz"), "--self-supervised", "--scale", "3"]) == 2
     assert "--target-spacing" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_cli_slice_profile_reaches_training_and_needs_self_supervised(tmp_path, small_scan, capsys):
+    scan = sr3d_io.save_volume(small_scan, tmp_path / "thick.nii.gz")
+    model = tmp_path / "gauss.keras"
+    assert cli.main(["upscale", str(scan), str(tmp_path / "g.nii.gz"), "--self-supervised", "--target-spacing",
+                     "1.625", "--time-budget", "2", "--slice-profile", "gaussian", "--save-model", str(model)]) == 0
+    saved = json.loads(model.with_suffix(".json").read_text())
+    assert "gaussian" in json.dumps(saved)
+    capsys.readouterr()
+    assert cli.main(["upscale", str(scan), str(tmp_path / "b.nii.gz"), "--slice-profile", "gaussian"]) == 2
+    assert "--slice-profile" in capsys.readouterr().err
+    assert not (tmp_path / "b.nii.gz").exists()
