@@ -40,12 +40,6 @@ def output_name(scan: pathlib.Path, scale: int) -> str:
     return f"{name}_x{scale}.nii.gz"
 
 
-def _write_manifest(path: pathlib.Path, manifest: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _load_manifest(path: pathlib.Path, settings: dict) -> dict:
     if not path.exists():
         return {"settings": settings, "scans": {}}
@@ -87,7 +81,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             log(f"[{index}/{len(scans)}] {key}: done already, skipped")
             continue
         manifest["scans"][key] = {"status": "running", "output": target.name, "started": time.time()}
-        _write_manifest(manifest_path, manifest)
+        sr3d_io.write_json(manifest_path, manifest)
         start = time.perf_counter()
         try:
             volume = sr3d_io.load_volume(scan)
@@ -108,5 +102,5 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             manifest["scans"][key] = {"status": "failed", "error": reason, "seconds": round(seconds, 3)}
             failed[key] = reason
             log(f"[{index}/{len(scans)}] {key}: FAILED: {reason}")
-        _write_manifest(manifest_path, manifest)
+        sr3d_io.write_json(manifest_path, manifest)
     return BatchResult(done=done, skipped=skipped, failed=failed, manifest=manifest_path)

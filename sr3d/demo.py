@@ -10,7 +10,6 @@ Two things are written to the output directory:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
@@ -55,10 +54,9 @@ def _figure(hr: np.ndarray, lr_nearest: np.ndarray, lanczos: np.ndarray, cnn: np
                 ax.set_ylabel(view_name)
     fig.suptitle(f"{scale}x 3D super-resolution of a real 2 mm T1 scan (PSNR over the volume)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with sr3d_io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN) -> str:

@@ -26,7 +26,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Callable, Mapping
 
@@ -547,16 +546,8 @@ def _json_ready(value):
 
 def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
     """Writes through a temporary file in the same directory, then renames it over `path`."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = pathlib.Path(temporary)
-    try:
+    with sr3d_io.atomic_path(path) as temporary:
         write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes files private (0600); reports are for sharing
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _zoom_region(error: np.ndarray) -> tuple[int, int, int]:

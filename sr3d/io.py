@@ -9,14 +9,16 @@ NRRD patient coordinates in LPS are converted (x and y negated).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import gzip
+import json
 import os
 import pathlib
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import nibabel as nib
 import nrrd
@@ -194,6 +196,28 @@ def load_volume(path: str | os.PathLike) -> Volume:
 
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A temporary name beside `path` to write to; renamed over `path` when the block succeeds,
+    removed when it fails, so `path` is never half-written. The temporary name keeps the full
+    suffix (.nii.gz, .weights.h5, .keras, .png) because writers choose the format by it."""
+    path = pathlib.Path(path)
+    suffix = "".join(path.suffixes[-2:]) if len(path.suffixes) > 1 else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    temporary = path.with_name(f".{stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, payload) -> None:
+    """Writes `payload` as indented JSON with sorted keys, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _volume_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -600,16 +624,11 @@ def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = Non
     if note:
         image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", note.encode("utf-8")))
 
-    temporary = path.with_name(f".{name[:-len(suffix)]}.tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
     try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            nib.save(image, temporary)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         if error.errno is None:
             raise
         raise type(error)(error.errno, f"cannot write NIfTI: {error.strerror}", str(path)) from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path

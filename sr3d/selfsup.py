@@ -499,9 +499,8 @@ def save_model(model, path: str | os.PathLike, plan: ThickSlicePlan,
             "config": config.to_json() if config else None,
             "training_steps": int(model.optimizer.iterations.numpy()) if model.optimizer else None,
             "note": "stage-d network trained on one scan's in-plane slices (sr3d.selfsup)"}
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with sr3d_io.atomic_path(path) as tmp:
+        model.save(tmp)
     _info_path(path).write_text(json.dumps(info, indent=2, sort_keys=True))
     return path
 

@@ -395,9 +395,8 @@ def tally_markdown(result: dict) -> str:
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with sr3d_io.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:

@@ -126,12 +126,6 @@ def validation_psnr(model, volumes: Sequence[np.ndarray], stage: str, scale: int
     return float(np.mean(net_db)), float(np.mean(lanczos_db))
 
 
-def _atomic_json(path: pathlib.Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _check_same_run(model_dir: pathlib.Path, config: TrainConfig) -> None:
     """Refuse to resume a run that was made with different settings."""
     path = model_dir / "config.json"
@@ -162,10 +156,9 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_volumes, start:
         def _save(self, epoch: int, step: int) -> None:
             ckpt = model_dir / CHECKPOINT_DIR
             ckpt.mkdir(exist_ok=True)
-            tmp = ckpt / f".latest.tmp-{os.getpid()}.weights.h5"
-            self.model.save_weights(tmp)
-            os.replace(tmp, ckpt / "latest.weights.h5")
-            _atomic_json(ckpt / "state.json", {"epoch": epoch, "step": step})
+            with sr3d_io.atomic_path(ckpt / "latest.weights.h5") as tmp:
+                self.model.save_weights(tmp)
+            sr3d_io.write_json(ckpt / "state.json", {"epoch": epoch, "step": step})
 
         def on_train_batch_end(self, batch, logs=None):
             step = self.step_offset + batch + 1
@@ -254,10 +247,9 @@ def plot_history(history_csv: pathlib.Path, png: pathlib.Path, title: str) -> No
     axes[1].set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with sr3d_io.atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def make_strategy(name: str, logical_cpus: int = 2):
@@ -401,7 +393,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     out_dir = model_dir if chief else model_dir / f".worker-{strategy.cluster_resolver.task_id}"
     out_dir.mkdir(exist_ok=True)
     if chief:
-        _atomic_json(model_dir / "config.json", config.to_json())
+        sr3d_io.write_json(model_dir / "config.json", config.to_json())
 
     sampler = data.PatchSampler(load_normalised(config.data), config.patch_config())
     val_volumes = load_normalised(config.val_data) if chief else []
@@ -442,9 +434,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     final = model_dir / "model.keras"
     if not chief:
         return final
-    tmp = model_dir / f".model.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    os.replace(tmp, final)
+    with sr3d_io.atomic_path(final) as tmp:
+        model.save(tmp)
     summary = {"config": config.to_json(), "steps_per_epoch": steps,
                "patches_per_epoch": steps * config.batch_size,
                "intensity_window": {"low_percentile": intensity.LOW_PERCENTILE,
@@ -454,7 +445,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
         net, lanczos = validation_psnr(model, val_volumes, config.stage, config.scale)
         summary["validation"] = {"psnr_db": net, "lanczos_psnr_db": lanczos,
                                  "note": "volume PSNR in normalised units (peak 1), stage output vs HR"}
-    _atomic_json(model_dir / "training.json", summary)
+    sr3d_io.write_json(model_dir / "training.json", summary)
     if (model_dir / "history.csv").exists():
         plot_history(model_dir / "history.csv", model_dir / "training_curve.png",
                      f"stage {config.stage}, x{config.scale}")
