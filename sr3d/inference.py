@@ -324,10 +324,8 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
                                 planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress)
-    # In place (the same float32 arithmetic as Window.denormalise): a copy of the output would
-    # double the peak memory of a big scan.
-    result *= np.float32(win.hi - win.lo)
-    result += np.float32(win.lo)
+    # In place: a copy of the output would double the peak memory of a big scan.
+    result = win.denormalise(result, in_place=True)
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
     axes = (0, 1, 2) if mode == "3d" else (1, 2)
     return sr3d_io.upscaled_volume(volume, result, r, axes=axes)

@@ -35,8 +35,13 @@ class Window:
         return ((np.asarray(array, np.float32) - np.float32(self.lo))
                 / np.float32(self.hi - self.lo)).astype(np.float32)
 
-    def denormalise(self, array: np.ndarray) -> np.ndarray:
-        """Network units -> scanner units (float32)."""
+    def denormalise(self, array: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """Network units -> scanner units (float32). in_place rescales a float32 array itself,
+        with the same arithmetic, so a big output is not copied."""
+        if in_place:
+            array *= np.float32(self.hi - self.lo)
+            array += np.float32(self.lo)
+            return array
         return (np.asarray(array, np.float32) * np.float32(self.hi - self.lo)
                 + np.float32(self.lo)).astype(np.float32)
 

@@ -21,6 +21,10 @@ def test_normalise_round_trip_and_units():
     assert norm.dtype == np.float32
     np.testing.assert_allclose(np.percentile(norm, [0.5, 99.5], method="lower"), [0.0, 1.0], atol=1e-6)
     np.testing.assert_allclose(win.denormalise(norm), vol, rtol=0, atol=1e-3)
+    copy = win.denormalise(norm)
+    same = win.denormalise(norm, in_place=True)
+    assert same is norm
+    np.testing.assert_array_equal(same, copy)
 
 
 def test_constant_volume_gets_a_unit_window():
