@@ -2,7 +2,7 @@
 
   python evaluate.py --data ../shared/data/ixi-t1-2mm --scale 2,4 --mode 3d [--cnn shipped]
 
-Writes results.json, results.md and comparison_x{r}.png into --out_dir and prints the Markdown.
+Writes results.json, results.md and comparison_x{r}.png into --out and prints the Markdown.
 """
 import os
 import sys
@@ -23,12 +23,15 @@ _METHODS = flags.DEFINE_list("methods", list(baselines.METHODS), "Interpolation 
 _CNN = flags.DEFINE_string("cnn", None, "Model bundle directory (or one with x2/, x4/ bundles) for a "
                            "'cnn' row; 'shipped' for the shipped models.")
 _ENSEMBLE = flags.DEFINE_bool("ensemble", False, "Self-ensemble for the CNN row.")
-_PROTOCOLS = flags.DEFINE_list("protocols", list(evaluation.PROTOCOLS), "Scoring protocols: float, paper.")
+_PROTOCOLS = flags.DEFINE_list("protocol", list(evaluation.PROTOCOLS), "Scoring protocols, comma-separated: "
+                               "float (scan units in a fixed window), paper (8-bit slices, as the authors).")
 _DATA_RANGE = flags.DEFINE_list("data_range", None, "lo,hi window of the float protocol in scanner "
                                 "units (default: global min,max of the scans).")
 _CROP_BORDER = flags.DEFINE_integer("crop_border", 0, "Pixels shaved off each side of H and W.")
 _NO_IFC = flags.DEFINE_bool("no_ifc", False, "Skip IFC (faster; needed for slices under 72 x 72).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "results", "Directory of the report.")
+_OUT_DIR = flags.DEFINE_string("out", "results", "Directory of the report.")
+flags.DEFINE_alias("out_dir", "out")
+flags.DEFINE_alias("protocols", "protocol")
 
 
 def _numbers(values, kind, flag):

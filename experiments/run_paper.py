@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import sr3d  # noqa: E402
 from sr3d import evaluation, inference, training  # noqa: E402
-from sr3d import baselines, degrade, intensity, metrics  # noqa: E402
+from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 PARTS = ("table2", "table1", "main")
@@ -714,8 +714,8 @@ def ensemble_transforms(entry: dict, scales: tuple[int, ...]) -> dict:
             hr, lr = degrade.simulate_lr(volume.array, scale, "2d")
             window = intensity.window(lr)
             x = window.normalise(lr)
-            outs = [window.denormalise(inference._dihedral_inverse(stage(np.ascontiguousarray(
-                inference._dihedral(x, k))), k)) for k in range(8)]
+            outs = [window.denormalise(transforms.dihedral_inverse(stage(np.ascontiguousarray(
+                transforms.dihedral(x, k))), k)) for k in range(8)]
             lo, hi = float(volume.array.min()), float(volume.array.max())
             for k, image in enumerate(outs):
                 per_scan[f"transform {k}"].append(_score(hr, np.clip(image, lo, hi), protocols))

@@ -12,6 +12,11 @@ target is flat (intensity span below `min_contrast` in normalised units:
 air around the head, background outside the body) are rejected and
 redrawn: they teach nothing and make up most of a scan.
 
+With `flip_rotate`, each (LR, HR) pair is also flipped and rotated at random
+(8 transforms for stage `hw`, the 4 flips that keep depth in place for stage
+`d`; `sr3d.transforms`). The paper did not do this; its self-ensemble then
+feeds the network orientations it never saw (docs/results.md).
+
 Every batch is drawn from its own generator seeded by (seed, epoch, step), so
 the same seed gives the same batches, and training resumed at any step sees
 exactly the batches an uninterrupted run would have seen.
@@ -25,7 +30,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from sr3d import degrade
+from sr3d import degrade, transforms
 
 STAGES = ("hw", "d")
 BLUR_MODES = ("random", "fixed", "none")
@@ -43,6 +48,7 @@ class PatchConfig:
     blur_probability: float = 0.5
     max_sigma: float = 0.5          # random: sigma ~ U(0, max_sigma); fixed: sigma = max_sigma
     min_contrast: float = 0.02      # HR patches with max - min below this are redrawn
+    flip_rotate: bool = False       # random flips/rotations of each pair (not in the paper)
     seed: int = 0
 
     def __post_init__(self):
@@ -108,6 +114,18 @@ def blur_patches(halo_patches: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
             + k[:, 2, None, None] * halo_patches[:, 2:, :])
     return (k[:, 0, None, None] * rows[:, :, :-2] + k[:, 1, None, None] * rows[:, :, 1:-1]
             + k[:, 2, None, None] * rows[:, :, 2:]).astype(np.float32)
+
+
+def random_transforms(lr: np.ndarray, hr: np.ndarray, stage: str,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same random transform (one per pair) on LR (n, p, p) and HR (n, p*ry, p*rx) patches."""
+    which = rng.integers(0, transforms.COUNT[stage], lr.shape[0])
+    lr_out, hr_out = np.empty_like(lr), np.empty_like(hr)
+    for k in np.unique(which):
+        sel = which == k
+        lr_out[sel] = transforms.forward(lr[sel], int(k), stage)
+        hr_out[sel] = transforms.forward(hr[sel], int(k), stage)
+    return lr_out, hr_out
 
 
 class PatchSampler:
@@ -202,7 +220,11 @@ class PatchSampler:
             drawn = (rng.uniform(0.0, cfg.max_sigma, cfg.batch_size) if cfg.blur == "random"
                      else np.full(cfg.batch_size, cfg.max_sigma))
             sigmas = np.where(blurred, drawn, 0.0)
-        return blur_patches(lr, sigmas)[..., None], hr[..., None], sigmas
+        lr = blur_patches(lr, sigmas)
+        if cfg.flip_rotate:
+            # Own stream: the patches and sigmas stay those of a run without flip_rotate.
+            lr, hr = random_transforms(lr, hr, cfg.stage, np.random.default_rng([cfg.seed, epoch, step, 1]))
+        return lr[..., None], hr[..., None], sigmas
 
     def batches(self, epoch: int, start_step: int, stop_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for step in range(start_step, stop_step):

@@ -275,7 +275,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
         data_range, range_source = config.data_range, "given"
     protocols = _make_protocols(config, data_range)
     methods = config.methods + tuple(config.cnn)
-    figure_methods = [m for m in methods if m == REFERENCE_METHOD or m in config.cnn] or list(methods)
+    figure_methods = list(methods)
 
     per_scan = {p: {f"x{s}": {m: [] for m in methods} for s in config.scales} for p in protocols}
     figures, figure_slices = {}, {}
@@ -309,7 +309,10 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
                     score.pop("protocol")  # the same for every scan: kept once under "protocols"
                     per_scan[name][key][method].append({"scan": path, **score})
                 if is_figure_scan and method in figure_methods:
-                    slices = figure_slices.setdefault(key, {"hr": hr[middle].copy(), "panels": {}})
+                    # The LR slice that covers HR slice `middle` (in 3D, D was shrunk by r too).
+                    lr_slice = lr[middle // scale if config.mode == "3d" else middle]
+                    slices = figure_slices.setdefault(key, {"hr": hr[middle].copy(), "lr": lr_slice.copy(),
+                                                            "scale": scale, "panels": {}})
                     slices["panels"][method] = test[middle].copy()
             if is_figure_scan:
                 figures[key] = _figure_info(path, middle, figure_methods, per_scan, key)
@@ -576,11 +579,14 @@ def _draw_figure(path: pathlib.Path, slices: dict, info: dict, labels: Mapping[s
     vmin, vmax = float(hr.min()), float(hr.max())
     origin = "lower" if info.get("rows_up") else "upper"
     error_max = max(float(np.percentile(e, 99.5)) for e in errors.values()) or 1.0
-    n = 1 + len(panels)
+    n = 2 + len(panels)
     figure, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
-    images = [("HR (ground truth)", hr)] + [
+    r = int(slices["scale"])
+    # The LR input drawn on the HR grid, each LR pixel an r x r block, so the insets line up.
+    lr_on_hr_grid = np.repeat(np.repeat(slices["lr"], r, axis=0), r, axis=1)[:hr.shape[0], :hr.shape[1]]
+    images = [(f"LR input ({r}x coarser)", lr_on_hr_grid)] + [
         (labels[m] + ("" if info["psnr"][m] is None else f"\nPSNR {info['psnr'][m]:.2f} dB"), panels[m])
-        for m in panels]
+        for m in panels] + [("HR (ground truth)", hr)]
     for ax, (name, image) in zip(axes[0], images):
         ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest", origin=origin)
         ax.set_title(name, fontsize=9)
@@ -596,8 +602,9 @@ def _draw_figure(path: pathlib.Path, slices: dict, info: dict, labels: Mapping[s
             spine.set_edgecolor("yellow")
         ax.indicate_inset_zoom(inset, edgecolor="yellow")
     axes[1][0].set_axis_off()
+    axes[1][-1].set_axis_off()
     error_image = None
-    for ax, method in zip(axes[1][1:], panels):
+    for ax, method in zip(axes[1][1:-1], panels):
         error_image = ax.imshow(errors[method], cmap="inferno", vmin=0.0, vmax=error_max,
                                 interpolation="nearest", origin=origin)
         ax.set_title(f"|{labels[method]} - HR|", fontsize=9)

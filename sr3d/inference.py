@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from sr3d import intensity
+from sr3d import intensity, transforms
 from sr3d import io as sr3d_io
 
 MODES = ("3d", "2d")
@@ -133,28 +133,6 @@ def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | N
     return out
 
 
-# ---------------------------------------------------------------------------- transforms
-
-def _dihedral(x: np.ndarray, k: int) -> np.ndarray:
-    """Transform k of 8 on the (1, 2) axes of a (B, h, w) batch: rot90 k%4 times, flipped if k >= 4."""
-    y = np.rot90(x, k % 4, axes=(1, 2))
-    return y[:, :, ::-1] if k >= 4 else y
-
-
-def _dihedral_inverse(y: np.ndarray, k: int) -> np.ndarray:
-    x = y[:, :, ::-1] if k >= 4 else y
-    return np.rot90(x, -(k % 4), axes=(1, 2))
-
-
-def _flip(x: np.ndarray, k: int) -> np.ndarray:
-    """Transform k of the 4 that keep axis 1 (depth) in place: flips of axes 1 and/or 2 (self-inverse)."""
-    if k & 1:
-        x = x[:, ::-1, :]
-    if k & 2:
-        x = x[:, :, ::-1]
-    return x
-
-
 # One traced function per model, kept as long as the model lives: upscaling many scans with the
 # same bundle (sr3d upscale-batch) traces each network once, not once per scan.
 _TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -188,10 +166,8 @@ class _Stage:
     def __call__(self, planes: np.ndarray) -> np.ndarray:
         if not self.ensemble:
             return self._run(planes)
-        if self.kind == "hw":
-            outs = [_dihedral_inverse(self._run(_dihedral(planes, k)), k) for k in range(8)]
-        else:
-            outs = [_flip(self._run(_flip(planes, k)), k) for k in range(4)]
+        outs = [transforms.inverse(self._run(transforms.forward(planes, k, self.kind)), k, self.kind)
+                for k in range(transforms.COUNT[self.kind])]
         return np.median(np.stack(outs), axis=0).astype(np.float32)
 
 

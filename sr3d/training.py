@@ -9,6 +9,11 @@ A run lives in `model_dir`:
   training_curve.png       loss and validation PSNR vs Lanczos per epoch
   model.keras, training.json   the final model and a summary of how it was trained
 
+Stage `d` learns, as in the paper, from HR planes degraded along depth only,
+or, given `hw_model` (cascade training), from what it gets in the 3D
+pipeline: the scan degraded on all three axes with its slices upscaled by
+that stage-hw network, so it also learns to correct stage hw's errors.
+
 Rerunning with the same `model_dir` resumes from the checkpoint: batches are
 drawn from generators seeded by (seed, epoch, step), the optimizer state is
 restored and ops are deterministic, so a resumed run ends with the weights of
@@ -25,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sr3d import baselines, data, intensity
+from sr3d import baselines, data, degrade, intensity
 from sr3d import io as sr3d_io
 
 CHECKPOINT_DIR = "checkpoint"
@@ -57,6 +62,8 @@ class TrainConfig:
     intermediate_weight: float = 1.0       # lambda of the two-term loss; 0 is the Table 2 ablation
     blur: str = "random"
     min_contrast: float = 0.02
+    flip_rotate: bool = False              # random flips/rotations of the patches (not in the paper)
+    hw_model: str | None = None            # stage d only: cascade training on this stage-hw model's outputs
     seed: int = 0
     save_every_steps: int = 50
     strategy: str = "default"              # default | mirrored | multi_worker (see make_strategy)
@@ -77,12 +84,19 @@ class TrainConfig:
             raise ValueError(f"save_every_steps must be >= 1, got {self.save_every_steps}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.hw_model is not None:
+            object.__setattr__(self, "hw_model", str(self.hw_model))
+            if self.stage != "d":
+                raise ValueError(f"hw_model (cascade training) is for stage 'd', not {self.stage!r}")
+            if not pathlib.Path(self.hw_model).is_file():
+                raise FileNotFoundError(f"{self.hw_model}: stage-hw model not found (hw_model)")
         self.patch_config()  # validates stage, scale, sizes, blur
 
     def patch_config(self) -> data.PatchConfig:
         return data.PatchConfig(stage=self.stage, scale=self.scale, patch_size=self.patch_size,
                                 batch_size=self.batch_size, blur=self.blur,
-                                min_contrast=self.min_contrast, seed=self.seed)
+                                min_contrast=self.min_contrast, flip_rotate=self.flip_rotate,
+                                seed=self.seed)
 
     def learning_rate_at(self, epoch: int) -> float:
         drop = self.epochs // 2 if self.lr_drop_epoch is None else self.lr_drop_epoch
@@ -108,14 +122,51 @@ def predict_planes(model, planes: np.ndarray, batch_size: int = 16) -> np.ndarra
     return np.concatenate(outs).astype(np.float32)
 
 
-def validation_psnr(model, volumes: Sequence[np.ndarray], stage: str, scale: int) -> tuple[float, float]:
-    """Mean over held-out volumes of the volume PSNR (normalised units, peak 1) of the stage
-    output and of Lanczos on the same LR planes: (network dB, Lanczos dB)."""
+def load_hw_model(path: str, scale: int):
+    """A stage-hw network for cascade training; ValueError naming the file if it is not one for `scale`."""
+    import keras
+
+    from sr3d import layers  # noqa: F401  (registers the custom layers for deserialisation)
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+        shape = tuple(model(np.zeros((1, 4, 4, 1), np.float32), training=False)["final"].shape)
+    except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
+        raise ValueError(f"{path}: not a readable sr3d stage network: {error}") from error
+    if shape != (1, 4 * scale, 4 * scale, 1):
+        raise ValueError(f"{path}: not a stage-hw network for scale {scale} "
+                         f"(a 4x4 input gives {shape[1:3]}, expected {(4 * scale, 4 * scale)})")
+    return model
+
+
+def cascade_stacks(volume: np.ndarray, hw_model, scale: int) -> list[data.PlaneStack]:
+    """Stage-d planes as the 3D pipeline feeds them: the normalised (D, H, W) volume cropped and
+    degraded on all three axes, each slice upscaled by `hw_model` -> (D/r, H, W), cut into (D, W)
+    planes per row and (D, H) planes per column, paired with the same planes of the HR volume."""
+    hr = degrade.crop_to_multiple(volume, scale, axes=(0, 1, 2)).astype(np.float32)
+    in_plane = predict_planes(hw_model, degrade.downscale(hr, scale, axes=(0, 1, 2)).astype(np.float32))
+    return [data.PlaneStack(np.ascontiguousarray(in_plane.transpose(order)), np.ascontiguousarray(hr.transpose(order)))
+            for order in ((1, 0, 2), (2, 0, 1))]
+
+
+def stage_stacks(volumes: Sequence[np.ndarray], config: TrainConfig, hw_model=None) -> list[list[data.PlaneStack]]:
+    """The (LR, HR) planes of each volume the stage learns from (and is validated on)."""
+    if config.hw_model is None:
+        return [data.plane_stacks(volume, config.stage, config.scale) for volume in volumes]
+    hw_model = hw_model or load_hw_model(config.hw_model, config.scale)
+    return [cascade_stacks(volume, hw_model, config.scale) for volume in volumes]
+
+
+def validation_psnr(model, stacks_per_volume: Sequence[Sequence[data.PlaneStack]], stage: str,
+                    scale: int) -> tuple[float, float]:
+    """Mean over held-out volumes (each given as its `stage_stacks`) of the volume PSNR
+    (normalised units, peak 1) of the stage output and of Lanczos on the same LR planes:
+    (network dB, Lanczos dB)."""
     axes = (1, 2) if stage == "hw" else (1,)
     net_db, lanczos_db = [], []
-    for volume in volumes:
+    for stacks in stacks_per_volume:
         net_se = lanczos_se = count = 0.0
-        for stack in data.plane_stacks(volume, stage, scale):
+        for stack in stacks:
             net = predict_planes(model, stack.lr)
             lanczos = baselines.upscale_axes(stack.lr, scale, "lanczos", axes=axes)
             net_se += float(np.sum((net.astype(np.float64) - stack.hr) ** 2))
@@ -140,7 +191,7 @@ def _check_same_run(model_dir: pathlib.Path, config: TrainConfig) -> None:
                          "differ): use a new --model_dir or the same settings to resume it")
 
 
-def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_volumes, start: tuple[int, int]):
+def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: tuple[int, int]):
     import keras
 
     class Checkpoint(keras.callbacks.Callback):
@@ -175,8 +226,8 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_volumes, start:
 
     class Validation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if val_volumes and logs is not None:
-                net, lanczos = validation_psnr(self.model, val_volumes, config.stage, config.scale)
+            if val_stacks and logs is not None:
+                net, lanczos = validation_psnr(self.model, val_stacks, config.stage, config.scale)
                 logs["val_psnr"] = net
                 logs["val_psnr_lanczos"] = lanczos
                 if config.verbose:
@@ -395,8 +446,11 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     if chief:
         sr3d_io.write_json(model_dir / "config.json", config.to_json())
 
-    sampler = data.PatchSampler(load_normalised(config.data), config.patch_config())
-    val_volumes = load_normalised(config.val_data) if chief else []
+    hw_model = load_hw_model(config.hw_model, config.scale) if config.hw_model else None
+    train_stacks = stage_stacks(load_normalised(config.data), config, hw_model)
+    sampler = data.PatchSampler([], config.patch_config(), stacks=[s for group in train_stacks for s in group])
+    del train_stacks  # the sampler keeps its own (padded) copies of the LR planes
+    val_stacks = stage_stacks(load_normalised(config.val_data), config, hw_model) if chief else []
     steps = config.steps_per_epoch or sampler.steps_per_epoch()
 
     keras.utils.set_random_seed(config.seed)
@@ -416,7 +470,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     if start[1] >= steps:
         start = (start[0] + 1, 0)
 
-    cbs = _callbacks(config, out_dir, val_volumes, start) + list(callbacks)
+    cbs = _callbacks(config, out_dir, val_stacks, start) + list(callbacks)
     epoch, step = start
     if config.strategy != "default":
         _fit_custom_loop(model, config, sampler, steps, strategy, start, cbs)
@@ -441,8 +495,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
                "intensity_window": {"low_percentile": intensity.LOW_PERCENTILE,
                                     "high_percentile": intensity.HIGH_PERCENTILE},
                "parameters": int(model.count_params())}
-    if val_volumes:
-        net, lanczos = validation_psnr(model, val_volumes, config.stage, config.scale)
+    if val_stacks:
+        net, lanczos = validation_psnr(model, val_stacks, config.stage, config.scale)
         summary["validation"] = {"psnr_db": net, "lanczos_psnr_db": lanczos,
                                  "note": "volume PSNR in normalised units (peak 1), stage output vs HR"}
     sr3d_io.write_json(model_dir / "training.json", summary)

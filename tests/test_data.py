@@ -56,6 +56,34 @@ def test_patches_are_aligned(stage, scale):
         assert found, f"patch {k}: HR target is not the HR twin of its LR patch"
 
 
+@pytest.mark.parametrize("stage,count", [("hw", 8), ("d", 4)])
+def test_flip_rotate_applies_one_valid_transform_to_both_patches(stage, count):
+    vol = _volume((16, 24, 24))
+    cfg = data.PatchConfig(stage=stage, scale=2, patch_size=5, batch_size=64, min_contrast=0.0, seed=3)
+    plain_lr, plain_hr, plain_sigmas = data.PatchSampler([vol], cfg).batch_with_sigmas(1, 2)
+    turned = data.PatchSampler([vol], data.dataclasses.replace(cfg, flip_rotate=True))
+    lr, hr, sigmas = turned.batch_with_sigmas(1, 2)
+    np.testing.assert_array_equal(sigmas, plain_sigmas)  # same patches and blur, only turned
+    # The transforms, written out independently of sr3d.transforms: (B, h, w) -> (B, h', w').
+    if stage == "hw":
+        candidates = [lambda x, k=k, f=f: (np.flip(x, 2) if f else x).swapaxes(1, 2) if k else
+                      (np.flip(x, 2) if f else x) for k in (0, 1) for f in (0, 1)]
+        candidates += [lambda x, g=g: np.flip(g(x), (1, 2)) for g in list(candidates)]
+    else:
+        candidates = [lambda x, a=a: np.flip(x, a) if a else x for a in (None, 1, 2, (1, 2))]
+    assert len(candidates) == count
+    used = set()
+    for i in range(cfg.batch_size):
+        matches = [j for j, t in enumerate(candidates)
+                   if np.array_equal(t(plain_lr[i:i + 1, ..., 0]), lr[i:i + 1, ..., 0])
+                   and np.array_equal(t(plain_hr[i:i + 1, ..., 0]), hr[i:i + 1, ..., 0])]
+        assert matches, f"patch {i}: LR and HR are not one valid transform of the plain pair"
+        used.update(matches)
+    assert len(used) == count, f"only transforms {sorted(used)} of {count} were drawn in 64 patches"
+    again = data.PatchSampler([vol], data.dataclasses.replace(cfg, flip_rotate=True)).batch(1, 2)
+    np.testing.assert_array_equal(again[0], lr)
+
+
 def test_blur_matches_opencv_gaussian():
     rng = np.random.default_rng(0)
     halo = rng.random((3, 12, 12)).astype(np.float32)

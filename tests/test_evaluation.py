@@ -228,7 +228,15 @@ def test_cnn_row_appears_with_a_model_bundle(run_3d_cnn, crops):
     assert text.count("| CNN |") == 4  # results and significance tables of both protocols
     assert "# 3D super-resolution" in text
     assert (out_dir / "comparison_x2.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert results["figures"]["x2"]["psnr"].keys() == {"lanczos", "cnn"}
+    assert results["figures"]["x2"]["psnr"].keys() == set(BASELINES) | {"cnn"}  # every method has a panel
+    # The figure's LR panel is the LR slice over the drawn HR slice (3D: D shrunk by 2 too).
+    from sr3d import io as sr3d_io
+
+    hr, lr = degrade.simulate_lr(sr3d_io.load_volume(crops[0][-1]).array, 2, "3d")
+    slices = results["figure_slices"]["x2"]
+    middle = results["figures"]["x2"]["slice_index"]
+    np.testing.assert_array_equal(slices["hr"], hr[middle])
+    np.testing.assert_array_equal(slices["lr"], lr[middle // 2])
 
 
 def test_lr_volume_affine_places_lr_voxels_over_their_hr_blocks(crops):
@@ -276,8 +284,8 @@ def test_script_missing_file_exits_with_one_line(tmp_path):
 def test_script_writes_and_prints_the_report(crops, tmp_path):
     out = tmp_path / "out"
     result = _run_script("--data", ",".join(crops[0]), "--scale", "2", "--mode", "2d",
-                         "--methods", "nearest,lanczos", "--protocols", "float", "--no_ifc",
-                         "--data_range", "0,1000", "--out_dir", str(out))
+                         "--methods", "nearest,lanczos", "--protocol", "float", "--no_ifc",
+                         "--data_range", "0,1000", "--out", str(out))
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "results.json").read_text())
     assert saved["data_range"] == [0.0, 1000.0] and saved["data_range_source"] == "given"

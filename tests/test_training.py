@@ -121,6 +121,80 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_scans, stag
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.fixture(scope="module")
+def tiny_hw_model(tmp_path_factory):
+    import keras
+
+    from sr3d import models
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("hw") / "hw.keras"
+    models.build("hw", 2, filters=4).save(path)
+    return path
+
+
+def test_cascade_stacks_are_stage_hw_outputs_on_the_3d_degraded_scan(tiny_hw_model):
+    import keras
+
+    from sr3d import degrade
+
+    volume = np.random.default_rng(0).random((9, 14, 17)).astype(np.float32)
+    model = keras.saving.load_model(tiny_hw_model, compile=False)
+    rows, cols = training.cascade_stacks(volume, model, 2)
+    # Independently: the paper's 3D LR simulation, then the network on every LR slice.
+    hr, lr = degrade.simulate_lr(volume, 2, "3d")
+    assert hr.shape == (8, 14, 16) and lr.shape == (4, 7, 8)
+    in_plane = np.asarray(model(lr[..., None], training=False)["final"])[..., 0]  # (4, 14, 16)
+    assert rows.lr.shape == (14, 4, 16) and rows.hr.shape == (14, 8, 16)
+    assert cols.lr.shape == (16, 4, 14) and cols.hr.shape == (16, 8, 14)
+    np.testing.assert_allclose(rows.lr[3], in_plane[:, 3, :], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cols.lr[5], in_plane[:, :, 5], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(rows.hr[3], hr[:, 3, :])
+    np.testing.assert_array_equal(cols.hr[5], hr[:, :, 5])
+
+
+def test_cascade_training_checks_its_stage_hw_model(tmp_path, small_scans, tiny_hw_model):
+    import keras
+
+    from sr3d import models
+
+    with pytest.raises(ValueError, match="stage 'd'"):
+        _config(small_scans, tmp_path / "a", stage="hw", hw_model=str(tiny_hw_model))
+    with pytest.raises(FileNotFoundError, match="nothing.keras"):
+        _config(small_scans, tmp_path / "b", stage="d", hw_model=str(tmp_path / "nothing.keras"))
+    d_model = tmp_path / "d.keras"
+    keras.utils.set_random_seed(0)
+    models.build("d", 2, filters=4).save(d_model)
+    with pytest.raises(ValueError, match="d.keras: not a stage-hw network for scale 2"):
+        training.train(_config(small_scans, tmp_path / "c", stage="d", hw_model=str(d_model)))
+    with pytest.raises(ValueError, match="not a stage-hw network for scale 3"):
+        training.train(_config(small_scans, tmp_path / "e", stage="d", scale=3, hw_model=str(tiny_hw_model)))
+
+
+@pytest.mark.slow
+def test_cascade_run_with_flips_resumes_to_the_same_weights(tmp_path, small_scans, tiny_hw_model):
+    import keras
+
+    class StopAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2 and self.model.optimizer.iterations.numpy() == 7:
+                raise _Interrupt()
+
+    options = dict(stage="d", hw_model=str(tiny_hw_model), flip_rotate=True)
+    training.train(_config(small_scans, tmp_path / "straight", **options))
+    resumed = _config(small_scans, tmp_path / "resumed", **options)
+    with pytest.raises(_Interrupt):
+        training.train(resumed, callbacks=[StopAt()])
+    training.train(resumed)
+    summary = json.loads((tmp_path / "resumed" / "training.json").read_text())
+    assert summary["config"]["hw_model"] == str(tiny_hw_model) and summary["config"]["flip_rotate"]
+    a = _weights(tmp_path / "straight" / "checkpoint" / "latest.weights.h5")
+    b = _weights(tmp_path / "resumed" / "checkpoint" / "latest.weights.h5")
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, small_scans):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(_config(small_scans, tmp_path / "run").to_json()))
