@@ -4,7 +4,8 @@ Progress is recorded in `OUT_DIR/manifest.json` (written atomically after
 every scan): a rerun skips scans marked done whose output exists, and redoes
 scans that were running when the process died, failed, or lost their output.
 Outputs are written under a temporary name and renamed, so OUT_DIR never holds
-a half-written scan. A bad scan is recorded with its reason and the batch goes
+a half-written scan under its final name; the temporary file of a scan whose
+writer was killed is deleted when the scan is redone. A bad scan is recorded with its reason and the batch goes
 on; the caller gets the list of failures at the end.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     settings = {"scale": scale, "mode": mode, "ensemble": ensemble,
                 "model": str(pathlib.Path(model).resolve()) if isinstance(model, (str, os.PathLike)) else "shipped"}
     manifest_path = out / MANIFEST
+    sr3d_io.remove_stale_temporaries(manifest_path)
     manifest = _load_manifest(manifest_path, settings)
     bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
     if bundle.scale != scale:
@@ -80,6 +82,9 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             skipped.append(key)
             log(f"[{index}/{len(scans)}] {key}: done already, skipped")
             continue
+        # A run killed while writing this scan left its temporary file: not ours to keep.
+        for stale in sr3d_io.remove_stale_temporaries(target):
+            log(f"[{index}/{len(scans)}] {key}: removed {stale.name}, left by an interrupted run")
         manifest["scans"][key] = {"status": "running", "output": target.name, "started": time.time()}
         sr3d_io.write_json(manifest_path, manifest)
         start = time.perf_counter()

@@ -9,7 +9,6 @@ Two things are written to the output directory:
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
@@ -86,7 +85,7 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
               "output_shape": list(upscaled.array.shape), "output": str(result_path),
               "upscale_seconds": seconds, "comparison": scores, "protocol": protocol.describe(),
               "model": bundle.info}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    sr3d_io.write_json(out_dir / "report.json", report)
     return (f"upscaled {scan.name} {volume.array.shape} -> {upscaled.array.shape} in {seconds:.1f} s: "
             f"{result_path}\n"
             f"simulated {scale}x: CNN PSNR {scores['cnn']['psnr']:.2f} dB SSIM {scores['cnn']['ssim']:.4f} | "

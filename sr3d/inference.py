@@ -126,10 +126,9 @@ def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | N
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stage, model in (("hw", hw), ("d", d)):
-        tmp = out / f".{stage}.tmp.keras"
-        model.save(tmp)
-        tmp.replace(out / MODEL_FILES[stage])
-    (out / BUNDLE_JSON).write_text(json.dumps({"scale": scale, **(info or {})}, indent=2, sort_keys=True))
+        with sr3d_io.atomic_path(out / MODEL_FILES[stage]) as tmp:
+            model.save(tmp)
+    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": scale, **(info or {})})
     return out
 
 

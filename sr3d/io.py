@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import glob
 import gzip
 import json
 import os
@@ -204,14 +205,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     removed when it fails, so `path` is never half-written. The temporary name keeps the full
     suffix (.nii.gz, .weights.h5, .keras, .png) because writers choose the format by it."""
     path = pathlib.Path(path)
-    suffix = "".join(path.suffixes[-2:]) if len(path.suffixes) > 1 else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    stem, suffix = _stem_and_suffix(path)
     temporary = path.with_name(f".{stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _stem_and_suffix(path: pathlib.Path) -> tuple[str, str]:
+    suffix = "".join(path.suffixes[-2:]) if len(path.suffixes) > 1 else path.suffix
+    return (path.name[: len(path.name) - len(suffix)] if suffix else path.name), suffix
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Deletes the temporaries that `atomic_path(path)` left when its process was killed
+    mid-write (its pid no longer runs); returns them. A live writer's temporary is kept."""
+    path = pathlib.Path(path)
+    stem, suffix = _stem_and_suffix(path)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(stem)}.tmp-*"):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

@@ -501,7 +501,7 @@ def save_model(model, path: str | os.PathLike, plan: ThickSlicePlan,
             "note": "stage-d network trained on one scan's in-plane slices (sr3d.selfsup)"}
     with sr3d_io.atomic_path(path) as tmp:
         model.save(tmp)
-    _info_path(path).write_text(json.dumps(info, indent=2, sort_keys=True))
+    sr3d_io.write_json(_info_path(path), info)
     return path
 
 

@@ -3,7 +3,8 @@
 A run lives in `model_dir`:
   config.json              how the run was made (written first; a rerun must match it)
   checkpoint/              latest weights + optimizer state and the (epoch, step) they belong to,
-                           written every `save_every_steps` steps and at every epoch end
+                           one file written every `save_every_steps` steps and at every epoch end
+                           (state.json repeats the position for people)
   epochs/epoch_NNN.weights.h5   model weights after each epoch
   history.csv, logs/       per-epoch losses and validation PSNR (CSV and TensorBoard)
   training_curve.png       loss and validation PSNR vs Lanczos per epoch
@@ -34,6 +35,7 @@ from sr3d import baselines, data, degrade, intensity
 from sr3d import io as sr3d_io
 
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_WEIGHTS = "latest.weights.h5"   # weights + optimizer state, and the (epoch, step) they belong to
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # Fields that may differ when a run is resumed (they do not change what is learned).
 _RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "save_every_steps", "val_data", "strategy"})
@@ -205,11 +207,17 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: 
             self.epoch = epoch
 
         def _save(self, epoch: int, step: int) -> None:
+            import h5py
+
             ckpt = model_dir / CHECKPOINT_DIR
             ckpt.mkdir(exist_ok=True)
-            with sr3d_io.atomic_path(ckpt / "latest.weights.h5") as tmp:
+            # The (epoch, step) go inside the weights file, so one rename commits both: a kill
+            # can never leave weights and position from different steps.
+            with sr3d_io.atomic_path(ckpt / CHECKPOINT_WEIGHTS) as tmp:
                 self.model.save_weights(tmp)
-            sr3d_io.write_json(ckpt / "state.json", {"epoch": epoch, "step": step})
+                with h5py.File(tmp, "a") as f:
+                    f.attrs["sr3d_epoch"], f.attrs["sr3d_step"] = epoch, step
+            sr3d_io.write_json(ckpt / "state.json", {"epoch": epoch, "step": step})  # for people
 
         def on_train_batch_end(self, batch, logs=None):
             step = self.step_offset + batch + 1
@@ -222,7 +230,8 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: 
             epochs_dir = model_dir / "epochs"
             epochs_dir.mkdir(exist_ok=True)
             weights_only = keras.Model(self.model.inputs, self.model.outputs)
-            weights_only.save_weights(epochs_dir / f"epoch_{epoch + 1:03d}.weights.h5")
+            with sr3d_io.atomic_path(epochs_dir / f"epoch_{epoch + 1:03d}.weights.h5") as tmp:
+                weights_only.save_weights(tmp)
 
     class Validation(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -264,11 +273,18 @@ def build_model(config: TrainConfig):
 
 
 def _read_state(model_dir: pathlib.Path) -> tuple[int, int] | None:
-    path = model_dir / CHECKPOINT_DIR / "state.json"
-    if not path.exists() or not (model_dir / CHECKPOINT_DIR / "latest.weights.h5").exists():
+    """The (epoch, step) the checkpoint's weights belong to, read from the weights file itself."""
+    import h5py
+
+    path = model_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS
+    if not path.exists():
         return None
-    state = json.loads(path.read_text())
-    return int(state["epoch"]), int(state["step"])
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["sr3d_epoch"]), int(f.attrs["sr3d_step"])
+    except (OSError, KeyError) as error:
+        raise ValueError(f"{path}: unreadable checkpoint ({error}); delete {path.parent} to "
+                         "start the run over") from error
 
 
 def plot_history(history_csv: pathlib.Path, png: pathlib.Path, title: str) -> None:
@@ -463,7 +479,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     start = (0, 0)
     if state is not None:
         model.optimizer.build(model.trainable_variables)
-        model.load_weights(model_dir / CHECKPOINT_DIR / "latest.weights.h5")
+        model.load_weights(model_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS)
         start = state
         if config.verbose:
             print(f"resuming {model_dir} at epoch {state[0] + 1}, step {state[1]}", flush=True)

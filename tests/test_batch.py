@@ -77,6 +77,35 @@ def test_empty_input_dir_is_a_clear_error(tmp_path, bundle_dir):
         batch.upscale_batch(tmp_path / "empty", tmp_path / "out", 2, bundle_dir)
 
 
+def test_half_done_scan_is_redone_and_its_temporary_removed(tmp_path, input_dir, bundle_dir):
+    good = tmp_path / "in"
+    good.mkdir()
+    for name in ("scan0.nii.gz", "scan1.nii.gz"):
+        shutil.copy(input_dir / name, good / name)
+    out = tmp_path / "out"
+    first = batch.upscale_batch(good, out, 2, bundle_dir, log=lambda _: None)
+    assert sorted(first.done) == ["scan0.nii.gz", "scan1.nii.gz"]
+    clean = np.asarray(nib.load(out / "scan1_x2.nii.gz").dataobj)
+    # What a kill while writing scan1 leaves: its entry "running", no output, a half-written
+    # temporary of a process that is gone.
+    manifest = json.loads((out / batch.MANIFEST).read_text())
+    manifest["scans"]["scan1.nii.gz"] = {"status": "running", "output": "scan1_x2.nii.gz", "started": 0}
+    (out / batch.MANIFEST).write_text(json.dumps(manifest))
+    half = (out / "scan1_x2.nii.gz").read_bytes()[:1000]
+    (out / "scan1_x2.nii.gz").unlink()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, timeout=60)
+    stale = out / f".scan1_x2.tmp-{int(gone.stdout)}-0badc0de.nii.gz"
+    stale.write_bytes(half)
+    lines = []
+    again = batch.upscale_batch(good, out, 2, bundle_dir, log=lines.append)
+    assert again.skipped == ["scan0.nii.gz"] and again.done == ["scan1.nii.gz"] and not again.failed
+    assert any(stale.name in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST, "scan0_x2.nii.gz", "scan1_x2.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "scan1_x2.nii.gz").dataobj), clean)
+    assert json.loads((out / batch.MANIFEST).read_text())["scans"]["scan1.nii.gz"]["status"] == "done"
+
+
 @pytest.mark.slow
 def test_killed_batch_resumes_to_the_same_outputs(tmp_path, input_dir, bundle_dir):
     good = tmp_path / "in"

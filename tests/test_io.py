@@ -573,3 +573,30 @@ def test_volume_validates_and_converts():
     for message, change in bad.items():
         with pytest.raises(ValueError, match=message):
             volume.replace(**change)
+
+
+# ---------------------------------------------------------------- temporaries of killed writers
+
+
+def test_temporary_of_a_killed_writer_is_found_and_removed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "scan_x2.nii.gz"
+    # A writer that dies (SIGKILL) in the middle of writing through atomic_path.
+    code = ("import os, signal, sys; from sr3d import io\n"
+            "with io.atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half a scan')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(target)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".scan_x2.tmp-") and left.name.endswith(".nii.gz") and not target.exists()
+    # A live writer's temporary and other files are kept.
+    with io.atomic_path(target) as live:
+        live.write_bytes(b"being written")
+        (tmp_path / ".other_x2.tmp-1-0123abcd.nii.gz").write_bytes(b"another scan's")
+        assert io.remove_stale_temporaries(target) == [left]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".other_x2.tmp-1-0123abcd.nii.gz"])
+    assert target.read_bytes() == b"being written"

@@ -113,6 +113,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_scans, stag
         training.train(resumed, callbacks=[StopAt(6)])  # mid-epoch 2 (4 steps per epoch)
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state == {"epoch": 1, "step": 2}
+    # The position that counts is stored inside the weights file (one rename commits both);
+    # state.json only mirrors it, so a stale one (a kill between the two writes) changes nothing.
+    (tmp_path / "resumed" / "checkpoint" / "state.json").write_text('{"epoch": 0, "step": 1}')
     training.train(resumed)
     a = _weights(tmp_path / "straight" / "checkpoint" / "latest.weights.h5")
     b = _weights(tmp_path / "resumed" / "checkpoint" / "latest.weights.h5")
