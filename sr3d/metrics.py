@@ -416,7 +416,7 @@ def score_volume(reference: np.ndarray, test: np.ndarray, protocol: Protocol) ->
     if protocol.with_ifc and min(reference.shape[1:]) < _IFC_MIN_SIDE:
         raise ValueError(f"sr3d.metrics.score_volume: IFC needs (H, W) slices of at least "
                          f"{_IFC_MIN_SIDE}x{_IFC_MIN_SIDE} after the border crop, got "
-                         f"{reference.shape[1:]}: use a protocol with with_ifc=False")
+                         f"{reference.shape[1:]}: score without IFC (evaluate.py --no_ifc; with_ifc=False in the API)")
 
     is_float = protocol.name == "float"
     peak = 1.0 if is_float else 255.0

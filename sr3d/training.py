@@ -464,7 +464,10 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
 
     hw_model = load_hw_model(config.hw_model, config.scale) if config.hw_model else None
     train_stacks = stage_stacks(load_normalised(config.data), config, hw_model)
-    sampler = data.PatchSampler([], config.patch_config(), stacks=[s for group in train_stacks for s in group])
+    try:
+        sampler = data.PatchSampler([], config.patch_config(), stacks=[s for group in train_stacks for s in group])
+    except ValueError as error:  # the sampler sees planes, not files: name the scans
+        raise ValueError(f"{', '.join(config.data)}: {error}") from error
     del train_stacks  # the sampler keeps its own (padded) copies of the LR planes
     val_stacks = stage_stacks(load_normalised(config.val_data), config, hw_model) if chief else []
     steps = config.steps_per_epoch or sampler.steps_per_epoch()
@@ -478,8 +481,9 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     state = _read_state(model_dir)
     start = (0, 0)
     if state is not None:
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(model_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS)
+        with strategy.scope():  # the optimizer's slots are replicated variables under mirrored
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(model_dir / CHECKPOINT_DIR / CHECKPOINT_WEIGHTS)
         start = state
         if config.verbose:
             print(f"resuming {model_dir} at epoch {state[0] + 1}, step {state[1]}", flush=True)

@@ -109,6 +109,49 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(tmp_path, scans, single
     _assert_same_training(model_dir, single_device_run)
 
 
+_INTERRUPTED_MIRRORED = """
+import sys
+import keras
+from sr3d import training
+
+class Stop(Exception):
+    pass
+
+class StopAt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() == 7:  # step 2 of epoch 2 (5 steps per epoch)
+            raise Stop()
+
+data, model_dir = sys.argv[1].split(","), sys.argv[2]
+config = training.TrainConfig(data=data, model_dir=model_dir, stage="hw", scale=2, epochs=2, steps_per_epoch=5,
+                              batch_size=16, patch_size=5, filters=4, save_every_steps=1, strategy="mirrored")
+try:
+    training.train(config, callbacks=[StopAt()])
+except Stop:
+    print("stopped")
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_run_interrupted_mid_epoch_resumes_to_the_one_device_weights(tmp_path, scans,
+                                                                              single_device_run):
+    model_dir = tmp_path / "run"
+    stopped = subprocess.run([sys.executable, "-c", _INTERRUPTED_MIRRORED, ",".join(scans), str(model_dir)],
+                             env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr[-3000:]
+    assert json.loads((model_dir / "checkpoint" / "state.json").read_text()) == {"epoch": 1, "step": 2}
+    assert not (model_dir / "model.keras").exists()
+    resumed = subprocess.run(_cmd(scans, model_dir, "--strategy=mirrored", "--save_every_steps=1"), env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    a = _layer_weights(single_device_run / "checkpoint" / "latest.weights.h5")
+    b = _layer_weights(model_dir / "checkpoint" / "latest.weights.h5")
+    assert a.keys() == b.keys() and len(a) == 20
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+
+
 def test_multi_worker_without_tf_config_is_a_clear_error(tmp_path, scans):
     env = {k: v for k, v in ENV.items() if k != "TF_CONFIG"}
     result = subprocess.run(_cmd(scans, tmp_path / "run", "--strategy=multi_worker"), env=env,

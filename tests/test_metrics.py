@@ -1,6 +1,6 @@
 """Tests for sr3d.metrics against independent references.
 
-IFC: golden values of the original MATLAB code (LIVE ifcvec.m run in Octave, docs/metrics.md).
+IFC: golden values of the original MATLAB code (LIVE ifcvec.m run in Octave; the table in ../shared/docs/metrics.md).
 SSIM, PSNR: scikit-image and hand arithmetic, on real MRI and CT slices.
 """
 import math

@@ -246,6 +246,11 @@ def test_killed_train_py_resumes_from_its_checkpoint(tmp_path, small_scans):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_scans_too_small_for_the_patches_are_named(tmp_path, small_scans):
+    with pytest.raises(ValueError, match=r"IXI.*T1_ds\.nii\.gz.*no plane is large enough for 40x40"):
+        training.train(_config(small_scans, tmp_path / "run", patch_size=40))
+
+
 def test_train_py_rejects_a_missing_scan(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data=/nonexistent/scan.nii.gz",
                              f"--model_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
