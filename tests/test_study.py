@@ -284,6 +284,17 @@ def test_cli_make_rejects_bad_methods(config, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_cli_make_writes_the_study_the_api_writes(config, study_dir, tmp_path, capsys):
+    argv = ["study", "make", "--scans", *config.scans, "--methods", ",".join(config.methods),
+            "--scale", str(config.scale), "--n", str(config.n), "--seed", str(config.seed),
+            "--model", config.model_dir, "--out", str(tmp_path / "s")]
+    assert cli.main(argv) == 0
+    assert f"{tmp_path / 's' / 'index.html'} in a browser" in capsys.readouterr().err
+    # Same config, same study: the page and its key are byte for byte the API's.
+    for name in ("index.html", "key.json"):
+        assert (tmp_path / "s" / name).read_bytes() == (study_dir / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------------------- the page in a browser
 
 def _chromium_and_playwright():
@@ -336,7 +347,10 @@ def test_reader_completes_the_study_in_chromium(browser_study_dir, tmp_path):
             assert page.inner_text("#progress") == f"0 / {N_CASES}"
 
             def press(index):
-                page.keyboard.press("ArrowLeft" if chosen[index] == "left" else "ArrowRight")
+                if index % 3 == 2:  # every third answer with the buttons under the images
+                    page.click("#answer-left" if chosen[index] == "left" else "#answer-right")
+                else:
+                    page.keyboard.press("ArrowLeft" if chosen[index] == "left" else "ArrowRight")
 
             for index in range(3):
                 press(index)
