@@ -271,9 +271,11 @@ def write_report(out_dir: pathlib.Path) -> pathlib.Path:
         windows = sorted({(k.split("|")[0], tuple(e["data_range"])) for k, e in simulated.items()})
         lines += ["", f"Scores: {protocol} Windows: " + "; ".join(f"{n} [{lo:g}, {hi:g}]" for n, (lo, hi) in windows)
                   + ". Supervised: the shipped stage-d network of the same factor (sr3d/data_files/models/x{r}), "
-                  "trained with bicubic-downscaled depth on six IXI T1 scans and the upper 72 slices of the "
-                  "TotalSegmentator CT (so its totalseg-ct rows are partly on training data); rows without "
-                  "one say so.", ""]
+                  "trained on six IXI T1 scans and the upper 72 slices of the TotalSegmentator CT (so its "
+                  "totalseg-ct rows are partly on training data) to upsample depth after the shipped stage hw "
+                  "(bicubic-downscaled in 3D, in-plane restored by stage hw: cascade training, "
+                  "docs/model_card.md), so a thick-slice scan with sharp slices is not what it was trained on; "
+                  "rows without one say so.", ""]
     real_path = out_dir / "real.json"
     if real_path.exists():
         real = json.loads(real_path.read_text())
