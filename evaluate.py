@@ -23,6 +23,8 @@ _METHODS = flags.DEFINE_list("methods", list(baselines.METHODS), "Interpolation 
 _CNN = flags.DEFINE_string("cnn", None, "Model bundle directory (or one with x2/, x4/ bundles) for a "
                            "'cnn' row; 'shipped' for the shipped models.")
 _ENSEMBLE = flags.DEFINE_bool("ensemble", False, "Self-ensemble for the CNN row.")
+_PLANES = flags.DEFINE_enum("planes", "dw", ["dw", "both"], "3D CNN row: stage d on (D, W) planes, or on "
+                            "(D, W) and (D, H) planes averaged.")
 _PROTOCOLS = flags.DEFINE_list("protocol", list(evaluation.PROTOCOLS), "Scoring protocols, comma-separated: "
                                "float (scan units in a fixed window), paper (8-bit slices, as the authors).")
 _DATA_RANGE = flags.DEFINE_list("data_range", None, "lo,hi window of the float protocol in scanner "
@@ -51,7 +53,7 @@ def main(argv):
             mode=_MODE.value, methods=tuple(_METHODS.value), cnn=cnn, protocols=tuple(_PROTOCOLS.value),
             data_range=None if _DATA_RANGE.value is None else _numbers(_DATA_RANGE.value, float, "data_range"),
             crop_border=_CROP_BORDER.value, with_ifc=not _NO_IFC.value, out_dir=_OUT_DIR.value,
-            ensemble=_ENSEMBLE.value)
+            ensemble=_ENSEMBLE.value, planes=_PLANES.value)
         results = evaluation.evaluate(config, progress=evaluation.print_progress)
         paths = evaluation.write_report(results, config.out_dir)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:

@@ -64,6 +64,8 @@ def cmd_upscale(args) -> int:
 
     if getattr(args, "self_supervised", False):
         return cmd_upscale_self_supervised(args)
+    if args.planes != "dw" and args.axes != "3d":
+        raise ValueError("--planes applies to stage d, which runs only with --axes 3d")
     if (getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None)
             or getattr(args, "slice_profile", None)):
         raise ValueError("--target-spacing, --slice-profile and --save-model apply only with --self-supervised")
@@ -80,7 +82,7 @@ def cmd_upscale(args) -> int:
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
           f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
-    result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=args.ensemble,
+    result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=args.ensemble, planes=args.planes,
                                       tile_mb=args.tile_mb, batch_size=args.batch_size,
                                       progress=_ProgressBar("upscale"))
     sr3d_io.save_volume(result, out)
@@ -222,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--ensemble", action="store_true", help="self-ensemble (8 transforms, median)")
     up.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
     up.add_argument("--axes", choices=["3d", "2d"], default="3d", help="3d: all axes; 2d: in-plane only")
+    up.add_argument("--planes", choices=["dw", "both"], default="dw",
+                    help="3d: stage d on the (D, W) plane of every row (dw), or also on the (D, H) plane of "
+                         "every column and the two averaged (both, as the authors' code; needs whole columns "
+                         "in memory and twice the stage-d time)")
     up.add_argument("--tile-mb", dest="tile_mb", type=float, default=256,
                     help="memory budget of one band of rows in MB (default 256)")
     up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")

@@ -89,6 +89,8 @@ class EvalConfig:
     with_ifc: compute IFC (slices must be at least 72 x 72 after the crop).
     out_dir: directory of the report (`write_report`).
     ensemble: self-ensemble for the CNN rows (8 transforms for stage hw, 4 for stage d).
+    planes: stage d of the CNN rows in 3D on (D, W) planes ("dw") or on both (D, W) and (D, H)
+        planes, averaged ("both"); see `sr3d.inference`.
     """
 
     scans: tuple[str, ...]
@@ -102,6 +104,7 @@ class EvalConfig:
     with_ifc: bool = True
     out_dir: str = "results"
     ensemble: bool = False
+    planes: str = "dw"
 
     def __post_init__(self):
         scans = (self.scans,) if isinstance(self.scans, (str, os.PathLike)) else tuple(self.scans)
@@ -139,6 +142,10 @@ class EvalConfig:
                 or self.crop_border < 0:
             raise ValueError(f"EvalConfig: crop_border must be a non-negative integer, got {self.crop_border!r}")
         object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
+        from sr3d.inference import PLANES  # no TensorFlow: the name list only
+
+        if self.planes not in PLANES:
+            raise ValueError(f"EvalConfig: planes must be one of {PLANES}, got {self.planes!r}")
 
     def to_json(self) -> dict:
         """The config as JSON values; CNN entries as their directory, "shipped" or "in-memory"."""
@@ -238,7 +245,7 @@ def _upscale(method: str, volume: sr3d_io.Volume, lr: np.ndarray, scale: int, co
     from sr3d import inference
 
     result = inference.upscale_volume(_lr_volume(volume, lr, scale, config.mode), bundles[method],
-                                      mode=config.mode, ensemble=config.ensemble)
+                                      mode=config.mode, ensemble=config.ensemble, planes=config.planes)
     return result.array
 
 

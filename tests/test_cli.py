@@ -116,6 +116,19 @@ def test_upscale_2d_in_process(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
                                _fov_corners(written_in.affine, written_in.shape), rtol=0, atol=1e-4)
 
 
+def test_upscale_planes_both_is_the_api_average(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
+    out = tmp_path / "crop_both.nii.gz"
+    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", "both"])
+    assert status == 0, capsys.readouterr().err
+    volume = sr3d_io.load_volume(nifti_crop)
+    bundle = inference.load_models(tiny_bundle_dir, 2)
+    both = inference.upscale_volume(volume, bundle, planes="both").array
+    dw = inference.upscale_volume(volume, bundle, planes="dw").array
+    written = sr3d_io.load_volume(out).array
+    np.testing.assert_allclose(written, both, rtol=0, atol=1e-3 * np.abs(both).max())
+    assert np.abs(written - dw).max() > 1e-2 * np.abs(dw).max()  # it is not the default path
+
+
 def test_bundle_command(tmp_path, tiny_bundle_dir, capsys):
     out = tmp_path / "bundle"
     status = cli.main(["bundle", "--hw", str(tiny_bundle_dir / "hw.keras"), "--d", str(tiny_bundle_dir / "d.keras"),
@@ -146,6 +159,7 @@ def bad_inputs(tmp_path):
     ("CROP", "out/x.nii.gz", ["--scale", "3"], "the model upscales by 2, not by 3"),
     ("CROP", "out/x.nii.gz", ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     ("CROP", "out/x.nii.gz", ["--tile-mb", "-1"], "--tile-mb must be a positive number of megabytes, got -1"),
+    ("CROP", "out/x.nii.gz", ["--axes", "2d", "--planes", "both"], "--planes applies to stage d"),
 ])
 def test_upscale_errors_in_process(bad_inputs, nifti_crop, tiny_bundle_dir, capsys, input_name, output_name,
                                    extra, named):
