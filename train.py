@@ -34,6 +34,8 @@ _BLUR = flags.DEFINE_enum("blur", "random", ["random", "fixed", "none"], "LR blu
                           "sigma in [0, 0.5] (paper), fixed sigma 0.5, or none; p = 0.5.")
 _FLIP_ROTATE = flags.DEFINE_bool("flip_rotate", False, "Flip and rotate training patches at random (8 "
                                   "transforms for stage hw, the 4 depth-keeping flips for d; not in the paper).")
+_FLAT_FRACTION = flags.DEFINE_float("flat_fraction", 0.0, "Share of each batch made of flat (background) "
+                                    "patches, which are otherwise redrawn; 0.1 teaches that flat stays flat.")
 _HW_MODEL = flags.DEFINE_string("hw_model", None, "Stage d only: a trained stage-hw model.keras; stage d "
                                 "then learns from its outputs on scans degraded in 3D (cascade training) "
                                 "instead of from planes degraded along depth only.")
@@ -57,7 +59,7 @@ def main(argv):
             learning_rate_after_drop=_LR_AFTER.value, lr_drop_epoch=_LR_DROP.value,
             patch_size=_PATCH.value, filters=_FILTERS.value, second_block=_SECOND_BLOCK.value,
             short_skips=_SHORT_SKIPS.value, long_skip=_LONG_SKIP.value,
-            intermediate_weight=_LAMBDA.value, blur=_BLUR.value, flip_rotate=_FLIP_ROTATE.value,
+            intermediate_weight=_LAMBDA.value, blur=_BLUR.value, flip_rotate=_FLIP_ROTATE.value, flat_fraction=_FLAT_FRACTION.value,
             hw_model=_HW_MODEL.value, seed=_SEED.value,
             save_every_steps=_SAVE_EVERY.value, strategy=_STRATEGY.value)
         print(f"saved {training.train(config)}")

@@ -10,7 +10,11 @@ Patches are cut from the LR plane with a one-pixel halo so the 3x3 blur
 augmentation sees real neighbours, not a padded border. Patches whose HR
 target is flat (intensity span below `min_contrast` in normalised units:
 air around the head, background outside the body) are rejected and
-redrawn: they teach nothing and make up most of a scan.
+redrawn: they make up most of a scan. `flat_fraction` keeps that share of
+each batch flat on purpose, so the network also learns that a flat input
+(the exact zeros around a skull-stripped brain) stays flat: without any, a
+network may add a constant offset there that PSNR hardly sees and SSIM
+punishes (docs/model_card.md).
 
 With `flip_rotate`, each (LR, HR) pair is also flipped and rotated at random
 (8 transforms for stage `hw`, the 4 flips that keep depth in place for stage
@@ -47,7 +51,8 @@ class PatchConfig:
     blur: str = "random"            # random sigma (paper), fixed sigma (ablation) or none
     blur_probability: float = 0.5
     max_sigma: float = 0.5          # random: sigma ~ U(0, max_sigma); fixed: sigma = max_sigma
-    min_contrast: float = 0.02      # HR patches with max - min below this are redrawn
+    min_contrast: float = 0.02      # HR patches with max - min below this are redrawn...
+    flat_fraction: float = 0.0      # ...except this fraction of each batch, kept flat on purpose
     flip_rotate: bool = False       # random flips/rotations of each pair (not in the paper)
     seed: int = 0
 
@@ -61,6 +66,8 @@ class PatchConfig:
                              f"{self.patch_size} and {self.batch_size}")
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
+        if not 0.0 <= self.flat_fraction < 1.0:
+            raise ValueError(f"flat_fraction must be in [0, 1), got {self.flat_fraction!r}")
 
     @property
     def hr_patch_shape(self) -> tuple[int, int]:
@@ -199,20 +206,27 @@ class PatchSampler:
         """`batch` plus the blur sigma each LR patch got (0: not blurred)."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, epoch, step])
-        lr_parts, hr_parts, have = [], [], 0
+        n_flat = int(round(cfg.flat_fraction * cfg.batch_size))
+        wanted = {True: cfg.batch_size - n_flat, False: n_flat}   # keyed by "has contrast"
+        parts = {True: [], False: []}
+        have = {True: 0, False: 0}
         for _ in range(20):
             lr, hr = self._draw(rng, 2 * cfg.batch_size)
-            keep = (hr.max(axis=(1, 2)) - hr.min(axis=(1, 2))) >= cfg.min_contrast
-            lr_parts.append(lr[keep])
-            hr_parts.append(hr[keep])
-            have += int(keep.sum())
-            if have >= cfg.batch_size:
+            contrast = (hr.max(axis=(1, 2)) - hr.min(axis=(1, 2))) >= cfg.min_contrast
+            for kind, sel in ((True, contrast), (False, ~contrast)):
+                if wanted[kind]:
+                    parts[kind].append((lr[sel], hr[sel]))
+                    have[kind] += int(sel.sum())
+            if all(have[kind] >= wanted[kind] for kind in parts):
                 break
-        else:  # almost everything is flat: take what we have, topped up with flat patches
-            lr_parts.append(lr)
-            hr_parts.append(hr)
-        lr = np.concatenate(lr_parts)[: cfg.batch_size]
-        hr = np.concatenate(hr_parts)[: cfg.batch_size]
+        else:  # too few of a kind: take what we have, topped up with the last draw as it is
+            for kind in parts:
+                parts[kind].append((lr, hr))
+        chosen = [(np.concatenate([p[0] for p in parts[kind]])[:wanted[kind]],
+                   np.concatenate([p[1] for p in parts[kind]])[:wanted[kind]])
+                  for kind in (True, False) if wanted[kind]]
+        lr = np.concatenate([c[0] for c in chosen])
+        hr = np.concatenate([c[1] for c in chosen])
         if cfg.blur == "none":
             sigmas = np.zeros(cfg.batch_size)
         else:

@@ -64,6 +64,7 @@ class TrainConfig:
     intermediate_weight: float = 1.0       # lambda of the two-term loss; 0 is the Table 2 ablation
     blur: str = "random"
     min_contrast: float = 0.02
+    flat_fraction: float = 0.0             # share of each batch that is flat (background) patches
     flip_rotate: bool = False              # random flips/rotations of the patches (not in the paper)
     hw_model: str | None = None            # stage d only: cascade training on this stage-hw model's outputs
     seed: int = 0
@@ -97,7 +98,8 @@ class TrainConfig:
     def patch_config(self) -> data.PatchConfig:
         return data.PatchConfig(stage=self.stage, scale=self.scale, patch_size=self.patch_size,
                                 batch_size=self.batch_size, blur=self.blur,
-                                min_contrast=self.min_contrast, flip_rotate=self.flip_rotate,
+                                min_contrast=self.min_contrast, flat_fraction=self.flat_fraction,
+                                flip_rotate=self.flip_rotate,
                                 seed=self.seed)
 
     def learning_rate_at(self, epoch: int) -> float:

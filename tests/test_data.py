@@ -84,6 +84,20 @@ def test_flip_rotate_applies_one_valid_transform_to_both_patches(stage, count):
     np.testing.assert_array_equal(again[0], lr)
 
 
+def test_flat_fraction_keeps_that_share_of_flat_patches():
+    vol = np.zeros((12, 40, 40), np.float32)
+    vol[:, 10:30, 10:30] = _volume((12, 20, 20))  # structure in the middle, flat zeros around it
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=4, batch_size=20, blur="none", seed=2)
+    for fraction, flat_expected in ((0.0, 0), (0.25, 5), (0.5, 10)):
+        sampler = data.PatchSampler([vol], data.dataclasses.replace(cfg, flat_fraction=fraction))
+        for step in range(3):
+            hr = sampler.batch(0, step)[1][..., 0]
+            span = hr.max(axis=(1, 2)) - hr.min(axis=(1, 2))
+            assert hr.shape[0] == 20 and int(np.sum(span < cfg.min_contrast)) == flat_expected
+    with pytest.raises(ValueError, match="flat_fraction"):
+        data.PatchConfig(stage="hw", scale=2, flat_fraction=1.0)
+
+
 def test_blur_matches_opencv_gaussian():
     rng = np.random.default_rng(0)
     halo = rng.random((3, 12, 12)).astype(np.float32)
