@@ -72,39 +72,20 @@ def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> 
     info = json.loads((directory / BUNDLE_JSON).read_text()) if (directory / BUNDLE_JSON).exists() else {}
     if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
         raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
-    hw, d = (_load_keras(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
+    from sr3d import models as sr3d_models
+
+    hw, d = (sr3d_models.load(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
     bundle_scale = _bundle_scale(hw, d, directory, info.get("scale"))
     if model_dir is not None and scale != bundle_scale:
         raise ValueError(f"{directory}: the model upscales by {bundle_scale}, not by {scale}")
     return ModelBundle(hw=hw, d=d, scale=bundle_scale, info=info)
 
 
-def _load_keras(path: pathlib.Path):
-    import keras
-
-    from sr3d import layers  # noqa: F401  (registers the custom layers for deserialisation)
-
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
-        raise ValueError(f"{path}: not a readable Keras model: {error}") from error
-
-
-def _stage_scale(model, stage: str) -> int | None:
-    """The factor a model upsamples a 4x4 probe by, if it is a stage `stage` network, else None."""
-    probe = np.zeros((1, 4, 4, 1), np.float32)
-    try:
-        shape = tuple(model(probe, training=False)["final"].shape)
-    except Exception:  # noqa: BLE001  (any model that cannot take the probe is the wrong model)
-        return None
-    r = shape[1] // 4
-    expected = (1, 4 * r, 4 * r, 1) if stage == "hw" else (1, 4 * r, 4, 1)
-    return r if r >= 2 and shape == expected else None
-
-
 def _bundle_scale(hw_model, d_model, where, declared=None) -> int:
     """The common scale of the two stage models; ValueError naming `where` if they do not fit."""
-    r_hw, r_d = _stage_scale(hw_model, "hw"), _stage_scale(d_model, "d")
+    from sr3d import models as sr3d_models
+
+    r_hw, r_d = sr3d_models.stage_scale(hw_model, "hw"), sr3d_models.stage_scale(d_model, "d")
     if r_hw is None or r_d is None:
         wrong = "hw" if r_hw is None else "d"
         raise ValueError(f"{where}: the {wrong} model is not an sr3d stage-{wrong} network "
@@ -121,7 +102,9 @@ def available_scales() -> list[int]:
 
 def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | None = None) -> pathlib.Path:
     """Assembles a bundle directory from the `model.keras` of two training runs (compile=False copies)."""
-    hw, d = _load_keras(pathlib.Path(hw_model_path)), _load_keras(pathlib.Path(d_model_path))
+    from sr3d import models as sr3d_models
+
+    hw, d = sr3d_models.load(hw_model_path), sr3d_models.load(d_model_path)
     _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

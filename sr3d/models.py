@@ -39,6 +39,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 import keras
 
 from sr3d import layers as sr3d_layers
@@ -136,3 +138,24 @@ def lr_halo(stage: str, scale: int) -> tuple[int, int]:
 def receptive_field(stage: str, scale: int) -> tuple[int, int]:
     """Same as `lr_halo`: the receptive-field radius per side in LR pixels (rows, cols)."""
     return lr_halo(stage, scale)
+
+
+def load(path) -> keras.Model:
+    """A saved stage network (.keras, custom layers registered), without optimizer state;
+    ValueError naming the file if it cannot be read."""
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
+        raise ValueError(f"{path}: not a readable Keras model: {error}") from error
+
+
+def stage_scale(model, stage: str) -> int | None:
+    """The factor a model upsamples a 4x4 probe by, if it is a stage `stage` network, else None."""
+    probe = np.zeros((1, 4, 4, 1), np.float32)
+    try:
+        shape = tuple(model(probe, training=False)["final"].shape)
+    except Exception:  # noqa: BLE001  (any model that cannot take the probe is the wrong model)
+        return None
+    r = shape[1] // 4
+    expected = (1, 4 * r, 4 * r, 1) if stage == "hw" else (1, 4 * r, 4, 1)
+    return r if r >= 2 and shape == expected else None

@@ -128,18 +128,13 @@ def predict_planes(model, planes: np.ndarray, batch_size: int = 16) -> np.ndarra
 
 def load_hw_model(path: str, scale: int):
     """A stage-hw network for cascade training; ValueError naming the file if it is not one for `scale`."""
-    import keras
+    from sr3d import models
 
-    from sr3d import layers  # noqa: F401  (registers the custom layers for deserialisation)
-
-    try:
-        model = keras.saving.load_model(path, compile=False)
-        shape = tuple(model(np.zeros((1, 4, 4, 1), np.float32), training=False)["final"].shape)
-    except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
-        raise ValueError(f"{path}: not a readable sr3d stage network: {error}") from error
-    if shape != (1, 4 * scale, 4 * scale, 1):
+    model = models.load(path)
+    found = models.stage_scale(model, "hw")
+    if found != scale:
         raise ValueError(f"{path}: not a stage-hw network for scale {scale} "
-                         f"(a 4x4 input gives {shape[1:3]}, expected {(4 * scale, 4 * scale)})")
+                         + ("(not a stage-hw network at all)" if found is None else f"(it upscales by {found})"))
     return model
 
 
@@ -283,8 +278,12 @@ def _read_state(model_dir: pathlib.Path) -> tuple[int, int] | None:
         return None
     try:
         with h5py.File(path, "r") as f:
-            return int(f.attrs["sr3d_epoch"]), int(f.attrs["sr3d_step"])
-    except (OSError, KeyError) as error:
+            if "sr3d_epoch" in f.attrs:
+                return int(f.attrs["sr3d_epoch"]), int(f.attrs["sr3d_step"])
+        # A checkpoint of sr3d before 2026-12-01 kept the position in state.json only.
+        state = json.loads((path.parent / "state.json").read_text())
+        return int(state["epoch"]), int(state["step"])
+    except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: unreadable checkpoint ({error}); delete {path.parent} to "
                          "start the run over") from error
 

@@ -258,3 +258,18 @@ def test_train_py_rejects_a_missing_scan(tmp_path):
     assert result.returncode != 0
     assert "/nonexistent/scan.nii.gz" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_position_is_read_from_the_weights_file_or_an_older_state_json(tmp_path):
+    ckpt = tmp_path / training.CHECKPOINT_DIR
+    ckpt.mkdir()
+    with h5py.File(ckpt / training.CHECKPOINT_WEIGHTS, "w") as f:   # as sr3d wrote it before 2026-12-01
+        f.create_dataset("vars", data=np.zeros(3))
+    (ckpt / "state.json").write_text('{"epoch": 3, "step": 7}')
+    assert training._read_state(tmp_path) == (3, 7)
+    with h5py.File(ckpt / training.CHECKPOINT_WEIGHTS, "a") as f:
+        f.attrs["sr3d_epoch"], f.attrs["sr3d_step"] = 4, 0
+    assert training._read_state(tmp_path) == (4, 0)  # the file's own position wins over state.json
+    (ckpt / training.CHECKPOINT_WEIGHTS).write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        training._read_state(tmp_path)
