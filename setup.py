@@ -30,7 +30,8 @@ setuptools.setup(
     ],
     extras_require={
         # playwright drives Debian's chromium in tests/test_study.py (its own browsers are never downloaded).
-        "test": ["pytest", "scikit-image", "playwright"],
+        # SimpleITK and dcm2niix re-read the DICOM series sr3d writes (tests/test_dicom_out.py).
+        "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix"],
     },
     entry_points={"console_scripts": ["sr3d=sr3d.cli:main"]},
 )

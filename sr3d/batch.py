@@ -7,15 +7,24 @@ Outputs are written under a temporary name and renamed, so OUT_DIR never holds
 a half-written scan under its final name; the temporary file of a scan whose
 writer was killed is deleted when the scan is redone. A bad scan is recorded with its reason and the batch goes
 on; the caller gets the list of failures at the end.
+
+Concurrent runs on one OUT_DIR split the work: a scan is taken under an flock on
+`OUT_DIR/.<output>.lock` and the manifest is updated entry by entry under
+`OUT_DIR/.manifest.json.lock` (lock files are removed on release; the kernel drops
+the lock of a killed run). OUT_DIR may equal IN_DIR: outputs listed in the manifest
+are then not taken as inputs on the next run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Callable
 
 from sr3d import inference
@@ -30,6 +39,8 @@ class BatchResult:
     skipped: list[str]
     failed: dict[str, str]   # scan name -> reason
     manifest: pathlib.Path
+    busy: list[str] = dataclasses.field(default_factory=list)     # being upscaled by another run
+    ignored: list[str] = dataclasses.field(default_factory=list)  # sr3d outputs found among the inputs
 
 
 def output_name(scan: pathlib.Path, scale: int) -> str:
@@ -41,7 +52,33 @@ def output_name(scan: pathlib.Path, scale: int) -> str:
     return f"{name}_x{scale}.nii.gz"
 
 
-def _load_manifest(path: pathlib.Path, settings: dict) -> dict:
+@contextlib.contextmanager
+def _lock(path: pathlib.Path, wait: bool) -> Iterator[bool]:
+    """An exclusive flock on the file `path`, created for it and removed when released; yields
+    False, without waiting, if another process holds it and `wait` is false. The kernel drops
+    the lock of a killed process, so a lock can never go stale, only its file (removed next time)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:  # the previous holder may have removed the file we opened: then it guards nothing
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _read_manifest(path: pathlib.Path, settings: dict) -> dict:
     if not path.exists():
         return {"settings": settings, "scans": {}}
     try:
@@ -54,58 +91,114 @@ def _load_manifest(path: pathlib.Path, settings: dict) -> dict:
     return manifest
 
 
+class _Manifest:
+    """OUT_DIR/manifest.json, shared by concurrent runs: each change is a read-modify-write of
+    one scan's entry under a lock, so no run overwrites what another recorded."""
+
+    def __init__(self, path: pathlib.Path, settings: dict):
+        self.path, self.settings = path, settings
+        self.lock_path = path.with_name(f".{path.name}.lock")
+        with _lock(self.lock_path, wait=True):
+            sr3d_io.remove_stale_temporaries(path)
+            self.scans = _read_manifest(path, settings)["scans"]
+
+    def reload(self) -> dict:
+        with _lock(self.lock_path, wait=True):
+            self.scans = _read_manifest(self.path, self.settings)["scans"]
+        return self.scans
+
+    def set(self, key: str, entry: dict) -> None:
+        with _lock(self.lock_path, wait=True):
+            manifest = _read_manifest(self.path, self.settings)
+            manifest["scans"][key] = entry
+            sr3d_io.write_json(self.path, manifest)
+            self.scans = manifest["scans"]
+
+
+def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble: bool = False,
-                  mode: str = "3d", log: Callable[[str], None] = print, **options) -> BatchResult:
-    """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`."""
-    scans = sr3d_io.scans_in(input_dir)
+                  mode: str = "3d", log: Callable[[str], None] = print, overwrite: bool = False,
+                  **options) -> BatchResult:
+    """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`.
+
+    OUT_DIR may be IN_DIR or inside it: sr3d's own outputs there (and OUT_DIR itself) are not
+    taken as inputs. Several runs on the same OUT_DIR share the work: each scan is upscaled by
+    the run that takes its lock, the others skip it. An output that exists but is not listed in
+    the manifest (not made by this batch) is replaced only with `overwrite`; otherwise that
+    scan fails with a message saying so.
+    """
+    out = pathlib.Path(output_dir)
+    scans = [s for s in sr3d_io.scans_in(input_dir) if not _same_dir(s, out)]
     if not scans:
         raise ValueError(f"{input_dir}: no scans found (NIfTI/NRRD files or DICOM series directories)")
-    out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise ValueError(f"{out}: output directory is not writable")
     settings = {"scale": scale, "mode": mode, "ensemble": ensemble,
                 "model": str(pathlib.Path(model).resolve()) if isinstance(model, (str, os.PathLike)) else "shipped"}
-    manifest_path = out / MANIFEST
-    sr3d_io.remove_stale_temporaries(manifest_path)
-    manifest = _load_manifest(manifest_path, settings)
+    manifest = _Manifest(out / MANIFEST, settings)
     bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
 
-    done, skipped, failed = [], [], {}
+    done, skipped, failed, busy, ignored = [], [], {}, [], []
+    in_place = _same_dir(pathlib.Path(input_dir), out)
     for index, scan in enumerate(scans, 1):
         key = scan.name
-        target = out / output_name(scan, scale)
-        entry = manifest["scans"].get(key, {})
-        if entry.get("status") == "done" and target.exists():
-            skipped.append(key)
-            log(f"[{index}/{len(scans)}] {key}: done already, skipped")
+        where = f"[{index}/{len(scans)}] {key}"
+        if in_place and any(e.get("output") == key for e in manifest.scans.values()):
+            ignored.append(key)
+            log(f"{where}: an output of this batch, not an input: ignored")
             continue
-        # A run killed while writing this scan left its temporary file: not ours to keep.
-        for stale in sr3d_io.remove_stale_temporaries(target):
-            log(f"[{index}/{len(scans)}] {key}: removed {stale.name}, left by an interrupted run")
-        manifest["scans"][key] = {"status": "running", "output": target.name, "started": time.time()}
-        sr3d_io.write_json(manifest_path, manifest)
-        start = time.perf_counter()
-        try:
-            volume = sr3d_io.load_volume(scan)
-            result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
-            sr3d_io.save_volume(result, target)
-        except (ValueError, OSError) as error:
-            reason = str(error)
-        except Exception as error:  # noqa: BLE001  (one bad scan must not stop the batch)
-            reason = f"{type(error).__name__}: {error} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
-        else:
-            reason = None
-        seconds = time.perf_counter() - start
-        if reason is None:
-            manifest["scans"][key] = {"status": "done", "output": target.name, "seconds": round(seconds, 3)}
-            done.append(key)
-            log(f"[{index}/{len(scans)}] {key} -> {target.name} ({seconds:.1f} s)")
-        else:
-            manifest["scans"][key] = {"status": "failed", "error": reason, "seconds": round(seconds, 3)}
-            failed[key] = reason
-            log(f"[{index}/{len(scans)}] {key}: FAILED: {reason}")
-        sr3d_io.write_json(manifest_path, manifest)
-    return BatchResult(done=done, skipped=skipped, failed=failed, manifest=manifest_path)
+        target = out / output_name(scan, scale)
+        with _lock(target.with_name(f".{target.name}.lock"), wait=False) as mine:
+            if not mine:
+                busy.append(key)
+                log(f"{where}: being upscaled by another run, skipped")
+                continue
+            entry = manifest.reload().get(key, {})  # another run may have finished it meanwhile
+            if entry.get("status") == "done" and target.exists():
+                skipped.append(key)
+                log(f"{where}: done already, skipped")
+                continue
+            if (target.exists() or target.is_symlink()) and entry.get("output") != target.name and not overwrite:
+                reason = (f"{target}: exists already and is not an output of this batch (not in "
+                          f"{manifest.path.name}): pass --overwrite to replace it")
+                manifest.set(key, {"status": "failed", "error": reason, "seconds": 0.0})
+                failed[key] = reason
+                log(f"{where}: FAILED: {reason}")
+                continue
+            # A run killed while writing this scan left its temporary file: not ours to keep.
+            for stale in sr3d_io.remove_stale_temporaries(target):
+                log(f"{where}: removed {stale.name}, left by an interrupted run")
+            manifest.set(key, {"status": "running", "output": target.name, "started": time.time()})
+            start = time.perf_counter()
+            try:
+                volume = sr3d_io.load_volume(scan)
+                result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
+                sr3d_io.save_volume(result, target)
+            except (ValueError, OSError) as error:
+                reason = str(error)
+            except Exception as error:  # noqa: BLE001  (one bad scan must not stop the batch)
+                reason = f"{type(error).__name__}: {error} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
+            else:
+                reason = None
+            seconds = time.perf_counter() - start
+            if reason is None:
+                manifest.set(key, {"status": "done", "output": target.name, "seconds": round(seconds, 3)})
+                done.append(key)
+                log(f"{where} -> {target.name} ({seconds:.1f} s)")
+            else:
+                # "output" stays: a rerun may replace what this run left under that name.
+                manifest.set(key, {"status": "failed", "output": target.name, "error": reason,
+                                   "seconds": round(seconds, 3)})
+                failed[key] = reason
+                log(f"{where}: FAILED: {reason}")
+    return BatchResult(done=done, skipped=skipped, failed=failed, manifest=manifest.path, busy=busy,
+                       ignored=ignored)

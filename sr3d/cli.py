@@ -1,6 +1,7 @@
 """The `sr3d` command (also `python -m sr3d`).
 
   sr3d upscale IN OUT [--scale 2] [--ensemble] [--model DIR] [--axes 3d|2d]
+  sr3d upscale IN OUT_DIR/ --format dicom ...   write a new DICOM series (same study when IN is DICOM)
   sr3d upscale IN OUT --self-supervised [--target-spacing MM] [--time-budget S] [--save-model M.keras]
                                 thick-slice scan: train stage d on the scan itself, upscale its thick axis
   sr3d demo [--out DIR]         upscale the bundled real scan, write the result and a comparison PNG
@@ -47,9 +48,14 @@ class _ProgressBar:
 
 
 def _check_output_path(path: str) -> pathlib.Path:
+    """OUT's name and directory, checked before any work: a bad OUT must not cost a full compute."""
     out = pathlib.Path(path)
+    if out.is_dir():
+        raise ValueError(f"{out}: is a directory: the output must be a NIfTI file name, e.g. {out / 'out.nii.gz'}")
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise ValueError(f"{out}: output must be a NIfTI file ending in .nii or .nii.gz")
+    if out.name.lower() in (".nii", ".nii.gz"):
+        raise ValueError(f"{out}: the output name is only a suffix: give it a name, e.g. out{out.name}")
     parent = out.parent if str(out.parent) else pathlib.Path(".")
     if not parent.is_dir():
         raise ValueError(f"{out}: output directory {parent} does not exist")
@@ -58,10 +64,47 @@ def _check_output_path(path: str) -> pathlib.Path:
     return out
 
 
+def _output_path(args) -> pathlib.Path:
+    """`upscale`'s checked output: a NIfTI file, or with --format dicom a new series directory."""
+    if getattr(args, "format", "nifti") == "dicom":
+        from sr3d import dicom_out
+        return dicom_out.check_output_dir(args.output)
+    return _check_output_path(args.output)
+
+
+def _check_not_input(input_path, out: pathlib.Path) -> None:
+    """Refuses OUT that is IN: the same file by any name (./IN, a symlink, a hard link)."""
+    try:
+        same = os.path.samefile(input_path, out)
+    except OSError:  # one of them does not exist
+        same = False
+    if same:
+        raise ValueError(f"{out}: is the input {input_path} (the same file): writing it would destroy "
+                         "the scan; choose another output name")
+
+
+def _check_upscale_paths(args) -> None:
+    """`upscale`'s IN and OUT before anything is loaded: IN exists, OUT is not IN, an existing OUT
+    is replaced only with --overwrite, and temporaries of killed runs for OUT are removed."""
+    from sr3d import io as sr3d_io
+
+    if not os.path.exists(args.input):
+        raise FileNotFoundError(2, "No such file or directory", args.input)
+    _check_not_input(args.input, pathlib.Path(args.output))
+    if getattr(args, "format", "nifti") != "nifti":
+        return
+    out = _check_output_path(args.output)
+    if (out.exists() or out.is_symlink()) and not getattr(args, "overwrite", False):
+        raise ValueError(f"{out}: exists already: pass --overwrite to replace it, or choose another name")
+    for stale in sr3d_io.remove_stale_temporaries(out):
+        print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+
+
 def cmd_upscale(args) -> int:
     from sr3d import inference
     from sr3d import io as sr3d_io
 
+    _check_upscale_paths(args)
     if getattr(args, "self_supervised", False):
         return cmd_upscale_self_supervised(args)
     if args.planes != "dw" and args.axes != "3d":
@@ -69,7 +112,7 @@ def cmd_upscale(args) -> int:
     if (getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None)
             or getattr(args, "slice_profile", None)):
         raise ValueError("--target-spacing, --slice-profile and --save-model apply only with --self-supervised")
-    out = _check_output_path(args.output)
+    out = _output_path(args)
     if args.scale < 2:
         raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
     if args.batch_size < 1:
@@ -84,8 +127,9 @@ def cmd_upscale(args) -> int:
           f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
     result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=args.ensemble, planes=args.planes,
                                       tile_mb=args.tile_mb, batch_size=args.batch_size,
-                                      progress=_ProgressBar("upscale"))
-    sr3d_io.save_volume(result, out)
+                                      progress=_ProgressBar("upscale"), precision=args.precision)
+    sr3d_io.save_volume(result, out, format=args.format,
+                        note=f"x{args.scale} {mode} CNN" if args.format == "dicom" else None)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
     return 0
@@ -98,7 +142,7 @@ def cmd_upscale_self_supervised(args) -> int:
     from sr3d import io as sr3d_io
     from sr3d import selfsup
 
-    out = _check_output_path(args.output)
+    out = _output_path(args)
     if args.scale != 2:
         raise ValueError(f"--scale {args.scale} does not apply with --self-supervised: the factor is the slice "
                          "spacing / --target-spacing (default: the in-plane spacing)")
@@ -129,7 +173,7 @@ def cmd_upscale_self_supervised(args) -> int:
             log(f"wrote {args.save_model} (and {pathlib.Path(args.save_model).with_suffix('.json').name})")
     result = selfsup.upscale_thick(volume, model, target_spacing=plan.target_mm, ensemble=args.ensemble,
                                    batch_size=args.batch_size, progress=log)
-    sr3d_io.save_volume(result, out, note=plan.describe())
+    sr3d_io.save_volume(result, out, note=plan.describe(), format=args.format)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
     return 0
@@ -140,11 +184,17 @@ def cmd_upscale_batch(args) -> int:
 
     if args.scale < 2:
         raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
+    if not os.path.isdir(args.input_dir):
+        raise FileNotFoundError(2, "No such directory", args.input_dir)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"{args.output_dir}: is a file: the output must be a directory")
     result = batch.upscale_batch(args.input_dir, args.output_dir, args.scale, args.model, ensemble=args.ensemble,
-                                 mode=args.axes, tile_mb=args.tile_mb,
+                                 mode=args.axes, tile_mb=args.tile_mb, overwrite=getattr(args, "overwrite", False),
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{len(result.done)} upscaled, {len(result.skipped)} skipped (done before), "
-          f"{len(result.failed)} failed; manifest: {result.manifest}", file=sys.stderr)
+          + (f"{len(result.busy)} left to another run, " if result.busy else "")
+          + (f"{len(result.ignored)} sr3d outputs ignored, " if result.ignored else "")
+          + f"{len(result.failed)} failed; manifest: {result.manifest}", file=sys.stderr)
     for name, reason in result.failed.items():
         print(f"failed: {name}: {reason}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -219,7 +269,12 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("upscale", help="upscale a NIfTI file or DICOM series directory")
     up.add_argument("input", help="NIfTI/NRRD file, DICOM series directory or multi-frame DICOM file")
-    up.add_argument("output", help="output NIfTI file (.nii or .nii.gz)")
+    up.add_argument("output", help="output NIfTI file (.nii or .nii.gz), or with --format dicom a new directory")
+    up.add_argument("--format", choices=["nifti", "dicom"], default="nifti",
+                    help="nifti (default), or dicom: a new series (one file per slice) in the directory OUTPUT, "
+                         "in the source's study when the input is DICOM (see sr3d/dicom_out.py)")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace OUTPUT if it exists (never allowed when OUTPUT is the input)")
     up.add_argument("--scale", type=int, default=2, help="upscaling factor (shipped models: 2, 4)")
     up.add_argument("--ensemble", action="store_true", help="self-ensemble (8 transforms, median)")
     up.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
@@ -231,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--tile-mb", dest="tile_mb", type=float, default=256,
                     help="memory budget of one band of rows in MB (default 256)")
     up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")
+    up.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32",
+                    help="network precision; auto: bfloat16 where the CPU has native bf16 (default float32)")
     up.add_argument("--self-supervised", dest="self_supervised", action="store_true",
                     help="thick-slice scan: train stage d on the scan's own in-plane slices, then upscale the "
                          "thick axis (--scale is not used: see --target-spacing; --model: a --save-model file)")
@@ -256,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     many.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
     many.add_argument("--axes", choices=["3d", "2d"], default="3d")
     many.add_argument("--tile-mb", dest="tile_mb", type=float, default=256)
+    many.add_argument("--overwrite", action="store_true",
+                      help="replace outputs in OUT_DIR that this batch's manifest does not list as its own")
     many.set_defaults(func=cmd_upscale_batch)
 
     bundle = sub.add_parser("bundle", help="assemble a model bundle from two trained stages")
@@ -274,16 +333,80 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so every atomic write removes its temporary file."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _one_line_warnings(command: str, default):
+    """showwarning that prints sr3d's own warnings (what a reader assumed) as one line each."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("sr3d"):
+            print(f"sr3d {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
+def _handle_signals(handler) -> dict:
+    import signal
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread (tests in threads): leave them alone
+            pass
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; every failure ends as one line on stderr: exit status 2 for bad input
+    (files, flags), 1 for out of memory or an internal error (SR3D_DEBUG=1 shows its traceback),
+    130 for Ctrl-C and 128 + N for signal N (SIGTERM 143, SIGHUP 129)."""
+    import signal
+    import warnings
+
     args = parser().parse_args(argv)
+    name = f"sr3d {args.command}"
+    previous = _handle_signals(_raise_terminated)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return args.func(args)
     except (ValueError, OSError) as error:  # OSError: missing, unreadable or unwritable files
-        print(f"sr3d {args.command}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError as error:
+        scan = getattr(args, "input", None) or getattr(args, "input_dir", None) or "input"
+        print(f"{name}: error: {scan}: out of memory ({error or 'MemoryError'}): try a smaller --tile-mb, "
+              "--axes 2d or a machine with more memory", file=sys.stderr)
+        return 1
+    except _Terminated as stop:
+        print(f"{name}: terminated by {signal.Signals(stop.signum).name}; nothing half-written was left",
+              file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
-        print(f"sr3d {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001  (a traceback is no answer for a user)
+        if os.environ.get("SR3D_DEBUG"):
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"{name}: internal error: {type(error).__name__}: {first_line} (rerun with SR3D_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

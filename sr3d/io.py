@@ -38,7 +38,7 @@ _NRRD_SPACE_FLIPS = {
 }
 _SAVE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                 "float32", "float64")
-_MODALITY_DESCRIP = re.compile(r"^sr3d modality=(\S+)$")
+_MODALITY_DESCRIP = re.compile(r"(?:; )?sr3d modality=(\S+)$")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,6 +51,13 @@ class Volume:
     modality: "CT", "MR", ... when the file says so, else None.
     source_dtype: numpy dtype name of the stored voxel values; `save_volume` writes it by default.
     source: path the volume was read from, None for computed volumes.
+    dicom: what a volume read from DICOM remembers of its series (patient, study, source
+        instances), so `save_volume(..., format="dicom")` writes a derived series of the same study.
+    xform_codes: NIfTI (sform_code, qform_code) of the file read (1 scanner, 2 aligned,
+        3 Talairach, 4 MNI, 5 other template, 0 unknown), kept by `save_volume`; None: not from NIfTI (written as 1).
+    description: the NIfTI `descrip` of the file read (without sr3d's own tag), kept on save.
+    assumptions: what the reader had to guess (voxel size, orientation, slice grid), one
+        sentence each; warned about when read, recorded in the header by `save_volume`.
     """
 
     array: np.ndarray
@@ -59,6 +66,10 @@ class Volume:
     modality: str | None = None
     source_dtype: str = "float32"
     source: str | None = None
+    dicom: DicomSource | None = None
+    xform_codes: tuple[int, int] | None = None
+    description: str = ""
+    assumptions: tuple[str, ...] = ()
 
     def __post_init__(self):
         array = np.asarray(self.array)
@@ -66,10 +77,17 @@ class Volume:
             raise ValueError(f"volume array must be 3D (D, H, W), got shape {array.shape}")
         if array.dtype.kind not in "biuf":
             raise ValueError(f"volume array must hold real numbers, got dtype {array.dtype}")
-        array = array.astype(np.float32, copy=False)
+        original = array
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32, copy=False)
         # A float64 sum cannot overflow on float32 input, so it is finite iff every voxel is.
         if not np.isfinite(np.sum(array, dtype=np.float64)):
             n_bad = array.size - np.count_nonzero(np.isfinite(array))
+            n_beyond = n_bad - (original.size - np.count_nonzero(np.isfinite(original)))
+            if n_beyond:
+                largest = float(np.max(np.abs(original[np.isfinite(original)])))
+                raise ValueError(f"volume array has {n_beyond} finite values beyond float32's range "
+                                 f"(|value| up to {largest:.3g} > 3.4e38): rescale the scan's intensities")
             raise ValueError(f"volume array has non-finite values (NaN or Inf) at {n_bad} voxels")
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
@@ -86,6 +104,12 @@ class Volume:
         object.__setattr__(self, "source_dtype", source_dtype)
         if self.source is not None:
             object.__setattr__(self, "source", os.fspath(self.source))
+        if self.xform_codes is not None:
+            codes = tuple(int(c) for c in self.xform_codes)
+            if len(codes) != 2 or not all(0 <= c <= 5 for c in codes):
+                raise ValueError(f"xform_codes must be (sform_code, qform_code) in 0..5, got {self.xform_codes!r}")
+            object.__setattr__(self, "xform_codes", codes)
+        object.__setattr__(self, "assumptions", tuple(str(a) for a in self.assumptions))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -171,6 +195,10 @@ def upscaled_volume(volume: Volume, array: np.ndarray, scale: int | Sequence[int
         affine=upscaled_affine(volume.affine, volume.shape, scale, axes),
         modality=volume.modality,
         source_dtype=volume.source_dtype,
+        dicom=volume.dicom,
+        xform_codes=volume.xform_codes,
+        description=volume.description,
+        assumptions=volume.assumptions,
     )
 
 
@@ -306,25 +334,107 @@ def _spatial_shape(shape: Sequence[int], path: pathlib.Path) -> tuple[int, int, 
     return shape
 
 
-def _check_gzip(path: pathlib.Path) -> None:
+def _check_gzip(path: pathlib.Path) -> int:
     """Reads a .gz file to its end, so gzip checks its CRC and length: nibabel stops reading
-    after the voxels, so damage inside the compressed stream could otherwise pass as data."""
+    after the voxels, so damage inside the compressed stream could otherwise pass as data.
+    Returns the uncompressed size in bytes."""
+    size = 0
     with gzip.open(path, "rb") as stream:
-        while stream.read(1 << 22):
-            pass
+        while chunk := stream.read(1 << 22):
+            size += len(chunk)
+    return size
+
+
+class GeometryWarning(UserWarning):
+    """A reader had to assume something about a scan's geometry (see `Volume.assumptions`)."""
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.3g} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.3g} MB"
+
+
+def check_voxel_count(path, shape: Sequence[int], itemsize: int, offset: int, file_bytes: int | None,
+                      compressed: bool = False) -> None:
+    """Refuses a header whose voxels cannot be in the file (a memory bomb: a few KB claiming
+    20000^3 voxels) or would not fit in this machine's memory as float32, before any is read."""
+    n = 1
+    for size in shape:
+        n *= int(size)
+    claimed = ' x '.join(map(str, shape))
+    if file_bytes is not None and offset + n * itemsize > file_bytes:
+        raise ValueError(f"{path}: truncated or wrong header: it claims {claimed} voxels "
+                         f"of {itemsize} bytes ({_gb(offset + n * itemsize)} with the header) but the file holds "
+                         f"{file_bytes} bytes{' uncompressed' if compressed else ''}")
+    memory = _memory_bytes()
+    if memory is not None and 4 * n > memory:
+        raise ValueError(f"{path}: {claimed} voxels need {_gb(4 * n)} as float32, more than this "
+                         f"machine's {_gb(memory)} of memory")
+
+
+def _nifti_assumptions(raw_header, shape: Sequence[int], affine_used: np.ndarray) -> list[str]:
+    """What nibabel guessed for this header: voxel sizes for pixdim <= 0, an orientation for
+    sform and qform codes 0, and which of two disagreeing transforms it used."""
+    sform_code, qform_code = int(raw_header["sform_code"]), int(raw_header["qform_code"])
+    notes = []
+    if sform_code == 0:  # the qform and the fallback both take voxel sizes from pixdim
+        for axis, size in zip("ijk", raw_header["pixdim"][1:4]):
+            if not size > 0:
+                notes.append(f"pixdim of axis {axis} is {float(size):g}: voxel size taken as "
+                             f"{abs(float(size)) or 1:g} mm")
+    if sform_code == 0 and qform_code == 0:
+        notes.append("no orientation (sform_code and qform_code 0): axes taken as x left, y anterior, "
+                     "z superior (Analyze convention, as nibabel and FSL), origin at the centre")
+    elif sform_code > 0 and qform_code > 0:
+        qform = raw_header.get_qform()
+        corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                            for k in (0, shape[2] - 1)])
+        apart = float(np.max(np.linalg.norm((corners @ (affine_used - qform).T)[:, :3], axis=1)))
+        if apart > 0.1:
+            notes.append(f"sform (code {sform_code}) and qform (code {qform_code}) place the volume up to "
+                         f"{apart:.3g} mm apart: used the sform, as nibabel and FSL do")
+    return notes
+
+
+def _read_raw_nifti_header(path: pathlib.Path, header_class):
+    """The header as stored, before nibabel's repairs (pixdim 0 -> 1, negative -> abs)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        return header_class.from_fileobj(stream, check=False)
+
+
+def _warn(path, assumptions: Sequence[str]) -> None:
+    import warnings
+
+    for assumption in assumptions:
+        warnings.warn(f"{path}: {assumption}", GeometryWarning, stacklevel=3)
 
 
 def _load_nifti(path: pathlib.Path) -> Volume:
     try:
-        if path.name.lower().endswith(".gz"):
-            _check_gzip(path)
-        image = nib.load(path)
+        compressed = path.name.lower().endswith(".gz")
+        file_bytes = _check_gzip(path) if compressed else path.stat().st_size
+        with nib.imageglobals.LoggingOutputSuppressor():  # its repairs are reported below instead
+            image = nib.load(path)
         shape = _spatial_shape(image.shape, path)
         stored = image.get_data_dtype()
         if stored.kind not in "biuf":
             raise ValueError(f"{path}: voxel type {stored} is not a real scalar: expected a "
                              "grey-level volume")
-        data = image.get_fdata(dtype=np.float32).reshape(shape)
+        check_voxel_count(path, image.shape, stored.itemsize, int(image.dataobj.offset), file_bytes,
+                          compressed)
+        raw_header = _read_raw_nifti_header(path, type(image.header))
+        with np.errstate(over="ignore"):
+            data = image.get_fdata(dtype=np.float32).reshape(shape)
+        if not np.isfinite(np.sum(data, dtype=np.float64)):
+            # Volume says which voxels are NaN or Inf, or which finite values float32 cannot hold.
+            data = np.asanyarray(image.dataobj).reshape(shape)
     except PermissionError:
         raise
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError,
@@ -335,12 +445,34 @@ def _load_nifti(path: pathlib.Path) -> Volume:
     slope, inter = image.dataobj.slope, image.dataobj.inter
     source_dtype = stored.name if (slope, inter) == (1.0, 0.0) else "float32"
     descrip = image.header["descrip"].item().decode("latin-1").strip()
-    modality = _MODALITY_DESCRIP.match(descrip)
-    return _make_volume(path, data.transpose(2, 1, 0), image.affine @ _SWAP_D_W,
-                        modality=modality.group(1) if modality else None, source_dtype=source_dtype)
+    modality = _MODALITY_DESCRIP.search(descrip)
+    description = descrip[:modality.start()] if modality else descrip
+    assumptions = _nifti_assumptions(raw_header, shape, image.affine)
+    volume = _make_volume(path, data.transpose(2, 1, 0), image.affine @ _SWAP_D_W,
+                          modality=modality.group(1) if modality else None, source_dtype=source_dtype,
+                          xform_codes=(int(raw_header["sform_code"]), int(raw_header["qform_code"])),
+                          description=description, assumptions=tuple(assumptions))
+    _warn(path, assumptions)
+    return volume
+
+
+def _check_nrrd_size(path: pathlib.Path) -> None:
+    """The NRRD header's voxel count against the file (raw encoding) and this machine's memory."""
+    try:
+        with open(path, "rb") as stream:
+            header = nrrd.read_header(stream)
+            offset = stream.tell()
+        sizes = [int(n) for n in np.ravel(header.get("sizes", []))]
+        itemsize = np.dtype(nrrd.reader._determine_datatype(header)).itemsize
+    except Exception:  # noqa: BLE001  (nrrd.read below reports a bad header in its own words)
+        return
+    detached = "data file" in header or "datafile" in header
+    raw = str(header.get("encoding", "raw")).lower() == "raw" and not detached
+    check_voxel_count(path, sizes, itemsize, offset, path.stat().st_size if raw else None)
 
 
 def _load_nrrd(path: pathlib.Path) -> Volume:
+    _check_nrrd_size(path)
     try:
         data, header = nrrd.read(str(path))
     except (nrrd.NRRDError, OSError, EOFError, ValueError, zlib.error) as error:
@@ -559,7 +691,31 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list) -> 
     lps[:3, 3] = positions[0]
     modality = datasets[first.dataset].get("Modality")
     return _make_volume(where, array, _LPS_TO_RAS @ lps, modality=str(modality) if modality else None,
-                        source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high))
+                        source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high),
+                        dicom=_dicom_source(datasets, slices, _LPS_TO_RAS @ lps))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DicomSource:
+    """The source series of a volume read from DICOM.
+
+    header: the first image's public attributes without pixel data (patient, study, series, ...).
+    instances: (SOPClassUID, SOPInstanceUID, frame number or None) of each source slice, in D order.
+    affine: 4x4 voxel index (d, h, w) -> world RAS+ mm of the source grid.
+    """
+
+    header: pydicom.Dataset
+    instances: tuple[tuple[str, str, int | None], ...]
+    affine: np.ndarray
+
+
+def _dicom_source(datasets: list, slices: list[_Slice], affine: np.ndarray) -> DicomSource:
+    first = datasets[slices[0].dataset]
+    header = pydicom.Dataset({e.tag: e for e in first if e.tag.group != 0x7FE0 and not e.tag.is_private})
+    instances = tuple((str(datasets[s.dataset].get("SOPClassUID", "")),
+                       str(datasets[s.dataset].get("SOPInstanceUID", "")),
+                       None if s.frame is None else s.frame + 1) for s in slices)
+    return DicomSource(header, instances, affine)
 
 
 def _check_regular(where, slices: list[_Slice], along: np.ndarray, positions: np.ndarray) -> None:
@@ -624,21 +780,46 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(array), np.float32(info.min), high).astype(dtype)
 
 
+def _descrip(description: str, modality: str | None) -> bytes:
+    """The input's `descrip` with sr3d's modality tag added, within NIfTI's 80 bytes."""
+    text = description.encode("latin-1", "replace")
+    if not modality:
+        return text[:80]
+    tag = f"sr3d modality={modality}".encode("latin-1", "replace")[:80]
+    return (text[:80 - len(tag) - 2] + b"; " + tag) if text and len(tag) < 78 else tag
+
+
 def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = None,
-                note: str | None = None) -> pathlib.Path:
+                note: str | None = None, format: str = "nifti") -> pathlib.Path:
     """Write `volume` to NIfTI (.nii or .nii.gz) atomically; return the path written.
+
+    format: "nifti", or "dicom" for a new DICOM series in the directory `path`, one file per
+    slice (see `sr3d.dicom_out.save_series`; `dtype` does not apply, `note` is its description).
 
     dtype: stored voxel type, default `volume.source_dtype`; integer types are rounded and
     clipped to their range. note: free text (how the volume was made) stored in the header
     as a NIfTI comment extension (ecode 6). The file appears complete or not at all: it is written to a
-    temporary file in the same directory and renamed. sform and qform (code 1, scanner)
-    hold the affine with D stored as the third (slice) axis; modality goes into `descrip`.
+    temporary file in the same directory and renamed. sform and qform hold the affine with D
+    stored as the third (slice) axis, with the input's codes (`volume.xform_codes`, default 1,
+    scanner); `descrip` keeps the input's text and adds the modality; `volume.assumptions`
+    are recorded in the comment extension.
     """
+    if format == "dicom":
+        if dtype is not None:
+            raise ValueError(f"{path}: dtype does not apply to DICOM output (int16/uint16 plus RescaleSlope)")
+        from sr3d import dicom_out
+        return dicom_out.save_series(volume, path, note=note)
+    if format != "nifti":
+        raise ValueError(f"{path}: format must be 'nifti' or 'dicom', got {format!r}")
     path = pathlib.Path(path)
     name = path.name
     suffix = next((s for s in (".nii.gz", ".nii") if name.lower().endswith(s)), None)
     if suffix is None:
         raise ValueError(f"{path}: can only write NIfTI: the name must end with .nii or .nii.gz")
+    if len(name) == len(suffix):
+        raise ValueError(f"{path}: the file name is only the suffix {name}: give it a name, e.g. out{suffix}")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name to write", str(path))
     dtype = _storable_dtype(dtype if dtype is not None else volume.source_dtype, f"{path}: dtype")
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "Directory to write into does not exist", str(path))
@@ -646,14 +827,17 @@ def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = Non
     affine = volume.affine @ _SWAP_D_W
     image = nib.Nifti1Image(_cast(volume.array, dtype).transpose(2, 1, 0), affine)
     image.header.set_data_dtype(dtype)
-    image.header.set_sform(affine, code=1)
-    image.header.set_qform(affine, code=1)  # nibabel drops any shear here; the sform keeps it
+    # The input's codes say which space the affine is in (FSLeyes shows MNI, aligned, ...).
+    sform_code, qform_code = volume.xform_codes if volume.xform_codes is not None else (1, 1)
+    image.header.set_sform(affine, code=sform_code)
+    image.header.set_qform(affine, code=qform_code)  # nibabel drops any shear here; the sform keeps it
     image.header.set_xyzt_units("mm")
     image.header.set_dim_info(slice=2)
-    if volume.modality:
-        image.header["descrip"] = f"sr3d modality={volume.modality}"[:80]
-    if note:
-        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", note.encode("utf-8")))
+    image.header["descrip"] = _descrip(volume.description, volume.modality)
+    comment = "\n".join(([note] if note else [])
+                        + [f"assumed when reading {volume.source or 'the input'}: {a}" for a in volume.assumptions])
+    if comment:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", comment.encode("utf-8")))
 
     try:
         with atomic_path(path) as temporary:

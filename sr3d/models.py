@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import pathlib
+import zipfile
 
 import numpy as np
 
@@ -142,7 +144,23 @@ def receptive_field(stage: str, scale: int) -> tuple[int, int]:
 
 def load(path) -> keras.Model:
     """A saved stage network (.keras, custom layers registered), without optimizer state;
-    ValueError naming the file if it cannot be read."""
+    ValueError naming the file and what is wrong with it if it cannot be read."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: model file not found")
+    if path.is_file() and path.suffix == ".keras":
+        # Keras says "File not found" for any .keras file that is not a whole zip archive.
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a readable Keras model: not a complete .keras zip archive "
+                             f"({path.stat().st_size} bytes: truncated or corrupt); save or copy it again")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            damaged = f"({error})"
+        if damaged is not None:
+            raise ValueError(f"{path}: not a readable Keras model: damaged member {damaged} in the "
+                             ".keras archive (corrupt file); save or copy it again")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types (ValueError, BadZipFile, KeyError, ...)
