@@ -2,6 +2,7 @@
 
   python export.py --scale 2 --export_dir /models            # the shipped 2x model
   python export.py --model runs/bundle_x2 --scale 2 --export_dir /models --version 3
+  python export.py --scale 2 --export_dir /models --precision bfloat16   # bf16 convolutions
 
 writes `<export_dir>/<name>/<version>/` (saved_model.pb + variables/), the layout
 TF Serving polls; the signatures are described in sr3d/export.py.
@@ -10,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from sr3d import export, inference
+from sr3d import export, inference, precision
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (hw.keras, d.keras, bundle.json); "
                              "default: the shipped model for --scale.")
@@ -19,6 +20,9 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Base directory of the exp
                                   required=True)
 _NAME = flags.DEFINE_string("name", "sr3d", "Model name: the subdirectory of --export_dir.")
 _VERSION = flags.DEFINE_integer("version", None, "Version subdirectory (default: Unix timestamp).")
+_PRECISION = flags.DEFINE_enum("precision", "float32", list(precision.PRECISIONS),
+                               "Precision of the networks in the graph; auto: bfloat16 if this CPU "
+                               "multiplies bf16 natively (sr3d/precision.py).")
 
 
 def main(argv):
@@ -26,7 +30,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         bundle = inference.load_models(_MODEL.value, scale=_SCALE.value)
-        path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value)
+        path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value,
+                             precision=_PRECISION.value)
         print(f"exported {path}")
     except (ValueError, OSError) as error:
         sys.exit(f"export.py: error: {error}")

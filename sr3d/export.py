@@ -26,10 +26,44 @@ import shutil
 import time
 
 from sr3d import intensity
+from sr3d import precision as sr3d_precision
 
 
-def _serving_fns(hw_model, d_model):
+def min_volume_shape(scale: int, mode: str) -> tuple[int, int, int]:
+    """The smallest (D, H, W) the served graph accepts, as the CLI: >= 2 slices for 3d, and
+    slices at least the receptive field (smaller ones would be all zero-padded border)."""
+    from sr3d import models as sr3d_models
+
+    side = 2 * sr3d_models.lr_halo("hw", scale)[0] + 1
+    return (2 if mode == "3d" else 1, side, side)
+
+
+def _serving_fns(hw_model, d_model, scale: int):
     import tensorflow as tf
+
+    def checked(tensor, mode: str | None):
+        """The input, after asserts that give TF Serving clients INVALID_ARGUMENT saying what is
+        wrong, instead of a NaN volume, a meaningless "upscale" or an index error deep inside."""
+        # The signature's rank is static, so only EnsureShape checks the rank of what is fed.
+        tensor = tf.ensure_shape(tensor, [None] * (4 if mode is None else 3),
+                                 name="sr3d_input_must_be_images_BHW1" if mode is None else "sr3d_volume_must_be_DHW")
+        shape = tf.shape(tensor)
+        checks = [tf.debugging.assert_all_finite(tensor, "sr3d: input has NaN or Inf values: replace "
+                                                         "them (e.g. by the scan's minimum) before upscaling")]
+        if mode is None:
+            checks.append(tf.debugging.assert_positive(tf.size(tensor), message="sr3d: images are empty"))
+        else:
+            depth, side, _ = min_volume_shape(scale, mode)
+            checks += [
+                tf.debugging.assert_greater_equal(
+                    shape[0], depth, message=f"sr3d: {mode} upscaling needs a volume of >= {depth} slices (D)"),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(shape[1:]), side,
+                    message=f"sr3d: slices (H, W) must be >= {side} x {side} voxels, the networks' receptive "
+                            f"field at scale {scale}"),
+            ]
+        with tf.control_dependencies(checks):
+            return tf.identity(tensor)
 
     def run_planes(model, planes):
         """(N, h, w) normalised planes -> (N, h', w'), one plane per network call."""
@@ -37,7 +71,7 @@ def _serving_fns(hw_model, d_model):
                          planes, fn_output_signature=tf.TensorSpec([None, None], tf.float32))
 
     def upscale(volume, mode: str):
-        volume = tf.convert_to_tensor(volume, tf.float32)
+        volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
         lo, hi = intensity.window_tf(volume)
         x = (volume - lo) / (hi - lo)
         x = run_planes(hw_model, x)                                  # (D, rH, rW)
@@ -48,12 +82,16 @@ def _serving_fns(hw_model, d_model):
         return {"upscaled": tf.clip_by_value(y, tf.reduce_min(volume), tf.reduce_max(volume))}
 
     return (lambda volume: upscale(volume, "3d"), lambda volume: upscale(volume, "2d"),
-            lambda images: {"final": hw_model(images, training=False)["final"]},
-            lambda images: {"final": d_model(images, training=False)["final"]})
+            lambda images: {"final": hw_model(checked(images, None), training=False)["final"]},
+            lambda images: {"final": d_model(checked(images, None), training=False)["final"]})
 
 
-def export_archive(bundle, path: str | os.PathLike) -> pathlib.Path:
-    """Writes the SavedModel of a `sr3d.inference.ModelBundle` to `path` (atomically)."""
+def export_archive(bundle, path: str | os.PathLike, precision: str = "float32") -> pathlib.Path:
+    """Writes the SavedModel of a `sr3d.inference.ModelBundle` to `path` (atomically).
+
+    precision: of the stage networks in the graph ("auto": of this machine, see `sr3d.precision`);
+    the signatures take and return float32 either way.
+    """
     import keras
     import tensorflow as tf
 
@@ -63,10 +101,12 @@ def export_archive(bundle, path: str | os.PathLike) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     volume_spec = tf.TensorSpec([None, None, None], tf.float32, name="volume")
     image_spec = tf.TensorSpec([None, None, None, 1], tf.float32, name="images")
-    serve_3d, serve_2d, stage_hw, stage_d = _serving_fns(bundle.hw, bundle.d)
+    precision = sr3d_precision.resolve(precision)
+    hw_model, d_model = (sr3d_precision.network(model, precision) for model in (bundle.hw, bundle.d))
+    serve_3d, serve_2d, stage_hw, stage_d = _serving_fns(hw_model, d_model, bundle.scale)
     archive = keras.export.ExportArchive()
-    archive.track(bundle.hw)
-    archive.track(bundle.d)
+    archive.track(hw_model)
+    archive.track(d_model)
     archive.add_endpoint("serving_default", serve_3d, input_signature=[volume_spec])
     archive.add_endpoint("upscale_2d", serve_2d, input_signature=[volume_spec])
     archive.add_endpoint("stage_hw", stage_hw, input_signature=[image_spec])
@@ -81,10 +121,11 @@ def export_archive(bundle, path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def export(bundle, export_dir: str | os.PathLike, name: str = "sr3d", version: int | None = None) -> pathlib.Path:
+def export(bundle, export_dir: str | os.PathLike, name: str = "sr3d", version: int | None = None,
+           precision: str = "float32") -> pathlib.Path:
     """Writes `<export_dir>/<name>/<version>/` for TF Serving; version defaults to a Unix timestamp."""
     if version is None:
         version = int(time.time())
     if int(version) < 0:
         raise ValueError(f"version must be a non-negative integer, got {version}")
-    return export_archive(bundle, pathlib.Path(export_dir) / name / str(int(version)))
+    return export_archive(bundle, pathlib.Path(export_dir) / name / str(int(version)), precision)

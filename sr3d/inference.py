@@ -32,6 +32,7 @@ import numpy as np
 
 from sr3d import intensity, transforms
 from sr3d import io as sr3d_io
+from sr3d import precision as sr3d_precision
 
 MODES = ("3d", "2d")
 PLANES = ("dw", "both")
@@ -120,9 +121,10 @@ def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | N
 _TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _traced(model):
+def _traced(model, precision: str = "float32"):
     import tensorflow as tf
 
+    model = sr3d_precision.network(model, precision)
     fn = _TRACED.get(model)
     if fn is None:
         fn = tf.function(lambda x: model(x, training=False)["final"],
@@ -134,8 +136,8 @@ def _traced(model):
 class _Stage:
     """One stage network as a batched numpy function (B, h, w) -> (B, h', w')."""
 
-    def __init__(self, model, batch_size: int, ensemble: bool, kind: str):
-        self._fn = _traced(model)
+    def __init__(self, model, batch_size: int, ensemble: bool, kind: str, precision: str = "float32"):
+        self._fn = _traced(model, precision)
         self.batch_size = batch_size
         self.ensemble = ensemble
         self.kind = kind
@@ -216,10 +218,12 @@ def _planes_per_call(model, hr_pixels: int, tile_mb: float | None, batch_size: i
 
 def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                        planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
-                       progress: Progress | None = None) -> np.ndarray:
+                       progress: Progress | None = None, precision: str = "float32") -> np.ndarray:
     """Upscale a normalised (D, H, W) float32 array -> (rD, rH, rW) (3d) or (D, rH, rW) (2d).
 
     tile_mb: memory budget of one band of rows (None: the whole volume in one band).
+    precision: "float32", "bfloat16" (bf16 convolutions, float32 in and out) or "auto"
+    (bfloat16 where the CPU multiplies bf16 natively): see `sr3d.precision`.
     """
     from sr3d import models as sr3d_models
 
@@ -233,6 +237,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
         raise ValueError(f"tile_mb must be a positive number of megabytes or None, got {tile_mb!r}")
     if np.ndim(lr) != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
+    precision = sr3d_precision.resolve(precision)
     r = models.scale
     d, h, w = lr.shape
     halo = sr3d_models.lr_halo("hw", r)[0]
@@ -244,8 +249,10 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     # The budget also bounds the network's activations: big planes go through a few at a time.
     hw_pixels = (min(h, rows + 2 * halo) * r) * (w * r)
     d_pixels = (d * r) * (max(h, w) * r if both else w * r)
-    stage_hw = _Stage(models.hw, _planes_per_call(models.hw, hw_pixels, tile_mb, batch_size), ensemble, "hw")
-    stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d")
+    stage_hw = _Stage(models.hw, _planes_per_call(models.hw, hw_pixels, tile_mb, batch_size), ensemble, "hw",
+                      precision)
+    stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d",
+                     precision)
     bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
     for index, (y0, y1) in enumerate(bands):
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
@@ -261,7 +268,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
 
 def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                    planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
-                   progress: Progress | None = None) -> sr3d_io.Volume:
+                   progress: Progress | None = None, precision: str = "float32") -> sr3d_io.Volume:
     """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
 
     The result has the upscaled affine (voxel sizes / r, same physical extent).
@@ -281,7 +288,8 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
                          f"smaller than the network's receptive field ({min_side} x {min_side} at scale {r})")
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
-                                planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress)
+                                planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress,
+                                precision=precision)
     # In place: a copy of the output would double the peak memory of a big scan.
     result = win.denormalise(result, in_place=True)
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)

@@ -1,0 +1,90 @@
+"""Inference precision: float32, or bfloat16 convolutions where the CPU multiplies bf16 natively.
+
+`resolve("auto")` picks "bfloat16" only on CPUs whose `/proc/cpuinfo` flags
+include `avx512_bf16` (AVX-512 BF16, e.g. AMD Zen 4/5, Intel Cooper Lake) or
+`amx_bf16` (Intel AMX, Sapphire Rapids and later): there oneDNN, which
+TensorFlow uses for its CPU convolutions, runs bf16 convolutions at about
+twice the float32 rate (docs/benchmarks.md). Elsewhere bf16 would be emulated
+and slower, so "auto" is float32.
+
+`network(model, "bfloat16")` is a copy of a stage network whose layers run
+under the Keras dtype policy "mixed_bfloat16" (float32 weights, cast to bf16
+when used; bf16 activations). Its input and its "final" / "intermediate"
+outputs stay float32, so callers (normalisation, clipping, the self-check,
+exported graphs) see float32 only; oneDNN accumulates the convolutions in
+float32 either way. Layers named in `FLOAT32_LAYERS` keep float32.
+"""
+from __future__ import annotations
+
+import pathlib
+import weakref
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = pathlib.Path("/proc/cpuinfo")
+MIXED_POLICY = "mixed_bfloat16"
+# The outputs must come back as float32 (they go back to scanner units); every other layer runs in bf16.
+FLOAT32_LAYERS = ("intermediate", "final")
+
+# One bf16 copy per model, kept as long as the model lives (building one costs a model clone).
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cpu_flags(cpuinfo: str | pathlib.Path = CPUINFO) -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        text = pathlib.Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> list[str]:
+    """The native-bf16 flags present in `flags` (default: this machine's `cpu_flags()`)."""
+    flags = cpu_flags() if flags is None else flags
+    return [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+
+
+def check(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def resolve(precision: str, flags: frozenset[str] | None = None) -> str:
+    """"auto" -> "bfloat16" where the CPU has native bf16 (see `native_bf16`), else "float32";
+    "float32" and "bfloat16" are returned as they are. flags: simulated CPU flags (tests)."""
+    if check(precision) != "auto":
+        return precision
+    return "bfloat16" if native_bf16(flags) else "float32"
+
+
+def _bf16_copy(model):
+    import keras
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if layer.name not in FLOAT32_LAYERS and not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = MIXED_POLICY
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def network(model, precision: str):
+    """The stage network to run at `precision` ("float32" or "bfloat16", not "auto"): the model
+    itself for float32, its cached bf16 copy (float32 in and out) for bfloat16."""
+    if check(precision) == "auto":
+        raise ValueError("network() needs a resolved precision: call resolve('auto') first")
+    if precision == "float32":
+        return model
+    copy = _COPIES.get(model)
+    if copy is None:
+        copy = _COPIES[model] = _bf16_copy(model)
+    return copy
