@@ -192,3 +192,81 @@ def test_export_script_rejects_stray_arguments(tmp_path, tiny_bundle_dir):
     assert "unexpected arguments: ['extra']" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- bad input in the served graph
+
+def _bad_volumes(good: np.ndarray) -> dict:
+    """name -> (input, words of the error): what the CLI refuses, the served graph refuses too."""
+    nan = good.copy()
+    nan[3, 10, 10] = np.nan
+    inf = good.copy()
+    inf[0, 0, 0] = -np.inf
+    return {
+        "one_nan_voxel": (nan, "NaN or Inf"),
+        "one_inf_voxel": (inf, "NaN or Inf"),
+        "single_slice": (good[:1], ">= 2 slices"),
+        "2x2x2": (good[:2, :2, :2], "receptive"),
+        "thin_slices": (good[:, :12, :], "receptive"),
+        "empty": (good[:0], ">= 2 slices"),
+        "empty_rows": (good[:, :0, :], "receptive"),
+    }
+
+
+@pytest.mark.parametrize("case", ["one_nan_voxel", "one_inf_voxel", "single_slice", "2x2x2", "thin_slices",
+                                  "empty", "empty_rows"])
+def test_served_graph_refuses_bad_volumes_with_invalid_argument(exported, case):
+    import tensorflow as tf
+
+    path, inputs, _ = exported
+    volume, words = _bad_volumes(inputs["volume"])[case]
+    loaded = tf.saved_model.load(str(path))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(words)):
+        loaded.signatures["serving_default"](volume=tf.constant(volume))
+
+
+def test_served_2d_signature_accepts_one_slice_but_not_nan(exported):
+    import tensorflow as tf
+
+    path, inputs, _ = exported
+    loaded = tf.saved_model.load(str(path))
+    one = inputs["volume"][:1]
+    out = loaded.signatures["upscale_2d"](volume=tf.constant(one))["upscaled"].numpy()
+    assert out.shape == (1, 2 * one.shape[1], 2 * one.shape[2]) and np.all(np.isfinite(out))
+    nan = one.copy()
+    nan[0, 5, 5] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        loaded.signatures["upscale_2d"](volume=tf.constant(nan))
+    images = np.full((1, 9, 9, 1), np.nan, np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        loaded.signatures["stage_hw"](images=tf.constant(images))
+
+
+def test_served_graph_refuses_a_2d_array(exported):
+    import tensorflow as tf
+
+    path, inputs, _ = exported
+    loaded = tf.saved_model.load(str(path))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"sr3d_volume_must_be_DHW|\[48,40\] is not compatible"):
+        loaded.signatures["serving_default"](volume=tf.constant(inputs["volume"][0]))
+
+
+def test_min_volume_shape_is_the_cli_limit():
+    # stage hw at x2 sees 6 + ceil(4 / 2) = 8 LR pixels per side: 17 x 17 slices at least.
+    assert export.min_volume_shape(2, "3d") == (2, 17, 17)
+    assert export.min_volume_shape(4, "2d") == (1, 15, 15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["one_nan_voxel", "2x2x2", "single_slice"])
+def test_saved_model_cli_run_reports_bad_volumes(exported, tmp_path, case):
+    """The session-based loader (TF Serving's) gets the same INVALID_ARGUMENT and message."""
+    path, inputs, _ = exported
+    volume, words = _bad_volumes(inputs["volume"])[case]
+    np.save(tmp_path / "x.npy", volume)
+    ran = _run(_saved_model_cli() + ["run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                                     "serving_default", "--inputs", f"volume={tmp_path / 'x.npy'}",
+                                     "--outdir", tmp_path / "out"])
+    assert ran.returncode != 0
+    assert "InvalidArgument" in ran.stderr and words in ran.stderr, ran.stderr[-3000:]
+    assert not (tmp_path / "out" / "upscaled.npy").exists()
