@@ -14,6 +14,10 @@ and `inference.md` (tables) into --out. Measures, in one run:
   (`conv_flops` / time) and its ratio to matmul; per-stage and per-layer
   profiles; batch sizes and other ways of calling the model; self-ensemble and
   4x on a smaller volume; Lanczos on the same volume;
+- float32 against bfloat16 (`precision=`): a raw stack of 3x3 32 -> 32 convolutions, each stage
+  network, and `sr3d upscale`'s work end to end on the same volume (load the .nii.gz, upscale,
+  write .nii.gz) with load / compute / write timed apart, plus other ways of writing the output;
+  the CPU features found (avx512_bf16, amx_bf16, ...);
 - peak memory of a CT-like (300, 512, 512) volume at 2x, tiled and untiled,
   each in its own subprocess (peak RSS during upscaling, from VmHWM), and of
   one stage-d batch per batch size (TensorFlow's activations).
@@ -75,11 +79,16 @@ class Sizes:
     big_volume: tuple = (300, 512, 512)
     tile_mb: float = 256
     rss_limit_gb: float = 18.0
+    conv_batch: int = 8
+    conv_plane: tuple = (256, 256)
+    conv_layers: int = 4
+    pipeline_rounds: int = 2
 
 
 QUICK = Sizes(matmul_n=1024, matmul_repeats=3, volume=(16, 48, 48), small_volume=(8, 24, 24),
               sweep_planes=4, batch_sizes=(1, 4), sweep_rounds=1, layer_batch=2,
-              big_volume=(16, 64, 64), tile_mb=0.25)
+              big_volume=(16, 64, 64), tile_mb=0.25, conv_batch=2, conv_plane=(64, 64), conv_layers=2,
+              pipeline_rounds=1)
 
 
 # ---------------------------------------------------------------------------- machine and load
@@ -512,6 +521,151 @@ def time_lanczos(lr: np.ndarray, scale: int, rounds: int = 2) -> dict:
             "rounds": rounds, "load": meter.record}
 
 
+# ---------------------------------------------------------------------------- precision and I/O
+
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                "amx_int8")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def cpu_features() -> dict:
+    """The x86 features that matter for the convolutions, and what precision "auto" picks here."""
+    from sr3d import precision
+
+    flags = precision.cpu_flags()
+    return {"found": [f for f in CPU_FEATURES if f in flags], "missing": [f for f in CPU_FEATURES if f not in flags],
+            "native_bf16": precision.native_bf16(flags), "auto_resolves_to": precision.resolve("auto", flags)}
+
+
+def conv_stack_rates(sizes: Sizes) -> dict:
+    """float32 and bfloat16 rate of a raw stack of 3x3 32 -> 32 convolutions (tf.nn.conv2d + ReLU,
+    oneDNN), interleaved rounds, best time: the hardware's ceiling for the networks' main layers."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    n, (h, w), layers = sizes.conv_batch, sizes.conv_plane, sizes.conv_layers
+    x = rng.random((n, h, w, FILTERS), dtype=np.float32)
+    kernels = [rng.standard_normal((3, 3, FILTERS, FILTERS), dtype=np.float32) * 0.06 for _ in range(layers)]
+    flops = 2.0 * 9 * FILTERS * FILTERS * n * h * w * layers
+    runs = {}
+    for name, dtype in (("float32", tf.float32), ("bfloat16", tf.bfloat16)):
+        xs, ks = tf.cast(x, dtype), [tf.cast(k, dtype) for k in kernels]
+
+        @tf.function
+        def stack(t, ks=ks):
+            for k in ks:
+                t = tf.nn.relu(tf.nn.conv2d(t, k, 1, "SAME"))
+            return t
+
+        stack(xs)
+        runs[name] = (stack, xs)
+    best = {name: (float("inf"), float("inf")) for name in runs}
+    with Meter() as meter:
+        for _ in range(sizes.sweep_rounds + 1):
+            for name, (stack, xs) in runs.items():
+                best[name] = min(best[name], _best_time(lambda: stack(xs).numpy(), 1))
+    rates = {name: _rate(flops, timing) for name, timing in best.items()}
+    return {"batch": n, "plane": [h, w], "layers": layers, "gflop": flops / 1e9, **rates,
+            "bf16_speedup": rates["float32"]["seconds"] / rates["bfloat16"]["seconds"],
+            "bf16_speedup_cpu": rates["float32"]["cpu_seconds"] / rates["bfloat16"]["cpu_seconds"],
+            "load": meter.record}
+
+
+def stage_precision_rates(bundle, shape: tuple, sizes: Sizes) -> dict:
+    """Each stage network on the volume's planes (batch 8) in float32 and bfloat16, interleaved."""
+    from sr3d import inference
+
+    planes = _stage_planes(shape, bundle.scale, sizes.sweep_planes)
+    stages = {(stage, p): inference._Stage(getattr(bundle, stage), 8, False, stage, p)
+              for stage in ("hw", "d") for p in PRECISIONS}
+    for (stage, _), run in stages.items():
+        run(planes[stage][:2])
+    best = {key: (float("inf"), float("inf")) for key in stages}
+    for _ in range(sizes.sweep_rounds):
+        for key, run in stages.items():
+            best[key] = min(best[key], _best_time(lambda: run(planes[key[0]]), 1))
+    out = {}
+    for stage in ("hw", "d"):
+        flops = _plane_flops(stage, planes[stage].shape, bundle.scale)
+        out[stage] = {p: _rate(flops, best[(stage, p)]) for p in PRECISIONS}
+        out[stage]["bf16_speedup"] = best[(stage, "float32")][0] / best[(stage, "bfloat16")][0]
+    return {"planes": sizes.sweep_planes, "plane_shapes": {s: list(p.shape[1:]) for s, p in planes.items()},
+            "stages": out}
+
+
+def write_mr_scan(shape: tuple, directory: pathlib.Path) -> pathlib.Path:
+    """The bundled real T1 resampled to `shape`, in its units, as the int16 .nii.gz a user would pass."""
+    from sr3d import io as sr3d_io
+
+    scan = sr3d_io.load_volume(MR_FILE)
+    array = np.round(_resample(scan.array, shape))
+    factors = np.array(scan.array.shape, float) / np.array(shape, float)
+    affine = scan.affine.copy()
+    affine[:3, :3] = scan.affine[:3, :3] * factors
+    volume = sr3d_io.Volume(array.astype(np.float32), tuple(np.array(scan.spacing) * factors), affine,
+                            source_dtype="int16")
+    return sr3d_io.save_volume(volume, directory / "lr_input.nii.gz")
+
+
+@contextlib.contextmanager
+def _gzip_level(level: int):
+    """nibabel's gzip level for files it writes (its default is 1)."""
+    import nibabel as nib
+
+    default = nib.openers.Opener.default_compresslevel
+    nib.openers.Opener.default_compresslevel = level
+    try:
+        yield
+    finally:
+        nib.openers.Opener.default_compresslevel = default
+
+
+def pipeline_runs(path: pathlib.Path, bundle, rounds: int, out_dir: pathlib.Path) -> dict:
+    """`sr3d upscale`'s work in three timed parts (load the scan, upscale_volume, save_volume .nii.gz),
+    float32 and bfloat16 interleaved for `rounds` rounds; the fastest round of each is kept. The first
+    round also writes the output as .nii (uncompressed) and as .nii.gz at gzip level 6."""
+    from sr3d import inference
+    from sr3d import io as sr3d_io
+
+    best: dict = {}
+    writes = {}
+    for index in range(rounds):
+        for precision in PRECISIONS:
+            with Meter() as load:
+                volume = sr3d_io.load_volume(path)
+            with Meter() as compute:
+                result = inference.upscale_volume(volume, bundle, batch_size=8, tile_mb=256, precision=precision)
+            target = out_dir / f"out_{precision}.nii.gz"
+            with Meter() as write:
+                sr3d_io.save_volume(result, target)
+            row = {"load": load.record, "compute": compute.record, "write": write.record,
+                   "output_shape": list(result.array.shape), "output_dtype": result.source_dtype,
+                   "file_mb": target.stat().st_size / MIB}
+            row["total_seconds"] = sum(row[part]["seconds"] for part in ("load", "compute", "write"))
+            row["total_cpu_seconds"] = sum(row[part]["cpu_seconds"] for part in ("load", "compute", "write"))
+            if precision not in best or row["total_seconds"] < best[precision]["total_seconds"]:
+                best[precision] = row
+            if index == 0 and precision == "float32":
+                for label, name, level in (("nii.gz, gzip level 1 (nibabel default)", "w1.nii.gz", 1),
+                                           ("nii.gz, gzip level 6", "w6.nii.gz", 6),
+                                           ("nii, uncompressed", "w0.nii", None)):
+                    with _gzip_level(level or 1), Meter() as meter:
+                        sr3d_io.save_volume(result, out_dir / name)
+                    writes[label] = {**meter.record, "file_mb": (out_dir / name).stat().st_size / MIB}
+                    (out_dir / name).unlink()
+            target.unlink()
+            del result, volume
+    for row in best.values():
+        for part in ("load", "compute", "write"):
+            row[f"{part}_share"] = row[part]["seconds"] / row["total_seconds"]
+    return {"input": str(path.name), "input_mb": path.stat().st_size / MIB, "rounds": rounds, "best": best,
+            "bf16_speedup_compute": best["float32"]["compute"]["seconds"] / best["bfloat16"]["compute"]["seconds"],
+            "bf16_speedup_total": best["float32"]["total_seconds"] / best["bfloat16"]["total_seconds"],
+            "bf16_speedup_compute_cpu": (best["float32"]["compute"]["cpu_seconds"]
+                                         / best["bfloat16"]["compute"]["cpu_seconds"]),
+            "writes": writes}
+
+
 # ---------------------------------------------------------------------------- memory
 
 def _status_kb(field: str, pid: str = "self") -> int:
@@ -699,6 +853,11 @@ def _summary_lines(result: dict, ref: dict) -> list[str]:
              f"of {nproc} cores obtained; {_fmt(main['load']['cpu_seconds'])} CPU-s, i.e. "
              f"{_fmt(main['load']['cpu_seconds'] / nproc)} s if {nproc} cores were free and scaled perfectly.",
              ]
+    if "pipeline" in result:
+        pipe, auto = result["pipeline"], result["cpu_features"]["auto_resolves_to"]
+        lines.append(f"- bfloat16 (issue 15, target: auto >= 1.6x float32 end to end where the CPU has bf16): "
+                     f"auto is {auto} here; bfloat16 / float32 = {pipe['bf16_speedup_total']:.2f}x end to end "
+                     f"(load + compute + write), {pipe['bf16_speedup_compute']:.2f}x compute.")
     tiled = [row for row in result["memory"] if row.get("tile_mb") is not None and "failed" not in row]
     for row in tiled:
         extra = row["peak_during_mib"] - row["rss_before_mib"] - row["output_mib"]
@@ -764,6 +923,7 @@ def markdown(result: dict) -> str:
               f"Self-ensemble / plain on {tuple(plain['input_shape'])}: {ens['seconds'] / plain['seconds']:.1f}x "
               f"wall, {ens['load']['cpu_seconds'] / plain['load']['cpu_seconds']:.1f}x CPU "
               f"(FLOP ratio {ens['conv_gflop'] / plain['conv_gflop']:.1f}x).", ""]
+    lines += _precision_lines(result)
     sp = result["stage_profile"]
     lines += [f"## Per stage (whole volume {tuple(sp['input_shape'])}, untiled, batch {sp['batch_size']})", "",
               "| stage | GFLOP | s | CPU-s | GFLOP/s | GFLOP per CPU-s | share of CPU time |",
@@ -812,6 +972,55 @@ def markdown(result: dict) -> str:
                          f"| {_fmt(row['gflop_per_cpu_s'])} |")
     lines += _memory_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(result: dict) -> list[str]:
+    """The bf16 section: CPU features, raw conv rates, per-stage and end-to-end float32 vs bfloat16."""
+    if "pipeline" not in result:
+        return []
+    cpu, conv, pipe = result["cpu_features"], result["conv_stack"], result["pipeline"]
+    lan = result["lanczos"]
+    lines = ["## float32 vs bfloat16 (`precision=`), and load / compute / write", "",
+             f"CPU features found: {', '.join(cpu['found']) or 'none'}; missing: {', '.join(cpu['missing']) or 'none'}. "
+             f"Native bf16: {', '.join(cpu['native_bf16']) or 'none'}, so `precision='auto'` resolves to "
+             f"**{cpu['auto_resolves_to']}** on this machine.", "",
+             f"Raw stack of {conv['layers']} 3x3 {FILTERS} -> {FILTERS} convolutions (tf.nn.conv2d + ReLU), batch "
+             f"{conv['batch']} of {tuple(conv['plane'])}, best of interleaved rounds:", "",
+             "| dtype | s | CPU-s | GFLOP/s | GFLOP per CPU-s |", "|---|---|---|---|---|"]
+    for name in PRECISIONS:
+        row = conv[name]
+        lines.append(f"| {name} | {_fmt(row['seconds'], 3)} | {_fmt(row['cpu_seconds'], 3)} | {_fmt(row['gflops'])} "
+                     f"| {_fmt(row['gflop_per_cpu_s'])} |")
+    lines += ["", f"bf16 / float32 speed: {conv['bf16_speedup']:.2f}x wall, {conv['bf16_speedup_cpu']:.2f}x CPU.", ""]
+    sp = result["stage_precision"]
+    lines += [f"Stage networks on {sp['planes']} planes of the volume (batch 8, best of interleaved rounds):", "",
+              "| stage | plane | float32 s | float32 GFLOP/s | bfloat16 s | bfloat16 GFLOP/s | bf16 speedup |",
+              "|---|---|---|---|---|---|---|"]
+    for stage, row in sp["stages"].items():
+        lines.append(f"| {stage} | {tuple(sp['plane_shapes'][stage])} | {_fmt(row['float32']['seconds'], 2)} "
+                     f"| {_fmt(row['float32']['gflops'])} | {_fmt(row['bfloat16']['seconds'], 2)} "
+                     f"| {_fmt(row['bfloat16']['gflops'])} | {row['bf16_speedup']:.2f}x |")
+    lines += ["", f"End to end as `sr3d upscale` does it: load `{pipe['input']}` ({_fmt(pipe['input_mb'])} MiB, int16), "
+              "`upscale_volume` (2x 3D, batch 8, tile_mb 256), `save_volume` to .nii.gz; float32 and bfloat16 "
+              f"interleaved, fastest of {pipe['rounds']} rounds each:", "",
+              "| precision | load s | compute s | write s | total s | shares load / compute / write | compute CPU-s "
+              "| CNN / Lanczos CPU | own cores | other cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in PRECISIONS:
+        row = pipe["best"][name]
+        lines.append(f"| {name} | {_fmt(row['load']['seconds'], 2)} | {_fmt(row['compute']['seconds'])} "
+                     f"| {_fmt(row['write']['seconds'], 2)} | {_fmt(row['total_seconds'])} "
+                     f"| {row['load_share']:.0%} / {row['compute_share']:.0%} / {row['write_share']:.0%} "
+                     f"| {_fmt(row['compute']['cpu_seconds'])} "
+                     f"| {row['compute']['cpu_seconds'] / lan['cpu_seconds']:.0f}x "
+                     f"| {row['compute']['own_cores']:.2f} | {row['compute']['other_cores']:.2f} |")
+    lines += ["", f"**bfloat16 / float32: {pipe['bf16_speedup_total']:.2f}x end to end, "
+              f"{pipe['bf16_speedup_compute']:.2f}x for the compute part ({pipe['bf16_speedup_compute_cpu']:.2f}x in "
+              "CPU-s)** (target: auto >= 1.6x end to end where the CPU has bf16).", "",
+              "Writing the float32 run's output another way (same volume):", "",
+              "| format | s | CPU-s | file MiB |", "|---|---|---|---|"]
+    for label, row in pipe["writes"].items():
+        lines.append(f"| {label} | {_fmt(row['seconds'], 2)} | {_fmt(row['cpu_seconds'], 2)} | {_fmt(row['file_mb'])} |")
+    return lines + [""]
 
 
 def _memory_lines(result: dict) -> list[str]:
@@ -873,8 +1082,9 @@ def run(sizes: Sizes, out_dir: pathlib.Path, command: str, skip_memory: bool,
 
     from sr3d import inference
 
-    for bundle in (bundle2, bundle4):  # warm-up: TensorFlow kernels, oneDNN
-        inference.upscale_normalised(small[:4, :16, :16], bundle)
+    for bundle in (bundle2, bundle4):  # warm-up: TensorFlow kernels, oneDNN, the bf16 copies
+        for precision in PRECISIONS:
+            inference.upscale_normalised(small[:4, :16, :16], bundle, precision=precision)
     _log("batch sweep", started)
     result["batch_sweep"] = batch_sweep(bundle2, sizes.volume, sizes)
     _log("calling ways", started)
@@ -893,6 +1103,13 @@ def run(sizes: Sizes, out_dir: pathlib.Path, command: str, skip_memory: bool,
     result["stage_profile"] = stage_profile(lr, bundle2, 8)
     _log("Lanczos", started)
     result["lanczos"] = time_lanczos(lr, 2)
+    _log("precision: conv stack, stages, load/compute/write pipeline", started)
+    result["cpu_features"] = cpu_features()
+    result["conv_stack"] = conv_stack_rates(sizes)
+    result["stage_precision"] = stage_precision_rates(bundle2, sizes.volume, sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        scan = write_mr_scan(sizes.volume, pathlib.Path(tmp))
+        result["pipeline"] = pipeline_runs(scan, bundle2, sizes.pipeline_rounds, pathlib.Path(tmp))
     _log("ensemble and 4x", started)
     cnn.append(time_upscale(small, bundle2, SMALL_2X, batch_size=8, tile_mb=256))
     cnn.append(time_upscale(small, bundle2, SMALL_ENSEMBLE, batch_size=8, tile_mb=256, ensemble=True))

@@ -18,6 +18,10 @@ flipped and rotated, each output transformed back, and the pixel-wise median
 taken: 8 transforms for stage `hw`; for stage `d` only the 4 flips that keep
 the depth axis in place (a 90-degree rotation would swap depth with a spatial
 axis).
+
+Precision (`precision=`): "float32", or "bfloat16" convolutions with float32 inputs, outputs
+and intensity arithmetic; "auto" is bfloat16 only on CPUs with native bf16 (`sr3d.precision`).
+Tiling, ensemble and planes work the same in either.
 """
 from __future__ import annotations
 

@@ -127,3 +127,18 @@ def test_bf16_saved_model_serves_the_python_bf16_numbers(tmp_path, tiny_bundle, 
     data_range = float(volume.array.max() - volume.array.min())
     np.testing.assert_allclose(served, bf16, rtol=0, atol=1e-5 * data_range)
     assert np.abs(served - fp32).max() > 1e-4 * data_range, "the served graph must run in bf16"
+
+
+def test_cli_precision_flag_writes_the_bf16_result(tmp_path, tiny_bundle, tiny_bundle_dir, ixi_files, capsys):
+    from sr3d import cli
+
+    volume = sr3d_io.load_volume(ixi_files[0])
+    crop = sr3d_io.save_volume(volume.replace(array=volume.array[CROP].copy(), source=None), tmp_path / "crop.nii.gz")
+    out = tmp_path / "crop_bf16.nii.gz"
+    status = cli.main(["upscale", str(crop), str(out), "--model", str(tiny_bundle_dir), "--precision", "bfloat16"])
+    assert status == 0, capsys.readouterr().err
+    written = sr3d_io.load_volume(out).array
+    expected = inference.upscale_volume(sr3d_io.load_volume(crop), tiny_bundle, precision="bfloat16").array
+    np.testing.assert_allclose(written, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    fp32 = inference.upscale_volume(sr3d_io.load_volume(crop), tiny_bundle).array
+    assert np.abs(written - fp32).max() > 1e-4 * np.abs(fp32).max(), "the flag must reach the networks"
