@@ -124,7 +124,7 @@ def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble: bool = False,
                   mode: str = "3d", log: Callable[[str], None] = print, overwrite: bool = False,
-                  **options) -> BatchResult:
+                  regularize: bool = False, **options) -> BatchResult:
     """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`.
 
     OUT_DIR may be IN_DIR or inside it: sr3d's own outputs there (and OUT_DIR itself) are not
@@ -132,6 +132,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     the run that takes its lock, the others skip it. An output that exists but is not listed in
     the manifest (not made by this batch) is replaced only with `overwrite`; otherwise that
     scan fails with a message saying so.
+    regularize: resample DICOM series with missing slices or irregular spacing (see `load_volume`).
     """
     out = pathlib.Path(output_dir)
     scans = [s for s in sr3d_io.scans_in(input_dir) if not _same_dir(s, out)]
@@ -142,6 +143,8 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
         raise ValueError(f"{out}: output directory is not writable")
     settings = {"scale": scale, "mode": mode, "ensemble": ensemble,
                 "model": str(pathlib.Path(model).resolve()) if isinstance(model, (str, os.PathLike)) else "shipped"}
+    if regularize:  # only when set, so manifests written before the option still match
+        settings["regularize"] = True
     manifest = _Manifest(out / MANIFEST, settings)
     bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
     if bundle.scale != scale:
@@ -180,7 +183,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             manifest.set(key, {"status": "running", "output": target.name, "started": time.time()})
             start = time.perf_counter()
             try:
-                volume = sr3d_io.load_volume(scan)
+                volume = sr3d_io.load_volume(scan, regularize=regularize)
                 result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
                 sr3d_io.save_volume(result, target)
             except (ValueError, OSError) as error:

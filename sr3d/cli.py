@@ -119,7 +119,7 @@ def cmd_upscale(args) -> int:
         raise ValueError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     if not args.tile_mb > 0:
         raise ValueError(f"--tile-mb must be a positive number of megabytes, got {args.tile_mb:g}")
-    volume = sr3d_io.load_volume(args.input)
+    volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
     bundle = inference.load_models(args.model, args.scale)
     mode = args.axes
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
@@ -152,7 +152,7 @@ def cmd_upscale_self_supervised(args) -> int:
         save_path = pathlib.Path(args.save_model)
         if save_path.suffix != ".keras" or not (save_path.parent if str(save_path.parent) else pathlib.Path(".")).is_dir():
             raise ValueError(f"{save_path}: --save-model must be a .keras file in an existing directory")
-    volume = sr3d_io.load_volume(args.input)
+    volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -190,6 +190,7 @@ def cmd_upscale_batch(args) -> int:
         raise ValueError(f"{args.output_dir}: is a file: the output must be a directory")
     result = batch.upscale_batch(args.input_dir, args.output_dir, args.scale, args.model, ensemble=args.ensemble,
                                  mode=args.axes, tile_mb=args.tile_mb, overwrite=getattr(args, "overwrite", False),
+                                 regularize=getattr(args, "regularize", False),
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{len(result.done)} upscaled, {len(result.skipped)} skipped (done before), "
           + (f"{len(result.busy)} left to another run, " if result.busy else "")
@@ -275,6 +276,9 @@ def parser() -> argparse.ArgumentParser:
                          "in the source's study when the input is DICOM (see sr3d/dicom_out.py)")
     up.add_argument("--overwrite", action="store_true",
                     help="replace OUTPUT if it exists (never allowed when OUTPUT is the input)")
+    up.add_argument("--regularize", action="store_true",
+                    help="DICOM series with missing slices or irregular spacing: resample the slices linearly "
+                         "onto a regular grid of the median spacing (reported) instead of refusing them")
     up.add_argument("--scale", type=int, default=2, help="upscaling factor (shipped models: 2, 4)")
     up.add_argument("--ensemble", action="store_true", help="self-ensemble (8 transforms, median)")
     up.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
@@ -315,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     many.add_argument("--tile-mb", dest="tile_mb", type=float, default=256)
     many.add_argument("--overwrite", action="store_true",
                       help="replace outputs in OUT_DIR that this batch's manifest does not list as its own")
+    many.add_argument("--regularize", action="store_true",
+                      help="resample DICOM series with missing slices or irregular spacing onto a regular grid")
     many.set_defaults(func=cmd_upscale_batch)
 
     bundle = sub.add_parser("bundle", help="assemble a model bundle from two trained stages")

@@ -202,24 +202,29 @@ def upscaled_volume(volume: Volume, array: np.ndarray, scale: int | Sequence[int
     )
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
+def load_volume(path: str | os.PathLike, regularize: bool = False) -> Volume:
     """Read a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), DICOM file or DICOM series directory.
 
     A DICOM directory must hold exactly one series (files directly inside it; other
     files are skipped). Raises FileNotFoundError or ValueError naming the file and the problem.
+    DICOM slice positions may jitter by up to `SLICE_JITTER_TOLERANCE` of the spacing; missing
+    slices or irregular spacing are an error unless `regularize`, which resamples the slices
+    linearly onto a regular grid (recorded in `Volume.assumptions`). A tilted gantry gives a
+    sheared affine (slices stepping along their positions' line, not the normal): no resampling.
+    What a reader assumes is also warned about (`GeometryWarning`).
     """
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
     if path.is_dir():
-        return _load_dicom_series(path)
+        return _load_dicom_series(path, regularize)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return _load_nifti(path)
     if name.endswith((".nrrd", ".nhdr")):
         return _load_nrrd(path)
     if name.endswith((".dcm", ".dicom", ".ima")) or _has_dicom_preamble(path):
-        return _load_dicom_file(path)
+        return _load_dicom_file(path, regularize)
     raise ValueError(f"{path}: unsupported file type: expected .nii, .nii.gz, .nrrd, .nhdr, "
                      "a DICOM file or a directory holding one DICOM series")
 
@@ -607,7 +612,7 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def _load_dicom_file(path: pathlib.Path) -> Volume:
+def _load_dicom_file(path: pathlib.Path, regularize: bool = False) -> Volume:
     dataset = _read_dicom(path)
     if dataset is None or "PixelData" not in dataset:
         raise ValueError(f"{path}: not a DICOM image file")
@@ -615,10 +620,10 @@ def _load_dicom_file(path: pathlib.Path) -> Volume:
     if len(slices) < 2:
         raise ValueError(f"{path}: a single 2D DICOM slice ({dataset.Rows} x {dataset.Columns}); "
                          "a volume needs >= 2 slices: pass the directory of the series instead")
-    return _stack_slices(path, slices, [dataset])
+    return _stack_slices(path, slices, [dataset], regularize)
 
 
-def _load_dicom_series(directory: pathlib.Path) -> Volume:
+def _load_dicom_series(directory: pathlib.Path, regularize: bool = False) -> Volume:
     """One DICOM series from the files directly inside `directory`, each read once."""
     files = sorted(p for p in directory.iterdir() if p.is_file())
     datasets, paths = [], []
@@ -638,11 +643,12 @@ def _load_dicom_series(directory: pathlib.Path) -> Volume:
     slices = [s for i, (d, p) in enumerate(zip(datasets, paths)) for s in _slices_of(d, i, p)]
     if len(slices) < 2:
         raise ValueError(f"{directory}: holds a single 2D DICOM slice; a volume needs >= 2 slices")
-    return _stack_slices(directory, slices, datasets)
+    return _stack_slices(directory, slices, datasets, regularize)
 
 
-def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list) -> Volume:
-    """Sort slices along their normal, check the spacing is regular and build the volume."""
+def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list, regularize: bool = False) -> Volume:
+    """Sort slices along their normal, check the spacing is regular (or resample it onto a
+    regular grid with `regularize`) and build the volume."""
     first = slices[0]
     image_shape = (int(datasets[first.dataset].Rows), int(datasets[first.dataset].Columns))
     for s in slices[1:]:
@@ -660,7 +666,7 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list) -> 
     slices = [slices[i] for i in order]
     along = along[order]
     positions = np.array([s.position for s in slices])
-    _check_regular(where, slices, along, positions)
+    step, resample_at, assumptions = _slice_grid(where, slices, along, positions, regularize)
 
     array = np.empty((len(slices),) + image_shape, dtype=np.float32)
     decoded = {}  # multi-frame files are decoded once, for all their frames
@@ -684,15 +690,20 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list) -> 
             integral = integral and bool(np.all(array[k] == np.rint(array[k])))
         low, high = min(low, float(array[k].min())), max(high, float(array[k].max()))
 
+    if resample_at is not None:
+        array = _resample_slices(array, along, resample_at)
     lps = np.eye(4)
-    lps[:3, 0] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 0] = step
     lps[:3, 1] = column_cosine * first.pixel_spacing[0]  # down the rows
     lps[:3, 2] = row_cosine * first.pixel_spacing[1]     # along a row
     lps[:3, 3] = positions[0]
     modality = datasets[first.dataset].get("Modality")
-    return _make_volume(where, array, _LPS_TO_RAS @ lps, modality=str(modality) if modality else None,
+    volume = _make_volume(where, array, _LPS_TO_RAS @ lps, modality=str(modality) if modality else None,
                         source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high),
-                        dicom=_dicom_source(datasets, slices, _LPS_TO_RAS @ lps))
+                        dicom=_dicom_source(datasets, slices, _LPS_TO_RAS @ lps),
+                        assumptions=tuple(assumptions))
+    _warn(where, assumptions)
+    return volume
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -718,8 +729,22 @@ def _dicom_source(datasets: list, slices: list[_Slice], affine: np.ndarray) -> D
     return DicomSource(header, instances, affine)
 
 
-def _check_regular(where, slices: list[_Slice], along: np.ndarray, positions: np.ndarray) -> None:
-    """Raise unless sorted slice positions are distinct, evenly spaced and on one line."""
+# Slice positions may jitter by this fraction of the spacing (0.4 mm on 8 mm slices is 5%) and
+# still be placed on a regular grid; a missing slice makes a gap 100% too long.
+SLICE_JITTER_TOLERANCE = 0.2
+
+
+def _slice_grid(where, slices: list[_Slice], along: np.ndarray, positions: np.ndarray,
+                regularize: bool) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """The regular grid the sorted slices make: (step, resample_at, assumptions).
+
+    step: LPS vector (mm) from one slice of the volume to the next, along the line the slice
+    positions lie on (not the normal when the gantry was tilted: then the grid is sheared).
+    resample_at: None if the acquired slices are the volume's slices, else the positions along
+    the normal of a regular grid to interpolate them at (`regularize` and irregular spacing).
+    Raises for repeated positions, positions off a straight line, and irregular spacing
+    without `regularize`.
+    """
     gaps = np.diff(along)
     duplicate = np.flatnonzero(gaps < 0.01)
     if duplicate.size:
@@ -729,19 +754,56 @@ def _check_regular(where, slices: list[_Slice], along: np.ndarray, positions: np
                          "(echoes, phases, time points) make a 4D series: split it into one "
                          "directory per volume")
     median = float(np.median(gaps))
-    # Positions are often rounded to 0.1 mm in the header; a missing slice doubles a gap.
-    tolerance = min(max(0.01 * median, 0.15), 0.5 * median)
-    irregular = np.flatnonzero(np.abs(gaps - median) > tolerance)
-    if irregular.size:
-        i = irregular[0]
-        raise ValueError(f"{where}: missing slices: gap of {gaps[i]:.3f} mm between {slices[i].label} "
-                         f"and {slices[i + 1].label} where the slices are {median:.3f} mm apart")
-    step = (positions[-1] - positions[0]) / (len(positions) - 1)
-    off_line = np.linalg.norm(positions - (positions[0] + np.arange(len(positions))[:, None] * step), axis=1)
+    # Positions are often rounded to 0.1 mm in the header: never tolerate less than 0.15 mm.
+    tolerance = min(max(SLICE_JITTER_TOLERANCE * median, 0.15), 0.5 * median)
+    extent = float(along[-1] - along[0])
+    direction = (positions[-1] - positions[0]) / extent  # mm moved per mm along the normal
+    off_line = np.linalg.norm(positions - (positions[0] + (along - along[0])[:, None] * direction), axis=1)
     if off_line.max() > tolerance:
         i = int(np.argmax(off_line))
         raise ValueError(f"{where}: slice positions are not on a straight line: {slices[i].label} is "
                          f"{off_line[i]:.3f} mm off it")
+    mean_step = extent / (len(along) - 1)
+    deviation = along - (along[0] + np.arange(len(along)) * mean_step)
+    irregular = np.flatnonzero(np.abs(gaps - median) > tolerance)
+    if not irregular.size and np.abs(deviation).max() <= tolerance:
+        notes = []
+        jitter = float(np.abs(deviation).max())
+        if jitter > max(0.1, 0.02 * median):
+            notes.append(f"slice positions deviate up to {jitter:.3g} mm ({100 * jitter / mean_step:.2g}% of the "
+                         f"{mean_step:.4g} mm spacing) from a regular grid: each slice placed on the grid "
+                         f"(up to {100 * SLICE_JITTER_TOLERANCE:g}% is tolerated)")
+        return direction * mean_step, None, notes
+    i = int(irregular[0]) if irregular.size else int(np.argmax(np.abs(np.diff(deviation))))
+    ratio = gaps[i] / median
+    if ratio > 1.5 and abs(ratio - round(ratio)) * median <= tolerance:
+        problem = (f"missing slices: gap of {gaps[i]:.3f} mm between {slices[i].label} and "
+                   f"{slices[i + 1].label} where the slices are {median:.3f} mm apart")
+    else:
+        problem = (f"irregular slice spacing: gaps from {gaps.min():.3g} to {gaps.max():.3g} mm (median "
+                   f"{median:.3g} mm; {gaps[i]:.3f} mm between {slices[i].label} and {slices[i + 1].label})")
+    if not regularize:
+        raise ValueError(f"{where}: {problem}: pass --regularize (load_volume(..., regularize=True)) to "
+                         f"resample onto a regular grid of about {median:.3g} mm, the gaps filled by linear "
+                         "interpolation")
+    intervals = max(1, int(round(extent / median)))
+    spacing = extent / intervals
+    resample_at = along[0] + np.arange(intervals + 1) * spacing
+    acquired = int(np.sum(np.min(np.abs(resample_at[:, None] - along[None, :]), axis=1) <= 0.05 * spacing))
+    note = (f"{problem}; resampled onto a regular {spacing:.4g} mm grid of {intervals + 1} slices: {acquired} "
+            f"at acquired positions, {intervals + 1 - acquired} interpolated linearly between the nearest "
+            "acquired slices on either side (--regularize)")
+    return direction * spacing, resample_at, [note]
+
+
+def _resample_slices(array: np.ndarray, along: np.ndarray, resample_at: np.ndarray) -> np.ndarray:
+    """Slices (N, H, W) at sorted positions `along` -> (K, H, W) at `resample_at`, linearly."""
+    out = np.empty((len(resample_at),) + array.shape[1:], np.float32)
+    for k, t in enumerate(resample_at):
+        i = int(np.clip(np.searchsorted(along, t, side="right") - 1, 0, len(along) - 2))
+        w = float(np.clip((t - along[i]) / (along[i + 1] - along[i]), 0.0, 1.0))
+        out[k] = (1.0 - w) * array[i] + w * array[i + 1]
+    return out
 
 
 def _decode(dataset: pydicom.Dataset, label: str) -> np.ndarray:
