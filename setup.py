@@ -1,6 +1,16 @@
 """sr3d: two-stage CNN super-resolution of CT and MRI volumes (TensorFlow 2 / Keras 3)."""
 import setuptools
 
+# Tested up to TensorFlow 2.21.0 and Keras 3.15.1 (README, "Install"); users of similar tools report
+# breakage on new TensorFlow releases, so the upper bounds move only after the tests pass on one.
+_TF = ">=2.16,<2.22"
+# tensorflow-cpu has wheels only for x86-64 Linux and Windows; elsewhere (macOS, aarch64 Linux)
+# the plain tensorflow wheel is the CPU build. The two markers are exact complements (PEP 508 has no `not`).
+_X86_64_LINUX_OR_WINDOWS = ('(platform_system == "Linux" or platform_system == "Windows") and '
+                            '(platform_machine == "x86_64" or platform_machine == "AMD64")')
+_ANY_OTHER_PLATFORM = ('(platform_system != "Linux" and platform_system != "Windows") or '
+                       '(platform_machine != "x86_64" and platform_machine != "AMD64")')
+
 setuptools.setup(
     name="sr3d",
     version="0.1.0",
@@ -13,7 +23,9 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "tensorflow-cpu>=2.16",
+        f"tensorflow-cpu{_TF}; {_X86_64_LINUX_OR_WINDOWS}",
+        f"tensorflow{_TF}; {_ANY_OTHER_PLATFORM}",
+        "keras>=3.0,<3.16",
         "tensorboard",
         "numpy",
         "scipy",
@@ -32,6 +44,9 @@ setuptools.setup(
         # playwright drives Debian's chromium in tests/test_study.py (its own browsers are never downloaded).
         # SimpleITK and dcm2niix re-read the DICOM series sr3d writes (tests/test_dicom_out.py).
         "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix"],
+        # CUDA GPUs on Linux. pip cannot swap tensorflow-cpu for it, so on x86-64 both end up installed
+        # (one `tensorflow` module): README, "Install", says how to keep only the GPU build.
+        "gpu": [f"tensorflow[and-cuda]{_TF}; platform_system == \"Linux\""],
     },
     entry_points={"console_scripts": ["sr3d=sr3d.cli:main"]},
 )
