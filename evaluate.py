@@ -11,7 +11,7 @@ from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from sr3d import baselines, evaluation  # noqa: E402  (after the TF log level)
+from sr3d import baselines, evaluation, scripting  # noqa: E402  (after the TF log level)
 from sr3d import io as sr3d_io  # noqa: E402
 
 _DATA = flags.DEFINE_list("data", None, "HR scans: NIfTI/NRRD files, directories of NIfTI files (every "
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    scripting.run(main)  # app.run, but --help exits 0

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from sr3d import export, inference, precision
+from sr3d import export, inference, precision, scripting
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (hw.keras, d.keras, bundle.json); "
                              "default: the shipped model for --scale.")
@@ -25,9 +25,13 @@ _PRECISION = flags.DEFINE_enum("precision", "float32", list(precision.PRECISIONS
                                "multiplies bf16 natively (sr3d/precision.py).")
 
 
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show TensorFlow's startup and SavedModel-writer log lines.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    scripting.import_tensorflow(verbose=_VERBOSE.value)
     try:
         bundle = inference.load_models(_MODEL.value, scale=_SCALE.value)
         path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value,
@@ -38,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    scripting.run(main)  # app.run, but --help exits 0

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 
 from sr3d import io as sr3d_io
-from sr3d import training
+from sr3d import scripting, training
 
 _DATA = flags.DEFINE_list("data", None, "Training scans: NIfTI/NRRD files, DICOM series directories, "
                           "or directories of NIfTI files.", required=True)
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    scripting.run(main)  # app.run, but --help exits 0
