@@ -1,6 +1,6 @@
 """Scores super-resolution methods on real scans: the paper's Tables 3-6 as Markdown, JSON and a figure.
 
-Protocol (docs/spec.md, "Evaluation protocol"): every HR scan is cropped so the
+Protocol (the paper's): every HR scan is cropped so the
 downscaled axes divide by r and shrunk by r (`sr3d.degrade.simulate_lr`: MATLAB
 imresize bicubic, antialiased; H and W in "2d" mode, D too in "3d"); every
 method brings that LR back to the grid of the cropped HR; the result is scored

@@ -1,6 +1,6 @@
 """Image quality metrics (PSNR, SSIM, IFC) and the two protocols that score a volume.
 
-Definitions follow docs/metrics.md of the shared material:
+Definitions (complete here; no outside document needed):
 - PSNR: 10 log10(L^2 / MSE) with an explicit peak L (`data_range`), never assumed.
 - SSIM: Wang et al. 2004 (`ssim_index.m`): 11x11 Gaussian window, sigma 1.5,
   K1 = 0.01, K2 = 0.03, population statistics, mean of the 'valid' map; or,
