@@ -81,7 +81,7 @@ def entries(shared: pathlib.Path):
             path = ds / f"sub-{sub}_T1w.nii.gz"
             yield (split, f"ds002748_sub-{sub}", lambda p=path: crop(sr3d_io.load_volume(p),
                                                                      *brain_box(sr3d_io.load_volume(p))),
-                   "ds002748", "MR", "T1 1 mm")
+                   "ds002748", "MR", "T1 1 mm (ds002748)")
     ixi = shared / "ixi-t1-2mm"
     for split, names in (("train", IXI_TRAIN), ("test", IXI_TEST)):
         for name in names:
@@ -101,9 +101,9 @@ def entries(shared: pathlib.Path):
     for contrast in ("T1", "T2", "FLAIR"):
         yield ("test", f"stroke_{contrast}",
                lambda c=contrast: sr3d_io.load_volume(shared / "stroke-t1-t2-flair" / f"{c}.nii.gz"),
-               "stroke", "MR", f"{contrast} 1 mm" if contrast != "T1" else "T1 1 mm")
+               "stroke", "MR", f"{contrast} 1 mm" if contrast != "T1" else "T1 1 mm (other sites)")
     yield ("test", "seg3d_head_mr", lambda: sr3d_io.load_volume(shared / "seg3d-head-mr" / "head_MR.nii.gz"),
-           "seg3d", "MR", "T1 1 mm")
+           "seg3d", "MR", "T1 1 mm (other sites)")
 
 
 def _slab(volume: sr3d_io.Volume, a: int, b: int | None) -> sr3d_io.Volume:

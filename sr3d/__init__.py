@@ -9,10 +9,17 @@ __version__ = "0.1.0"
 
 
 def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, **options):
-    """Upscale a scan (sr3d.io.Volume or a NIfTI/NRRD/DICOM path) by `scale` on every axis.
+    """Upscale a scan (sr3d.io.Volume, a NIfTI/NRRD/DICOM path, or a (D, H, W) numpy array with
+    spacing=(d, h, w) mm) by `scale` on every axis (mode="2d": in-plane only).
 
     model: None for the shipped model, a model bundle directory, or a ModelBundle.
-    options: mode ("3d" or "2d"), planes, batch_size, tile_mb, progress (see sr3d.inference).
+    Every call runs the self-check (the CNN against Lanczos on the scan downscaled once more,
+    noise-matched; `sr3d.selfcheck`): its scores are in the result's `report`, and a warning
+    says when the CNN loses. self_check=False skips it; fallback="lanczos" returns the Lanczos
+    result when the CNN loses; adapt=True (or an sr3d.adapt.AdaptConfig) fine-tunes the
+    networks on the scan first (`sr3d.adapt`).
+    options: mode, spacing, self_check, fallback, adapt, planes, batch_size, tile_mb, precision,
+    progress (see sr3d.inference.upscale).
     """
     from sr3d import inference
 

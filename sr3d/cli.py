@@ -109,10 +109,36 @@ def cmd_upscale(args) -> int:
         return cmd_upscale_self_supervised(args)
     if args.planes != "dw" and args.axes != "3d":
         raise ValueError("--planes applies to stage d, which runs only with --axes 3d")
-    if (getattr(args, "target_spacing", None) is not None or getattr(args, "save_model", None)
-            or getattr(args, "slice_profile", None)):
-        raise ValueError("--target-spacing, --slice-profile and --save-model apply only with --self-supervised")
+    if getattr(args, "target_spacing", None) is not None or getattr(args, "slice_profile", None):
+        raise ValueError("--target-spacing and --slice-profile apply only with --self-supervised")
+    adapting = getattr(args, "adapt", False)
+    if getattr(args, "save_model", None) and not adapting:
+        raise ValueError("--save-model applies only with --self-supervised (a .keras file) or --adapt "
+                         "(a bundle directory)")
+    if not adapting and (getattr(args, "adapt_seconds", None) is not None or getattr(args, "adapt_steps", None)):
+        raise ValueError("--adapt-seconds and --adapt-steps apply only with --adapt")
+    fallback = getattr(args, "fallback", None)
+    self_check = not getattr(args, "no_self_check", False)
+    if fallback and not self_check:
+        raise ValueError("--fallback needs the self-check to decide: drop --no-self-check")
     out = _output_path(args)
+    sidecar = sidecar_path(out)
+    if sidecar.exists() and not getattr(args, "overwrite", False):
+        raise ValueError(f"{sidecar}: exists already (the report written beside the output): pass --overwrite "
+                         "to replace it, or choose another output name")
+    save_model = pathlib.Path(args.save_model) if getattr(args, "save_model", None) else None
+    if save_model is not None:
+        if save_model.exists() and (not save_model.is_dir() or any(save_model.iterdir())):
+            raise ValueError(f"{save_model}: --save-model with --adapt must be a new or empty directory "
+                             "(the adapted model bundle)")
+        if not (save_model.parent if str(save_model.parent) else pathlib.Path(".")).is_dir():
+            raise ValueError(f"{save_model}: the directory it would be made in does not exist")
+    adapt_config = None
+    if adapting:
+        from sr3d import adapt as sr3d_adapt
+
+        seconds = args.adapt_seconds if args.adapt_seconds is not None else sr3d_adapt.AdaptConfig.seconds
+        adapt_config = sr3d_adapt.AdaptConfig(seconds=seconds, steps=args.adapt_steps)
     if args.scale < 2:
         raise ValueError(f"--scale must be an integer >= 2, got {args.scale}")
     if args.batch_size < 1:
@@ -125,14 +151,49 @@ def cmd_upscale(args) -> int:
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
           f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
-    result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=args.ensemble, planes=args.planes,
-                                      tile_mb=args.tile_mb, batch_size=args.batch_size,
-                                      progress=_ProgressBar("upscale"), precision=args.precision)
-    sr3d_io.save_volume(result, out, format=args.format,
-                        note=f"x{args.scale} {mode} CNN" if args.format == "dicom" else None)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result, used = inference.upscale_checked(
+        volume, bundle, mode=mode, ensemble=args.ensemble, self_check=self_check, fallback=fallback,
+        adapt=adapt_config, log=log, planes=args.planes, tile_mb=args.tile_mb, batch_size=args.batch_size,
+        progress=_ProgressBar("upscale"), precision=args.precision)
+    report = {"input": str(args.input), "output": str(out), **(result.report or {})}
+    note = _report_note(report)
+    sr3d_io.save_volume(result, out, format=args.format, note=note)
+    sr3d_io.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
-          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
+          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
+    if save_model is not None:
+        if used is bundle:
+            log(f"not writing {save_model}: the adapted networks were not kept")
+        else:
+            inference.save_bundle(used, save_model)
+            log(f"wrote the adapted model bundle {save_model} (reuse it with --model)")
     return 0
+
+
+def sidecar_path(out: pathlib.Path) -> pathlib.Path:
+    """The JSON report beside an output: scan_x2.nii.gz -> scan_x2.json (BIDS-style); a DICOM
+    output directory OUT -> OUT.json."""
+    name = out.name.rstrip("/")
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(name + ".json")
+
+
+def _report_note(report: dict) -> str:
+    """One line for the output's header: how it was made and the self-check."""
+    parts = [f"sr3d x{report['scale']} {report['mode']}: {report['method']}"]
+    check = report.get("self_check") or {}
+    if "margin_db" in check:
+        parts.append(f"self-check {check['margin_db']:+.2f} dB, SSIM {check['ssim_margin']:+.4f} vs Lanczos")
+    if "adaptation" in report:
+        parts.append(f"adapted on the scan: {'kept' if report['adaptation']['kept'] else 'not kept'}")
+    return "; ".join(parts)
 
 
 def cmd_upscale_self_supervised(args) -> int:
@@ -219,10 +280,12 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_study_make(args) -> int:
+    from sr3d import io as sr3d_io
     from sr3d import study
 
     methods = tuple(m.strip() for m in args.methods.split(","))
-    config = study.StudyConfig(scans=tuple(args.scans), methods=methods, scale=args.scale, n=args.n,
+    # The rule of train.py and evaluate.py: a directory of NIfTI/NRRD files gives each file.
+    config = study.StudyConfig(scans=sr3d_io.expand_scans(args.scans), methods=methods, scale=args.scale, n=args.n,
                                seed=args.seed, model_dir=args.model)
     out = study.make_study(config, args.out, progress=_ProgressBar("study"))
     print(f"wrote reader study {out}: open {out / 'index.html'} in a browser; send readers the "
@@ -246,7 +309,8 @@ def _add_study_parser(sub) -> None:
     study_sub = study.add_subparsers(dest="study_command", required=True)
     make = study_sub.add_parser("make", help="write a self-contained reader-study web page")
     make.add_argument("--scans", nargs="+", required=True,
-                      help="test scans (NIfTI/NRRD files or DICOM series directories)")
+                      help="test scans: NIfTI/NRRD files, directories of them (every file), or DICOM "
+                           "series directories (one series each)")
     make.add_argument("--methods", default="cnn,lanczos",
                       help="the two methods compared, comma-separated (cnn, nearest, bilinear, bicubic, "
                            "lanczos; default cnn,lanczos)")
@@ -292,6 +356,19 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")
     up.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32",
                     help="network precision; auto: bfloat16 where the CPU has native bf16 (default float32)")
+    up.add_argument("--no-self-check", dest="no_self_check", action="store_true",
+                    help="skip the self-check (by default every upscale scores the CNN against Lanczos on the scan "
+                         "downscaled once more, noise-matched, prints one line and writes it to OUT's .json "
+                         "report; it costs about 8%% of the upscale)")
+    up.add_argument("--fallback", choices=["lanczos"], default=None,
+                    help="lanczos: write the Lanczos result instead when the CNN loses the self-check")
+    up.add_argument("--adapt", action="store_true",
+                    help="fine-tune the networks on pairs cut from the scan itself (the scan and its own downscaled "
+                         "copy) before upscaling; kept only if they do better on held-out rows of the scan")
+    up.add_argument("--adapt-seconds", dest="adapt_seconds", type=float, default=None, metavar="S",
+                    help="with --adapt: fine-tuning time budget in seconds (default 120)")
+    up.add_argument("--adapt-steps", dest="adapt_steps", type=int, default=None, metavar="N",
+                    help="with --adapt: a fixed number of fine-tuning steps instead of a time budget (reproducible)")
     up.add_argument("--self-supervised", dest="self_supervised", action="store_true",
                     help="thick-slice scan: train stage d on the scan's own in-plane slices, then upscale the "
                          "thick axis (--scale is not used: see --target-spacing; --model: a --save-model file)")

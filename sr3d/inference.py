@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from sr3d import intensity, transforms
+from sr3d import baselines, intensity, transforms
 from sr3d import io as sr3d_io
 from sr3d import precision as sr3d_precision
 
@@ -111,12 +111,18 @@ def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | N
 
     hw, d = sr3d_models.load(hw_model_path), sr3d_models.load(d_model_path)
     _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
+    return save_bundle(ModelBundle(hw=hw, d=d, scale=scale, info=dict(info or {})), out_dir)
+
+
+def save_bundle(bundle: ModelBundle, out_dir) -> pathlib.Path:
+    """Writes an in-memory bundle (e.g. adapted by `sr3d.adapt`) as a bundle directory."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stage, model in (("hw", hw), ("d", d)):
+    for stage in ("hw", "d"):
         with sr3d_io.atomic_path(out / MODEL_FILES[stage]) as tmp:
-            model.save(tmp)
-    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": scale, **(info or {})})
+            getattr(bundle, stage).save(tmp)
+    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
+                                                                      if k != "scale"}})
     return out
 
 
@@ -301,17 +307,131 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     return sr3d_io.upscaled_volume(volume, result, r, axes=axes)
 
 
+FALLBACKS = ("lanczos",)
+
+
+def lanczos_volume(volume: sr3d_io.Volume, scale: int, mode: str = "3d") -> sr3d_io.Volume:
+    """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
+    what `fallback="lanczos"` writes."""
+    result = baselines.upscale(volume.array, scale, "lanczos", mode)
+    np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
+    return sr3d_io.upscaled_volume(volume, result, scale, axes=(0, 1, 2) if mode == "3d" else (1, 2))
+
+
+def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+                    self_check: bool = True, fallback: str | None = None, adapt=None,
+                    log: Callable[[str], None] | None = None, **options) -> sr3d_io.Volume:
+    """`upscale_volume` with the self-check on the scan (`sr3d.selfcheck`), optional test-time
+    adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
+
+    fallback: None (always the CNN) or "lanczos": write the Lanczos result when the CNN loses
+    the self-check (lower PSNR or SSIM). log: called with one line per event (the self-check
+    line, warnings). Returns (the upscaled Volume with `report` = what was measured and done,
+    the bundle used: the adapted one if adaptation was kept).
+    """
+    from sr3d import models as sr3d_models
+    from sr3d import selfcheck
+
+    if fallback is not None and fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be None or one of {FALLBACKS}, got {fallback!r}")
+    if fallback is not None and not self_check:
+        raise ValueError("a fallback needs the self-check to decide: drop --no-self-check")
+    say = log or (lambda line: None)
+    r = models.scale
+    report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
+    if adapt is not None:
+        from sr3d import adapt as sr3d_adapt
+
+        adapted = sr3d_adapt.adapt(volume.array, models, mode, adapt, log=say,
+                                   upscale_fn=lambda x, b: upscale_normalised(x, b, mode=mode, ensemble=ensemble,
+                                                                              **_network_options(options)))
+        say(adapted.line())
+        report["adaptation"] = adapted.to_json()
+        models = adapted.bundle
+    check = None
+    if self_check:
+        min_side = 2 * sr3d_models.lr_halo("hw", r)[0] + 1
+        check = selfcheck.self_check(volume.array, lambda x: upscale_normalised(
+            x, models, mode=mode, ensemble=ensemble, **_network_options(options)), r, mode, min_side=min_side)
+        if check is None:
+            why = selfcheck.check_size(volume.shape, r, mode, min_side)
+            report["self_check"] = {"skipped": why}
+            say(f"self-check skipped: {why}")
+        else:
+            report["self_check"] = check.to_json()
+            say(check.line())
+            if check.cnn_loses:
+                say("warning: on this scan's self-check the CNN scores below Lanczos"
+                    + ("; writing the Lanczos result (--fallback lanczos)" if fallback else
+                       "; consider --adapt, or --fallback lanczos to write Lanczos when it loses"))
+    if fallback == "lanczos" and check is not None and check.cnn_loses:
+        result = lanczos_volume(volume, r, mode)
+        report["method"] = "lanczos (fallback: the CNN lost the self-check)"
+    else:
+        result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, **options)
+        report["method"] = "cnn"
+    report["models"] = models
+    return result.replace(report={k: v for k, v in report.items() if k != "models"}), models
+
+
+def _network_options(options: dict) -> dict:
+    """The options of `upscale_volume` that change the network's numbers (not tiling or progress)."""
+    return {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+
+
+def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
+    """A Volume from a Volume, a path (NIfTI, NRRD, DICOM) or a (D, H, W) numpy array with
+    `spacing` (mm, D H W; the affine is then diagonal: voxel (d, h, w) at (w, h, d) * spacing mm)."""
+    if isinstance(volume_or_path, sr3d_io.Volume):
+        return volume_or_path
+    if isinstance(volume_or_path, np.ndarray):
+        if spacing is None:
+            raise ValueError("a numpy array needs spacing=(d, h, w) in mm (or pass an sr3d.io.Volume)")
+        array = volume_or_path
+        if array.ndim != 3:
+            raise ValueError(f"a numpy array to upscale must be 3D (D, H, W), got shape {array.shape}")
+        spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, np.float64), (3,)))
+        affine = np.eye(4)
+        affine[:3, :3] = 0.0
+        for axis, world in ((0, 2), (1, 1), (2, 0)):  # d -> S, h -> A, w -> R (NIfTI's k, j, i)
+            affine[world, axis] = spacing[axis]
+        return sr3d_io.Volume(array=array, spacing=spacing, affine=affine)
+    if spacing is not None:
+        raise ValueError("spacing= applies only to a numpy array; files and Volumes carry their own")
+    return sr3d_io.load_volume(volume_or_path)
+
+
 def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, *, mode: str = "3d",
+            self_check: bool = True, fallback: str | None = None, adapt=None, spacing=None,
             **options) -> sr3d_io.Volume:
-    """Upscale a scan (Volume or path to NIfTI / DICOM series) with the shipped or a given model.
+    """Upscale a scan (Volume, path to NIfTI / NRRD / DICOM series, or a (D, H, W) numpy array
+    with `spacing` in mm) with the shipped or a given model; returns an `sr3d.io.Volume`.
 
     model: None (the shipped model for `scale`), a bundle directory, or a ModelBundle.
+    self_check: measure CNN vs Lanczos on the scan downscaled once more (`sr3d.selfcheck`); the
+        result is in the returned Volume's `report`, and a warning is issued when the CNN loses.
+    fallback: "lanczos" writes the Lanczos result when the CNN loses the self-check.
+    adapt: an `sr3d.adapt.AdaptConfig` (or True for the defaults): fine-tune on the scan first.
     """
-    volume = volume_or_path if isinstance(volume_or_path, sr3d_io.Volume) else sr3d_io.load_volume(volume_or_path)
+    import warnings
+
+    volume = as_volume(volume_or_path, spacing)
     bundle = model if isinstance(model, ModelBundle) else load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
-    return upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
+    if adapt is True:
+        from sr3d import adapt as sr3d_adapt
+
+        adapt = sr3d_adapt.AdaptConfig()
+    result, _ = upscale_checked(volume, bundle, mode=mode, ensemble=ensemble, self_check=self_check,
+                                fallback=fallback, adapt=adapt or None, **options)
+    check = (result.report or {}).get("self_check", {})
+    if check.get("cnn_loses"):
+        warnings.warn(f"{volume.source or 'volume'}: on the self-check the CNN scores below Lanczos "
+                      f"({check['margin_db']:+.2f} dB, SSIM {check['ssim_margin']:+.4f}); "
+                      + ("the Lanczos result was returned" if fallback else "consider adapt= or fallback='lanczos'"),
+                      stacklevel=2)
+    return result
 
 
 def output_voxels(shape: tuple[int, int, int], scale: int, mode: str = "3d") -> int:

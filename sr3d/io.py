@@ -58,6 +58,8 @@ class Volume:
     description: the NIfTI `descrip` of the file read (without sr3d's own tag), kept on save.
     assumptions: what the reader had to guess (voxel size, orientation, slice grid), one
         sentence each; warned about when read, recorded in the header by `save_volume`.
+    report: how a computed volume was made (`sr3d.upscale`: the self-check, adaptation, which
+        method wrote it), JSON values; the CLI writes it as the sidecar next to the output.
     """
 
     array: np.ndarray
@@ -70,6 +72,7 @@ class Volume:
     xform_codes: tuple[int, int] | None = None
     description: str = ""
     assumptions: tuple[str, ...] = ()
+    report: dict | None = None
 
     def __post_init__(self):
         array = np.asarray(self.array)
@@ -91,9 +94,10 @@ class Volume:
             raise ValueError(f"volume array has non-finite values (NaN or Inf) at {n_bad} voxels")
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-            raise ValueError(f"affine must be a finite 4x4 matrix, got {affine!r}")
+            raise ValueError(f"affine must be a finite 4x4 matrix, got {np.asarray(affine).tolist()}")
         if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]) or np.linalg.det(affine[:3, :3]) == 0:
-            raise ValueError(f"affine must be invertible with last row (0, 0, 0, 1), got {affine!r}")
+            raise ValueError(f"affine must be invertible with last row (0, 0, 0, 1), got {affine.tolist()}: "
+                             "the header's voxel-to-world transform is degenerate")
         spacing = tuple(float(s) for s in np.ravel(self.spacing))
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing must be 3 positive numbers (mm, D H W), got {self.spacing!r}")
@@ -217,6 +221,10 @@ def load_volume(path: str | os.PathLike, regularize: bool = False) -> Volume:
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
     if path.is_dir():
+        volume_files = _volume_files(path)
+        if volume_files:  # the rule of expand_scans: such a directory is many scans
+            raise ValueError(f"{path}: holds {len(volume_files)} NIfTI/NRRD files, not a DICOM series: "
+                             "pass one of them (commands taking several scans accept the directory)")
         return _load_dicom_series(path, regularize)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
@@ -290,7 +298,8 @@ def _volume_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 def expand_scans(paths: Sequence[str | os.PathLike]) -> tuple[str, ...]:
     """Scan paths from files and directories: a directory holding NIfTI/NRRD files gives each
-    file; any other directory is taken as one DICOM series."""
+    file; any other directory is taken as one DICOM series. The one rule of every command that
+    takes a list of scans (train.py, evaluate.py, sr3d study make); `scans_in` is its batch form."""
     out: list[str] = []
     for path in paths:
         p = pathlib.Path(path)
