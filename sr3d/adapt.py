@@ -56,6 +56,7 @@ class AdaptConfig:
 @dataclasses.dataclass
 class AdaptResult:
     bundle: object                  # the bundle to use: adapted if kept, else the original
+    adapted: object                 # the adapted bundle, kept or not
     kept: bool
     original_psnr: float            # on the held-out slab's downscaled copy (normalised, peak 1)
     adapted_psnr: float
@@ -203,7 +204,7 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     kept = gain > 0 and ssim_gain >= 0
     reason = ("higher PSNR and SSIM on the held-out rows" if kept else
               "lower PSNR on the held-out rows" if gain <= 0 else "lower SSIM on the held-out rows")
-    return AdaptResult(bundle=adapted if kept else bundle, kept=kept, original_psnr=scores["original"][0],
+    return AdaptResult(bundle=adapted if kept else bundle, adapted=adapted, kept=kept, original_psnr=scores["original"][0],
                        adapted_psnr=scores["adapted"][0], original_ssim=scores["original"][1],
                        adapted_ssim=scores["adapted"][1], lanczos_psnr=lanczos_psnr, steps=steps,
                        seconds=time.perf_counter() - start, reason=reason)
