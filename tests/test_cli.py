@@ -70,7 +70,7 @@ def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
     expected = inference.upscale_volume(sr3d_io.load_volume(nifti_crop),
                                         inference.load_models(tiny_bundle_dir, scale=2)).array
     np.testing.assert_allclose(np.asarray(written_out.dataobj).transpose(2, 1, 0), expected, rtol=0, atol=1e-3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.json", "crop_x2.nii.gz"]  # + the report
 
 
 def _dicom_voxel_centres_ras(directory) -> np.ndarray:
