@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sr3d import degrade, evaluation, inference, models, selfcheck  # noqa: E402
+from sr3d import degrade, evaluation, inference, selfcheck  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DOMAIN_ORDER = ("T1 1 mm (ds002748)", "T1 1 mm (other sites)", "T1 0.7 mm", "T1 2 mm", "T2 1 mm", "FLAIR 1 mm", "chest CT 1 mm",
@@ -66,7 +66,7 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
     done = json.loads(path.read_text()) if path.exists() else {}
     for scale in scales:
         bundle = inference.load_models(pathlib.Path(model) / f"x{scale}", scale)
-        min_side = 2 * models.lr_halo("hw", scale)[0] + 1
+        min_side = selfcheck.MIN_SIDE
         for domain, records in groups.items():
             for record in records:
                 volume = sr3d_io.load_volume(record["path"])
@@ -77,15 +77,15 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
                     _, lr = degrade.simulate_lr(volume.array, scale, mode)
                     run = functools.partial(inference.upscale_normalised, models=bundle, mode=mode)
                     entry = {"domain": domain, "scan": record["name"], "scale": scale, "mode": mode}
-                    for variant, matched in (("matched", True), ("naive", False)):
-                        check = selfcheck.self_check(lr, run, scale, mode, min_side=min_side, noise_matched=matched)
+                    for variant in selfcheck.NOISE_MODELS:
+                        check = selfcheck.self_check(lr, run, scale, mode, min_side=min_side, noise=variant)
                         entry[variant] = None if check is None else check.to_json()
                     tick = time.perf_counter()
                     done[key] = entry
                     sr3d_io.write_json(path, done)
                     print(f"self-check {key}: " + ", ".join(
                         f"{v} {entry[v]['margin_db']:+.2f} dB" if entry[v] else f"{v} too small"
-                        for v in ("matched", "naive")), flush=True)
+                        for v in selfcheck.NOISE_MODELS), flush=True)
                     del tick
 
 
@@ -140,7 +140,7 @@ def report(out: pathlib.Path, groups, modes, scales) -> str:
             continue
         real, real_ssim = margins[key]
         rows.append((key, real, real_ssim, entry))
-    for variant in ("matched", "naive"):
+    for variant in selfcheck.NOISE_MODELS:
         pairs = [(r, e[variant]["margin_db"]) for _, r, _, e in rows if e[variant]]
         if len(pairs) >= 3:
             real, predicted = np.array(pairs).T
@@ -152,14 +152,16 @@ def report(out: pathlib.Path, groups, modes, scales) -> str:
         lines.append(f"- {variant}: sign agrees on {a['sign_agreement'] * a['n']:.0f} of {a['n']} "
                      f"(scan, scale, mode) cells, Pearson r = {a['pearson_r']:.2f}, mean |error| = "
                      f"{a['mean_abs_error_db']:.2f} dB")
-    lines += ["", "| scan | x | mode | real dB | self-check dB (noise-matched) | naive dB | real SSIM | self-check SSIM |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Noise models (sr3d.selfcheck.noise_matched_pair): white (the default of sr3d upscale), "
+              "measured, none (the naive check).", "",
+              "| scan | x | mode | real dB | self-check dB (white, default) | measured dB | naive dB | real SSIM | "
+              "self-check SSIM |", "|---|---|---|---|---|---|---|---|---|"]
     for key, real, real_ssim, entry in sorted(rows):
         scan, scale, mode = key.split("|")
-        m, n = entry["matched"], entry["naive"]
-        lines.append(f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | {m['margin_db']:+.2f} | "
+        m, me, n = entry["white"], entry["measured"], entry["none"]
+        lines.append(f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | {m['margin_db']:+.2f} | {me['margin_db']:+.2f} | "
                      f"{n['margin_db']:+.2f} | {real_ssim:+.4f} | {m['ssim_margin']:+.4f} |" if m else
-                     f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | too small | | {real_ssim:+.4f} | |")
+                     f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | too small | | | {real_ssim:+.4f} | |")
     sr3d_io.write_json(out / "summary.json", {"table": table, "selfcheck_accuracy": accuracy,
                                               "selfcheck_cells": {k: {"real_db": r, "real_ssim": rs, **e}
                                                                   for k, r, rs, e in rows}})

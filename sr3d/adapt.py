@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from sr3d import baselines, data, degrade, intensity, metrics, models, selfcheck
+from sr3d import baselines, data, degrade, intensity, metrics, selfcheck
 
 _MODE_AXES = {"3d": (0, 1, 2), "2d": (1, 2)}
 _MIN_TRAIN_LR_ROWS = 7          # the LR patch side: the rows left for training must hold one patch
@@ -151,7 +151,7 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
         raise ValueError(f"mode must be one of {tuple(_MODE_AXES)}, got {mode!r}")
     upscale_fn = upscale_fn or (lambda x, b: inference.upscale_normalised(x, b, mode=mode))
     r, axes = bundle.scale, _MODE_AXES[mode]
-    min_lr = 2 * models.lr_halo("hw", r)[0] + 1
+    min_lr = selfcheck.MIN_SIDE
     win = intensity.window(array)
     scan = degrade.crop_to_multiple(win.normalise(array), r, axes).astype(np.float32)
     if mode == "3d" and scan.shape[0] // r < 2:

@@ -350,7 +350,7 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
         models = adapted.bundle
     check = None
     if self_check:
-        min_side = 2 * sr3d_models.lr_halo("hw", r)[0] + 1
+        min_side = selfcheck.MIN_SIDE
         check = selfcheck.self_check(volume.array, lambda x: upscale_normalised(
             x, models, mode=mode, ensemble=ensemble, **_network_options(options)), r, mode, min_side=min_side)
         if check is None:

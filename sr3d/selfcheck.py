@@ -41,6 +41,7 @@ from sr3d import baselines, degrade, intensity, metrics
 
 COST_FRACTION = 0.08      # share of the upscale's network work the self-check may add
 MIN_SLICES = 8            # of the scan, along D, used by the check
+MIN_SIDE = 8              # LR pixels: the check runs on smaller slices than upscale accepts (a coarse check)
 SSIM_SLICES = 24          # slices SSIM is computed on
 _MODE_AXES = {"3d": (0, 1, 2), "2d": (1, 2)}
 # Immerkaer (1996): this kernel is orthogonal to planes and linear ramps; on white noise of
@@ -152,32 +153,47 @@ def downscale(array: np.ndarray, scale: int, axes) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0
+NOISE_MODELS = ("white", "measured", "none")
+
+
+def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0, noise: str = "white"
                        ) -> tuple[np.ndarray, np.ndarray, float]:
     """(target, input, s): the scan plus white noise of sigma s (seeded), and that target
     downscaled by `scale` along `axes`, with s chosen so the input carries the scan's own
-    fine-scale noise (`noise_sigma`). scan: float32, its length along `axes` divisible by scale."""
+    fine-scale noise sigma (`noise_sigma`). scan: float32, its length along `axes` divisible by scale.
+
+    noise "white" (default): the scan's noise is taken as white, so D leaves g * sigma of it,
+    g the gain of D on unit white noise (measured with the same estimator), and s * g =
+    sigma * sqrt(1 - g^2) tops it up to sigma. "measured": the noise left in D(scan) is
+    measured instead (the estimator then also counts D(scan)'s finer structure as noise, so it
+    adds too little). "none": the naive pair (target = scan, s = 0).
+    """
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
     scan = np.asarray(scan, np.float32)
-    sigma = noise_sigma(scan)
     clean_input = downscale(scan, scale, axes)
+    if noise == "none":
+        return scan, clean_input, 0.0
+    sigma = noise_sigma(scan)
     unit = np.random.default_rng(seed).standard_normal(scan.shape, dtype=np.float32)
     unit_input = downscale(unit, scale, axes)
-    sigma_clean, sigma_unit = noise_sigma(clean_input), noise_sigma(unit_input)
-    # D is linear: the input's fine-scale noise is that of D(scan) and s * D(unit) combined.
-    s = math.sqrt(max(sigma ** 2 - sigma_clean ** 2, 0.0)) / sigma_unit if sigma_unit > 0 else 0.0
+    gain = noise_sigma(unit_input)
+    left = gain * sigma if noise == "white" else noise_sigma(clean_input)
+    # D is linear: the input's noise is what D leaves of the scan's and s * D(unit), combined.
+    s = math.sqrt(max(sigma ** 2 - left ** 2, 0.0)) / gain if gain > 0 else 0.0
     return scan + np.float32(s) * unit, clean_input + np.float32(s) * unit_input, s
 
 
 def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3d", *, seed: int = 0,
-               min_side: int = 1, noise_matched: bool = True) -> SelfCheck | None:
+               min_side: int = 1, noise: str = "white") -> SelfCheck | None:
     """The noise-matched self-check of a scan; None if the scan is too small for it.
 
     array: float32 (D, H, W), scanner units (the scan to be upscaled).
     upscale_normalised: the CNN as a function, normalised (D, H, W) -> upscaled by `scale`
         in `mode` (e.g. `functools.partial(inference.upscale_normalised, models=bundle, mode=mode)`).
     min_side: the smallest slice side the network takes (its receptive field).
-    noise_matched: False gives the naive check (no added noise), kept to measure what the
-        noise matching buys (docs/model_card.md).
+    noise: how the pair is noise-matched (`noise_matched_pair`): "white" (default),
+        "measured", or "none" for the naive check, kept to measure what the matching buys.
     """
     start = time.perf_counter()
     array = np.asarray(array, np.float32)
@@ -191,10 +207,7 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
     scan = degrade.crop_to_multiple(win.normalise(array[index]), scale, axes).astype(np.float32)
     lo, hi = win.normalise(np.array([array.min(), array.max()], np.float32))
 
-    if noise_matched:
-        target, lr, s = noise_matched_pair(scan, scale, axes, seed)
-    else:
-        target, lr, s = scan, downscale(scan, scale, axes), 0.0
+    target, lr, s = noise_matched_pair(scan, scale, axes, seed, noise)
     sigma = noise_sigma(scan)
 
     cnn = np.clip(upscale_normalised(lr), lo, hi)
