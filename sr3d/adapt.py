@@ -11,10 +11,14 @@ share, Adam at a small learning rate, for a time or step budget.
 
 Adaptation must not be applied blindly: it can also make things worse (on a
 held-out abdominal CT a 120 s probe cut the margin over Lanczos from +1.05 to
-+0.12 dB). So a slab of the scan's rows is held out of the adaptation pairs,
-and the adapted bundle is kept only if, upscaling that slab's own downscaled
-copy, it scores higher PSNR than the bundle it started from (and no lower
-SSIM); otherwise the original bundle is used. Both scores are reported.
++0.12 dB). So a slab of the scan's rows is held out of the adaptation pairs, and the
+adapted bundle is kept only where it is needed and helps there: when, upscaling
+that slab's own downscaled copy, the bundle it started from scores below
+Lanczos, and the adapted one scores higher PSNR than it (and no lower SSIM).
+Otherwise the original bundle is used. All scores are reported. Gains one scale
+down do not carry over when the shipped model already wins: on a held-out
+1 mm chest CT (2D x2) the adapted networks gained +0.27 dB on the held-out rows
+and lost 0.62 dB against the ground truth (docs/model_card.md).
 """
 from __future__ import annotations
 
@@ -201,8 +205,10 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     lanczos_psnr = metrics.psnr(held_target, lanczos, 1.0)
     gain = scores["adapted"][0] - scores["original"][0]
     ssim_gain = scores["adapted"][1] - scores["original"][1]
-    kept = gain > 0 and ssim_gain >= 0
-    reason = ("higher PSNR and SSIM on the held-out rows" if kept else
+    needed = scores["original"][0] < lanczos_psnr
+    kept = needed and gain > 0 and ssim_gain >= 0
+    reason = ("the un-adapted model lost to Lanczos there; the adapted one scores higher PSNR and SSIM" if kept else
+              "the un-adapted model beats Lanczos on the held-out rows" if not needed else
               "lower PSNR on the held-out rows" if gain <= 0 else "lower SSIM on the held-out rows")
     return AdaptResult(bundle=adapted if kept else bundle, adapted=adapted, kept=kept, original_psnr=scores["original"][0],
                        adapted_psnr=scores["adapted"][0], original_ssim=scores["original"][1],
