@@ -48,17 +48,26 @@ def slug(domain: str) -> str:
 
 
 def run_eval(model: str, groups, out: pathlib.Path, modes, scales) -> None:
-    for domain, records in groups.items():
-        for mode in modes:
-            where = out / f"{slug(domain)}_{mode}"
-            if (where / "results.json").exists():
-                continue
-            print(f"evaluating {domain} {mode} ({len(records)} scans)", flush=True)
-            config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=tuple(scales),
-                                           mode=mode, methods=("lanczos",), cnn={"cnn": model},
-                                           protocols=("float",), with_ifc=False, out_dir=str(where))
-            results = evaluation.evaluate(config, progress=evaluation.print_progress)
-            evaluation.write_report(results, where)
+    for scale in scales:
+        for domain, records in groups.items():
+            for mode in modes:
+                _eval_one(model, domain, records, out, mode, scale)
+
+
+def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib.Path:
+    return out / f"{slug(domain)}_{mode}_x{scale}"
+
+
+def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, scale: int) -> None:
+    where = report_dir(out, domain, mode, scale)
+    if (where / "results.json").exists():
+        return
+    print(f"evaluating {domain} {mode} x{scale} ({len(records)} scans)", flush=True)
+    config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=(scale,),
+                                   mode=mode, methods=("lanczos",), cnn={"cnn": model},
+                                   protocols=("float",), with_ifc=False, out_dir=str(where))
+    results = evaluation.evaluate(config, progress=evaluation.print_progress)
+    evaluation.write_report(results, where)
 
 
 def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
@@ -93,8 +102,8 @@ def real_margins(out: pathlib.Path, groups, modes) -> dict:
     """(scan|xr|mode) -> real CNN minus Lanczos PSNR and SSIM on the HR, from the reports."""
     margins = {}
     for domain, records in groups.items():
-        for mode in modes:
-            path = out / f"{slug(domain)}_{mode}" / "results.json"
+        for mode, scale in ((m, s) for m in modes for s in (2, 4)):
+            path = report_dir(out, domain, mode, scale) / "results.json"
             if not path.exists():
                 continue
             results = json.loads(path.read_text())
@@ -115,14 +124,12 @@ def report(out: pathlib.Path, groups, modes, scales) -> str:
     table = []
     for domain, records in groups.items():
         for mode in modes:
-            path = out / f"{slug(domain)}_{mode}" / "results.json"
-            if not path.exists():
-                continue
-            results = json.loads(path.read_text())
             for scale in scales:
-                key = f"x{scale}"
-                if key not in results["summary"]["float"]:
+                path = report_dir(out, domain, mode, scale) / "results.json"
+                if not path.exists():
                     continue
+                results = json.loads(path.read_text())
+                key = f"x{scale}"
                 s = results["summary"]["float"][key]
                 sig = results["significance"]["float"][key]["cnn"]
                 margin = s["cnn"]["psnr"] - s["lanczos"]["psnr"]
