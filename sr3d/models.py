@@ -36,16 +36,41 @@ one. The intermediate loss and the blur sigma are training options.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 import pathlib
+import sys
 import zipfile
 
 import numpy as np
 
-import keras
 
-from sr3d import layers as sr3d_layers
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Drops what C++ code writes to file descriptor 2 meanwhile: TensorFlow's absl logging
+    prints "oneDNN custom operations are on ..." at import whatever TF_CPP_MIN_LOG_LEVEL says,
+    which would break `sr3d`'s one-line messages. Python exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+with _native_stderr_silenced():
+    import keras
+
+from sr3d import layers as sr3d_layers  # noqa: E402
 
 STAGES = ("hw", "d")
 
