@@ -96,7 +96,7 @@ def _check_upscale_paths(args) -> None:
     out = _check_output_path(args.output)
     if (out.exists() or out.is_symlink()) and not getattr(args, "overwrite", False):
         raise ValueError(f"{out}: exists already: pass --overwrite to replace it, or choose another name")
-    for stale in sr3d_io.remove_stale_temporaries(out):
+    for stale in sr3d_io.remove_stale_temporaries(out) + sr3d_io.remove_stale_temporaries(sidecar_path(out)):
         print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
 
