@@ -57,7 +57,7 @@ class Volume:
         3 Talairach, 4 MNI, 5 other template, 0 unknown), kept by `save_volume`; None: not from NIfTI (written as 1).
     description: the NIfTI `descrip` of the file read (without sr3d's own tag), kept on save.
     assumptions: what the reader had to guess (voxel size, orientation, slice grid), one
-        sentence each; warned about when read, recorded in the header by `save_volume`.
+        sentence each, starting with the file read ("<file>: ..."); warned about when read, recorded in the header by `save_volume`.
     report: how a computed volume was made (`sr3d.upscale`: the self-check, adaptation, which
         method wrote it), JSON values; the CLI writes it as the sidecar next to the output.
     """
@@ -423,11 +423,11 @@ def _read_raw_nifti_header(path: pathlib.Path, header_class):
         return header_class.from_fileobj(stream, check=False)
 
 
-def _warn(path, assumptions: Sequence[str]) -> None:
+def _warn(assumptions: Sequence[str]) -> None:
     import warnings
 
     for assumption in assumptions:
-        warnings.warn(f"{path}: {assumption}", GeometryWarning, stacklevel=3)
+        warnings.warn(assumption, GeometryWarning, stacklevel=3)
 
 
 def _load_nifti(path: pathlib.Path) -> Volume:
@@ -461,12 +461,12 @@ def _load_nifti(path: pathlib.Path) -> Volume:
     descrip = image.header["descrip"].item().decode("latin-1").strip()
     modality = _MODALITY_DESCRIP.search(descrip)
     description = descrip[:modality.start()] if modality else descrip
-    assumptions = _nifti_assumptions(raw_header, shape, image.affine)
+    assumptions = [f"{path}: {a}" for a in _nifti_assumptions(raw_header, shape, image.affine)]
     volume = _make_volume(path, data.transpose(2, 1, 0), image.affine @ _SWAP_D_W,
                           modality=modality.group(1) if modality else None, source_dtype=source_dtype,
                           xform_codes=(int(raw_header["sform_code"]), int(raw_header["qform_code"])),
                           description=description, assumptions=tuple(assumptions))
-    _warn(path, assumptions)
+    _warn(assumptions)
     return volume
 
 
@@ -676,6 +676,7 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list, reg
     along = along[order]
     positions = np.array([s.position for s in slices])
     step, resample_at, assumptions = _slice_grid(where, slices, along, positions, regularize)
+    assumptions = [f"{where}: {a}" for a in assumptions]
 
     array = np.empty((len(slices),) + image_shape, dtype=np.float32)
     decoded = {}  # multi-frame files are decoded once, for all their frames
@@ -711,7 +712,7 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list, reg
                         source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high),
                         dicom=_dicom_source(datasets, slices, _LPS_TO_RAS @ lps),
                         assumptions=tuple(assumptions))
-    _warn(where, assumptions)
+    _warn(assumptions)
     return volume
 
 
@@ -906,7 +907,7 @@ def save_volume(volume: Volume, path: str | os.PathLike, dtype: str | None = Non
     image.header.set_dim_info(slice=2)
     image.header["descrip"] = _descrip(volume.description, volume.modality)
     comment = "\n".join(([note] if note else [])
-                        + [f"assumed when reading {volume.source or 'the input'}: {a}" for a in volume.assumptions])
+                        + [f"assumed when reading {a}" for a in volume.assumptions])
     if comment:
         image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", comment.encode("utf-8")))
 

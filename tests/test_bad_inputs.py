@@ -549,3 +549,23 @@ def test_good_scan_of_the_corpus_works(corpus, tiny_bundle_dir, tmp_path, capsys
     assert cli.main(["upscale", str(good), str(tmp_path / "r.nii.gz"), "--model", str(tiny_bundle_dir),
                      "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.nii.gz"]
+
+
+def test_repaired_header_is_one_warning_line_and_recorded(tiny_bundle_dir, tmp_path, capsys):
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((40, 40, 8))
+    header["pixdim"][1:4] = (0.0, 1.0, 3.0)
+    header["vox_offset"] = 352
+    data = np.random.default_rng(0).normal(size=(40, 40, 8)).astype(np.float32)
+    path = tmp_path / "pixdim0.nii"
+    path.write_bytes(header.binaryblock + bytes(4) + data.tobytes(order="F"))
+    out = tmp_path / "r.nii.gz"
+    code = cli.main(["upscale", str(path), str(out), "--model", str(tiny_bundle_dir)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("sr3d upscale: warning: ")]
+    assert f"sr3d upscale: warning: {path}: pixdim of axis i is 0: voxel size taken as 1 mm" in warnings, err
+    assert any("no orientation (sform_code and qform_code 0)" in line for line in warnings), err
+    comment = b"".join(e.get_content() for e in nib.load(out).header.extensions).decode()
+    assert f"assumed when reading {path}: pixdim of axis i is 0" in comment

@@ -152,3 +152,45 @@ def test_cli_batch_exit_code_and_failure_list(tmp_path, input_dir, bundle_dir):
     assert "failed: broken.nii.gz:" in result.stderr
     assert "5 upscaled" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_scan_locked_by_another_run_is_left_to_it(tmp_path, input_dir, bundle_dir):
+    good = tmp_path / "in"
+    good.mkdir()
+    for name in ("scan0.nii.gz", "scan1.nii.gz"):
+        shutil.copy(input_dir / name, good / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = []
+    # This process plays the other run: it holds scan0's lock while the batch runs.
+    with batch._lock(out / ".scan0_x2.nii.gz.lock", wait=False) as taken:
+        assert taken
+        result = batch.upscale_batch(good, out, 2, bundle_dir, log=lines.append)
+    assert result.busy == ["scan0.nii.gz"] and result.done == ["scan1.nii.gz"] and not result.failed
+    assert "[1/2] scan0.nii.gz: being upscaled by another run, skipped" in lines
+    assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST, "scan1_x2.nii.gz"]  # lock files removed
+    again = batch.upscale_batch(good, out, 2, bundle_dir, log=lines.append)
+    assert again.done == ["scan0.nii.gz"] and again.skipped == ["scan1.nii.gz"]
+
+
+def test_manifest_entries_of_concurrent_runs_are_merged(tmp_path):
+    settings = {"scale": 2}
+    first = batch._Manifest(tmp_path / batch.MANIFEST, settings)
+    second = batch._Manifest(tmp_path / batch.MANIFEST, settings)
+    first.set("a.nii.gz", {"status": "done", "output": "a_x2.nii.gz"})
+    second.set("b.nii.gz", {"status": "running", "output": "b_x2.nii.gz"})  # second never saw a's entry
+    on_disk = json.loads((tmp_path / batch.MANIFEST).read_text())
+    assert on_disk == {"settings": settings, "scans": {"a.nii.gz": {"status": "done", "output": "a_x2.nii.gz"},
+                                                       "b.nii.gz": {"status": "running", "output": "b_x2.nii.gz"}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [batch.MANIFEST]
+
+
+def test_lock_is_released_and_retaken(tmp_path):
+    path = tmp_path / ".x.lock"
+    with batch._lock(path, wait=False) as mine:
+        assert mine and path.exists()
+        with batch._lock(path, wait=False) as again:  # a second open file description: flock refuses it
+            assert again is False
+    assert not path.exists()
+    with batch._lock(path, wait=False) as mine:
+        assert mine
