@@ -159,13 +159,13 @@ def report(out: pathlib.Path, groups, modes, scales) -> str:
         lines.append(f"- {variant}: sign agrees on {a['sign_agreement'] * a['n']:.0f} of {a['n']} "
                      f"(scan, scale, mode) cells, Pearson r = {a['pearson_r']:.2f}, mean |error| = "
                      f"{a['mean_abs_error_db']:.2f} dB")
-    lines += ["", "Noise models (sr3d.selfcheck.noise_matched_pair): white (the default of sr3d upscale), "
-              "measured, none (the naive check).", "",
-              "| scan | x | mode | real dB | self-check dB (white, default) | measured dB | naive dB | real SSIM | "
+    lines += ["", "Noise models (sr3d.selfcheck.noise_matched_pair): measured (the default of sr3d upscale), "
+              "white, none (the naive check).", "",
+              "| scan | x | mode | real dB | self-check dB (measured, default) | white dB | naive dB | real SSIM | "
               "self-check SSIM |", "|---|---|---|---|---|---|---|---|---|"]
     for key, real, real_ssim, entry in sorted(rows):
         scan, scale, mode = key.split("|")
-        m, me, n = entry["white"], entry["measured"], entry["none"]
+        m, me, n = entry["measured"], entry["white"], entry["none"]
         lines.append(f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | {m['margin_db']:+.2f} | {me['margin_db']:+.2f} | "
                      f"{n['margin_db']:+.2f} | {real_ssim:+.4f} | {m['ssim_margin']:+.4f} |" if m else
                      f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | too small | | | {real_ssim:+.4f} | |")
