@@ -247,7 +247,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
         raise ValueError(f"tile_mb must be a positive number of megabytes or None, got {tile_mb!r}")
     if np.ndim(lr) != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
-    precision = sr3d_precision.resolve(precision)
+    hw_precision, d_precision = sr3d_precision.stage_precisions(precision, models.scale, mode)
     r = models.scale
     d, h, w = lr.shape
     halo = sr3d_models.lr_halo("hw", r)[0]
@@ -260,9 +260,9 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     hw_pixels = (min(h, rows + 2 * halo) * r) * (w * r)
     d_pixels = (d * r) * (max(h, w) * r if both else w * r)
     stage_hw = _Stage(models.hw, _planes_per_call(models.hw, hw_pixels, tile_mb, batch_size), ensemble, "hw",
-                      precision)
+                      hw_precision)
     stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d",
-                     precision)
+                     d_precision)
     bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
     for index, (y0, y1) in enumerate(bands):
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)

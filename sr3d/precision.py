@@ -1,11 +1,12 @@
 """Inference precision: float32, or bfloat16 convolutions where the CPU multiplies bf16 natively.
 
-`resolve("auto")` picks "bfloat16" only on CPUs whose `/proc/cpuinfo` flags
+`stage_precisions("auto", scale, mode)` picks "bfloat16" only on CPUs whose `/proc/cpuinfo` flags
 include `avx512_bf16` (AVX-512 BF16, e.g. AMD Zen 4/5, Intel Cooper Lake) or
 `amx_bf16` (Intel AMX, Sapphire Rapids and later): there oneDNN, which
 TensorFlow uses for its CPU convolutions, runs bf16 convolutions at about
 twice the float32 rate (docs/benchmarks.md). Elsewhere bf16 would be emulated
-and slower, so "auto" is float32.
+and slower, so "auto" is float32. "auto" also keeps float32 where bf16 failed the quality guard
+on the test scans (`AUTO_FLOAT32_STAGES`: both stages of 3D x4); "bfloat16" is bf16 everywhere.
 
 `network(model, "bfloat16")` is a copy of a stage network whose layers run
 under the Keras dtype policy "mixed_bfloat16" (float32 weights, cast to bf16
@@ -25,6 +26,12 @@ CPUINFO = pathlib.Path("/proc/cpuinfo")
 MIXED_POLICY = "mixed_bfloat16"
 # The outputs must come back as float32 (they go back to scanner units); every other layer runs in bf16.
 FLOAT32_LAYERS = ("intermediate", "final")
+
+# Where "auto" keeps float32 although the CPU has bf16: (scale, mode) -> stages. Measured with the
+# shipped models by benchmarks/precision_quality.py (docs/benchmarks/precision_quality.md): on 3D x4
+# the stroke FLAIR test scan loses 0.0011 SSIM with either stage in bf16 (0.0022 with both), over the
+# 0.001 guard; 2D x4 and everything at x2 stay within 0.05 dB PSNR and 0.001 SSIM.
+AUTO_FLOAT32_STAGES = {(4, "3d"): ("hw", "d")}
 
 # One bf16 copy per model, kept as long as the model lives (building one costs a model clone).
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -61,6 +68,15 @@ def resolve(precision: str, flags: frozenset[str] | None = None) -> str:
     if check(precision) != "auto":
         return precision
     return "bfloat16" if native_bf16(flags) else "float32"
+
+
+def stage_precisions(precision: str, scale: int, mode: str = "3d",
+                     flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The (stage hw, stage d) precisions for `precision`: as `resolve`, except that "auto" keeps
+    the stages of `AUTO_FLOAT32_STAGES[(scale, mode)]` in float32 (they failed the quality guard)."""
+    resolved = resolve(precision, flags)
+    kept = AUTO_FLOAT32_STAGES.get((int(scale), mode), ()) if precision == "auto" else ()
+    return tuple("float32" if stage in kept else resolved for stage in ("hw", "d"))
 
 
 def _bf16_copy(model):

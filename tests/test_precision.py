@@ -65,6 +65,18 @@ def test_explicit_precisions_ignore_the_cpu(value):
     assert precision.resolve(value, frozenset({"avx512_bf16"})) == value
 
 
+@pytest.mark.parametrize("value, scale, mode, expected", [
+    ("auto", 2, "3d", ("bfloat16", "bfloat16")), ("auto", 2, "2d", ("bfloat16", "bfloat16")),
+    ("auto", 4, "2d", ("bfloat16", "bfloat16")),
+    ("auto", 4, "3d", ("float32", "float32")),         # over the SSIM guard on the stroke FLAIR
+    ("bfloat16", 4, "3d", ("bfloat16", "bfloat16")),   # an explicit choice is obeyed
+    ("float32", 2, "3d", ("float32", "float32"))])
+def test_auto_keeps_the_stages_that_failed_the_guard_in_float32(value, scale, mode, expected):
+    assert precision.stage_precisions(value, scale, mode, frozenset({"avx512_bf16"})) == expected
+    assert precision.stage_precisions(value, scale, mode, frozenset()) == (
+        ("float32", "float32") if value == "auto" else expected)
+
+
 def test_bad_precision_is_refused(tiny_bundle, ixi_normalised):
     with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'float32', 'bfloat16'\), got 'fp16'"):
         inference.upscale_normalised(ixi_normalised, tiny_bundle, precision="fp16")
