@@ -73,6 +73,11 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, e in done.items():
         p, s, h = e["psnr"], e["ssim"], e["held_out"]
+        # The rule of sr3d.adapt as it is now, applied to the recorded held-out scores.
+        e["kept"] = (h["original_psnr_db"] < h["lanczos_psnr_db"] and h["adapted_psnr_db"] > h["original_psnr_db"]
+                     and h["adapted_ssim"] >= h["original_ssim"])
+        p["--adapt (what sr3d writes)"] = p["adapted networks"] if e["kept"] else p["cnn"]
+        s["--adapt (what sr3d writes)"] = s["adapted networks"] if e["kept"] else s["cnn"]
         final = p["--adapt (what sr3d writes)"]
         lines.append(f"| {e['scan']} | {e['scale']} | {e['mode']} | {p['lanczos']:.2f} | {p['cnn']:.2f} | "
                      f"{p['adapted networks']:.2f} | {'yes' if e['kept'] else 'no'} "
