@@ -1,8 +1,9 @@
-"""Export a model bundle as a SavedModel for TF Serving and TensorFlow pipelines.
+"""Export a model bundle as a SavedModel for TF Serving and TensorFlow pipelines, or as ONNX.
 
   python export.py --scale 2 --export_dir /models            # the shipped 2x model
   python export.py --model runs/bundle_x2 --scale 2 --export_dir /models --version 3
   python export.py --scale 2 --export_dir /models --precision bfloat16   # bf16 convolutions
+  python export.py --scale 2 --export_dir /models --format onnx          # hw.onnx, d.onnx (sr3d/onnx_export.py)
 
 writes `<export_dir>/<name>/<version>/` (saved_model.pb + variables/), the layout
 TF Serving polls; the signatures are described in sr3d/export.py.
@@ -11,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from sr3d import export, inference, precision, scripting
+from sr3d import export, inference, onnx_export, precision, scripting
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (hw.keras, d.keras, bundle.json); "
                              "default: the shipped model for --scale.")
@@ -25,6 +26,9 @@ _PRECISION = flags.DEFINE_enum("precision", "float32", list(precision.PRECISIONS
                                "multiplies bf16 natively (sr3d/precision.py).")
 
 
+_FORMAT = flags.DEFINE_enum("format", "savedmodel", ["savedmodel", "onnx"],
+                             "savedmodel: the chained volume model for TF Serving; onnx: the two stage "
+                             "networks as hw.onnx and d.onnx (needs pip install \"sr3d[onnx]\").")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show TensorFlow's startup and SavedModel-writer log lines.")
 
 
@@ -34,8 +38,13 @@ def main(argv):
     scripting.import_tensorflow(verbose=_VERBOSE.value)
     try:
         bundle = inference.load_models(_MODEL.value, scale=_SCALE.value)
-        path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value,
-                             precision=_PRECISION.value)
+        if _FORMAT.value == "onnx":
+            if _PRECISION.value != "float32":
+                raise ValueError(f"--precision {_PRECISION.value} applies to the SavedModel; ONNX is float32")
+            path = onnx_export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value)
+        else:
+            path = export.export(bundle, _EXPORT_DIR.value, name=_NAME.value, version=_VERSION.value,
+                                 precision=_PRECISION.value)
         print(f"exported {path}")
     except (ValueError, OSError) as error:
         sys.exit(f"export.py: error: {error}")

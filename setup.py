@@ -8,6 +8,7 @@ _TF = ">=2.16,<2.22"
 # the plain tensorflow wheel is the CPU build. The two markers are exact complements (PEP 508 has no `not`).
 _X86_64_LINUX_OR_WINDOWS = ('(platform_system == "Linux" or platform_system == "Windows") and '
                             '(platform_machine == "x86_64" or platform_machine == "AMD64")')
+_ONNX = ["tf2onnx>=1.17,<1.18", "onnxruntime"]
 _ANY_OTHER_PLATFORM = ('(platform_system != "Linux" and platform_system != "Windows") or '
                        '(platform_machine != "x86_64" and platform_machine != "AMD64")')
 
@@ -42,8 +43,11 @@ setuptools.setup(
     ],
     extras_require={
         # playwright drives Debian's chromium in tests/test_study.py (its own browsers are never downloaded).
-        # SimpleITK and dcm2niix re-read the DICOM series sr3d writes (tests/test_dicom_out.py).
-        "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix"],
+        # SimpleITK and dcm2niix re-read the DICOM series sr3d writes (tests/test_dicom_out.py);
+        # the onnx extra is tested by tests/test_onnx_export.py.
+        "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix", *_ONNX],
+        # export.py --format onnx (sr3d/onnx_export.py); tested with tf2onnx 1.17.0, onnxruntime 1.32.0.
+        "onnx": _ONNX,
         # CUDA GPUs on Linux. pip cannot swap tensorflow-cpu for it, so on x86-64 both end up installed
         # (one `tensorflow` module): README, "Install", says how to keep only the GPU build.
         "gpu": [f"tensorflow[and-cuda]{_TF}; platform_system == \"Linux\""],
