@@ -362,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-self-check", dest="no_self_check", action="store_true",
                     help="skip the self-check (by default every upscale scores the CNN against Lanczos on the scan "
                          "downscaled once more, noise-matched, prints one line and writes it to OUT's .json "
-                         "report; it costs about 8%% of the upscale)")
+                         "report; it costs 2-12%% of the upscale)")
     up.add_argument("--fallback", choices=["lanczos"], default=None,
                     help="lanczos: write the Lanczos result instead when the CNN loses the self-check")
     up.add_argument("--adapt", action="store_true",
