@@ -276,14 +276,8 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     return out
 
 
-def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
-                   planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
-                   progress: Progress | None = None, precision: str = "float32") -> sr3d_io.Volume:
-    """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
-
-    The result has the upscaled affine (voxel sizes / r, same physical extent).
-    """
-    r = models.scale
+def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
+    """ValueError naming the scan if it is too small for the networks at `scale` in `mode`."""
     from sr3d import models as sr3d_models
 
     name = volume.source or "volume"
@@ -292,10 +286,21 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
         raise ValueError(f"{name}: 3D upscaling needs at least {min_slices} slices, "
                          f"got {volume.array.shape[0]}; use mode='2d'")
     # Smaller slices would be all border: every output pixel would see the zero padding.
-    min_side = 2 * sr3d_models.lr_halo("hw", r)[0] + 1
+    min_side = 2 * sr3d_models.lr_halo("hw", scale)[0] + 1
     if min(volume.array.shape[1:]) < min_side:
         raise ValueError(f"{name}: slices of {volume.array.shape[1]} x {volume.array.shape[2]} voxels are "
-                         f"smaller than the network's receptive field ({min_side} x {min_side} at scale {r})")
+                         f"smaller than the network's receptive field ({min_side} x {min_side} at scale {scale})")
+
+
+def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+                   planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
+                   progress: Progress | None = None, precision: str = "float32") -> sr3d_io.Volume:
+    """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
+
+    The result has the upscaled affine (voxel sizes / r, same physical extent).
+    """
+    r = models.scale
+    check_upscalable(volume, r, mode)
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
                                 planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress,
@@ -329,7 +334,6 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
     line, warnings). Returns (the upscaled Volume with `report` = what was measured and done,
     the bundle used: the adapted one if adaptation was kept).
     """
-    from sr3d import models as sr3d_models
     from sr3d import selfcheck
 
     if fallback is not None and fallback not in FALLBACKS:
@@ -338,6 +342,7 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
         raise ValueError("a fallback needs the self-check to decide: drop --no-self-check")
     say = log or (lambda line: None)
     r = models.scale
+    check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
     if adapt is not None:
         from sr3d import adapt as sr3d_adapt
