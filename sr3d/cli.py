@@ -160,6 +160,8 @@ def cmd_upscale(args) -> int:
         adapt=adapt_config, log=log, planes=args.planes, tile_mb=args.tile_mb, batch_size=args.batch_size,
         progress=_ProgressBar("upscale"), precision=args.precision)
     report = {"input": str(args.input), "output": str(out), **(result.report or {})}
+    if volume.assumptions:
+        report["assumptions"] = list(volume.assumptions)  # what the reader had to guess (warned above)
     note = _report_note(report)
     sr3d_io.save_volume(result, out, format=args.format, note=note)
     sr3d_io.write_json(sidecar, report)

@@ -74,7 +74,14 @@ def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> 
     if missing:
         raise ValueError(f"{directory}: not an sr3d model bundle, missing {', '.join(missing)} "
                          "(make one with sr3d.inference.make_bundle)")
-    info = json.loads((directory / BUNDLE_JSON).read_text()) if (directory / BUNDLE_JSON).exists() else {}
+    info = {}
+    if (directory / BUNDLE_JSON).exists():
+        try:
+            info = json.loads((directory / BUNDLE_JSON).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{directory / BUNDLE_JSON}: not valid JSON ({error}); rewrite or remove it") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{directory / BUNDLE_JSON}: not a bundle description (a JSON object is expected)")
     if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
         raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
     from sr3d import models as sr3d_models

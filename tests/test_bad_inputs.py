@@ -374,8 +374,7 @@ KINDS = [
     "no_shipped_scale_7",
     "model_missing", "model_not_a_bundle", "model_truncated_hw", "model_empty_d", "model_text_hw",
     "model_stages_swapped", "model_json_says_x4",
-    pytest.param("model_bad_json", marks=pytest.mark.xfail(
-        strict=True, reason="sr3d/inference.py load_models reports a broken bundle.json without naming it")),
+    "model_bad_json",
 ]
 
 
