@@ -39,7 +39,7 @@ def main() -> None:
              if r["split"] == "test"}
     store = out / "adaptation.json"
     done = json.loads(store.read_text()) if store.exists() else {}
-    for cell in args.cells.split(","):
+    for cell in filter(None, args.cells.split(",")):
         if cell in done:
             continue
         name, scale, mode = cell.split(":")
