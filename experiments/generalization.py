@@ -75,7 +75,6 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
     done = json.loads(path.read_text()) if path.exists() else {}
     for scale in scales:
         bundle = inference.load_models(pathlib.Path(model) / f"x{scale}", scale)
-        min_side = selfcheck.MIN_SIDE
         for domain, records in groups.items():
             for record in records:
                 volume = sr3d_io.load_volume(record["path"])
@@ -87,7 +86,7 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
                     run = functools.partial(inference.upscale_normalised, models=bundle, mode=mode)
                     entry = {"domain": domain, "scan": record["name"], "scale": scale, "mode": mode}
                     for variant in selfcheck.NOISE_MODELS:
-                        check = selfcheck.self_check(lr, run, scale, mode, min_side=min_side, noise=variant)
+                        check = selfcheck.self_check(lr, run, scale, mode, noise=variant)
                         entry[variant] = None if check is None else check.to_json()
                     tick = time.perf_counter()
                     done[key] = entry

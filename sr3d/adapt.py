@@ -32,7 +32,6 @@ import numpy as np
 
 from sr3d import baselines, data, degrade, intensity, metrics, selfcheck
 
-_MODE_AXES = {"3d": (0, 1, 2), "2d": (1, 2)}
 _MIN_TRAIN_LR_ROWS = 7          # the LR patch side: the rows left for training must hold one patch
 
 
@@ -155,10 +154,10 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     from sr3d import inference, training
 
     start = time.perf_counter()
-    if mode not in _MODE_AXES:
-        raise ValueError(f"mode must be one of {tuple(_MODE_AXES)}, got {mode!r}")
+    if mode not in degrade.MODE_AXES:
+        raise ValueError(f"mode must be one of {tuple(degrade.MODE_AXES)}, got {mode!r}")
     upscale_fn = upscale_fn or (lambda x, b: inference.upscale_normalised(x, b, mode=mode))
-    r, axes = bundle.scale, _MODE_AXES[mode]
+    r, axes = bundle.scale, degrade.MODE_AXES[mode]
     min_lr = selfcheck.MIN_SIDE
     win = intensity.window(array)
     scan = degrade.crop_to_multiple(win.normalise(array), r, axes).astype(np.float32)
@@ -187,7 +186,7 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     hw_stacks = []
     for t, _ in parts:
         hr = degrade.crop_to_multiple(t, r, (1, 2))
-        hw_stacks.append(data.PlaneStack(selfcheck.downscale(hr, r, (1, 2)), np.ascontiguousarray(hr)))
+        hw_stacks.append(data.PlaneStack(degrade.downscale_float32(hr, r, (1, 2)), np.ascontiguousarray(hr)))
     steps = {"hw": _fine_tune(adapted.hw, hw_stacks, "hw", r, config, deadline_hw,
                               None if steps_total is None else max(1, int(round(steps_total * hw_share))), log)}
     if mode == "3d":
@@ -212,10 +211,14 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     needed = scores["original"][0] < lanczos_psnr
     enough = (needed and gain > 0) or (config.min_gain_db is not None and gain >= config.min_gain_db)
     kept = enough and ssim_gain >= 0
-    reason = ("lower SSIM on the held-out rows" if enough and not kept else
-              f"held-out gain {gain:+.2f} dB" + (" where the un-adapted model lost to Lanczos" if needed else "")
-              if kept else f"held-out gain {gain:+.2f} dB" + (" is not a gain" if needed else
-                                                              ", but the un-adapted model already beats Lanczos there"))
+    if kept:
+        reason = f"held-out gain {gain:+.2f} dB" + (" where the un-adapted model lost to Lanczos" if needed else "")
+    elif enough:
+        reason = "lower SSIM on the held-out rows"
+    elif needed:
+        reason = f"held-out gain {gain:+.2f} dB is not a gain"
+    else:
+        reason = f"held-out gain {gain:+.2f} dB, but the un-adapted model already beats Lanczos there"
     return AdaptResult(bundle=adapted if kept else bundle, adapted=adapted, kept=kept, original_psnr=scores["original"][0],
                        adapted_psnr=scores["adapted"][0], original_ssim=scores["original"][1],
                        adapted_ssim=scores["adapted"][1], lanczos_psnr=lanczos_psnr, steps=steps,

@@ -44,12 +44,7 @@ class BatchResult:
 
 
 def output_name(scan: pathlib.Path, scale: int) -> str:
-    name = scan.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}_x{scale}.nii.gz"
+    return f"{sr3d_io.volume_stem(scan.name)}_x{scale}.nii.gz"
 
 
 @contextlib.contextmanager

@@ -179,12 +179,10 @@ def cmd_upscale(args) -> int:
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
     """The JSON report beside an output: scan_x2.nii.gz -> scan_x2.json (BIDS-style); a DICOM
     output directory OUT -> OUT.json."""
-    name = out.name.rstrip("/")
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return out.with_name(name + ".json")
+    from sr3d import io as sr3d_io
+
+    nifti = out.name.lower().endswith((".nii", ".nii.gz"))
+    return out.with_name((sr3d_io.volume_stem(out.name) if nifti else out.name) + ".json")
 
 
 def _report_note(report: dict) -> str:

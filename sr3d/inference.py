@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from sr3d import baselines, intensity, transforms
+from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
 from sr3d import precision as sr3d_precision
 
@@ -313,10 +313,13 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
                                 planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress,
                                 precision=precision)
     # In place: a copy of the output would double the peak memory of a big scan.
-    result = win.denormalise(result, in_place=True)
+    return _as_upscaled(volume, win.denormalise(result, in_place=True), r, mode)
+
+
+def _as_upscaled(volume: sr3d_io.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:
+    """`result` (scanner units) clipped in place to the input's range, on the upscaled grid."""
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    axes = (0, 1, 2) if mode == "3d" else (1, 2)
-    return sr3d_io.upscaled_volume(volume, result, r, axes=axes)
+    return sr3d_io.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
 
 
 FALLBACKS = ("lanczos",)
@@ -325,19 +328,17 @@ FALLBACKS = ("lanczos",)
 def lanczos_volume(volume: sr3d_io.Volume, scale: int, mode: str = "3d") -> sr3d_io.Volume:
     """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
     what `fallback="lanczos"` writes."""
-    result = baselines.upscale(volume.array, scale, "lanczos", mode)
-    np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    return sr3d_io.upscaled_volume(volume, result, scale, axes=(0, 1, 2) if mode == "3d" else (1, 2))
+    return _as_upscaled(volume, baselines.upscale(volume.array, scale, "lanczos", mode), scale, mode)
 
 
 def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                     self_check: bool = True, fallback: str | None = None, adapt=None,
-                    log: Callable[[str], None] | None = None, **options) -> sr3d_io.Volume:
+                    log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_io.Volume, ModelBundle]:
     """`upscale_volume` with the self-check on the scan (`sr3d.selfcheck`), optional test-time
     adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
 
     fallback: None (always the CNN) or "lanczos": write the Lanczos result when the CNN loses
-    the self-check (lower PSNR or SSIM). log: called with one line per event (the self-check
+    the self-check (lower PSNR). log: called with one line per event (the self-check
     line, warnings). Returns (the upscaled Volume with `report` = what was measured and done,
     the bundle used: the adapted one if adaptation was kept).
     """
@@ -351,22 +352,24 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
     r = models.scale
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
+    network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+
+    def run(normalised: np.ndarray, bundle: ModelBundle) -> np.ndarray:
+        """The CNN as the real upscale runs it (the options that change its numbers, not tiling)."""
+        return upscale_normalised(normalised, bundle, mode=mode, ensemble=ensemble, **network_options)
+
     if adapt is not None:
         from sr3d import adapt as sr3d_adapt
 
-        adapted = sr3d_adapt.adapt(volume.array, models, mode, adapt, log=say,
-                                   upscale_fn=lambda x, b: upscale_normalised(x, b, mode=mode, ensemble=ensemble,
-                                                                              **_network_options(options)))
+        adapted = sr3d_adapt.adapt(volume.array, models, mode, adapt, log=say, upscale_fn=run)
         say(adapted.line())
         report["adaptation"] = adapted.to_json()
         models = adapted.bundle
     check = None
     if self_check:
-        min_side = selfcheck.MIN_SIDE
-        check = selfcheck.self_check(volume.array, lambda x: upscale_normalised(
-            x, models, mode=mode, ensemble=ensemble, **_network_options(options)), r, mode, min_side=min_side)
+        check = selfcheck.self_check(volume.array, lambda x: run(x, models), r, mode)
         if check is None:
-            why = selfcheck.check_size(volume.shape, r, mode, min_side)
+            why = selfcheck.check_size(volume.shape, r, mode)
             report["self_check"] = {"skipped": why}
             say(f"self-check skipped: {why}")
         else:
@@ -382,13 +385,7 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
     else:
         result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, **options)
         report["method"] = "cnn"
-    report["models"] = models
-    return result.replace(report={k: v for k, v in report.items() if k != "models"}), models
-
-
-def _network_options(options: dict) -> dict:
-    """The options of `upscale_volume` that change the network's numbers (not tiling or progress)."""
-    return {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+    return result.replace(report=report), models
 
 
 def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:

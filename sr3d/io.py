@@ -240,6 +240,14 @@ def load_volume(path: str | os.PathLike, regularize: bool = False) -> Volume:
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 
 
+def volume_stem(name: str) -> str:
+    """A scan's file name without its volume suffix (.nii.gz, .nii, .nrrd, .nhdr, .dcm; any case)."""
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """A temporary name beside `path` to write to; renamed over `path` when the block succeeds,

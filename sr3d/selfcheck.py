@@ -43,7 +43,6 @@ COST_FRACTION = 0.08      # share of the upscale's network work the self-check m
 MIN_SLICES = 8            # of the scan, along D, used by the check
 MIN_SIDE = 8              # LR pixels: the check runs on smaller slices than upscale accepts (a coarse check)
 SSIM_SLICES = 24          # slices SSIM is computed on
-_MODE_AXES = {"3d": (0, 1, 2), "2d": (1, 2)}
 # Immerkaer (1996): this kernel is orthogonal to planes and linear ramps; on white noise of
 # sigma its response has sigma 6 sigma (sum of squared taps 36).
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
@@ -118,7 +117,7 @@ def noise_sigma(array: np.ndarray) -> float:
 def _region(shape: tuple[int, int, int], scale: int, mode: str) -> tuple[slice | np.ndarray, tuple[int, int]]:
     """The slices of the scan the check uses: a central slab along D (3d), evenly spaced slices (2d)."""
     d = shape[0]
-    axes_upscaled = len(_MODE_AXES[mode])
+    axes_upscaled = len(degrade.MODE_AXES[mode])
     # The check upscales 1/r^k of the data to the scan's size: a share c of the scan costs
     # c / r^k of the upscale (k = 3 axes in 3d, 2 in 2d).
     share = min(1.0, COST_FRACTION * scale ** axes_upscaled)
@@ -131,10 +130,10 @@ def _region(shape: tuple[int, int, int], scale: int, mode: str) -> tuple[slice |
     return picks, (int(picks.size), 0)
 
 
-def check_size(shape: tuple[int, int, int], scale: int, mode: str, min_side: int) -> str | None:
+def check_size(shape: tuple[int, int, int], scale: int, mode: str, min_side: int = MIN_SIDE) -> str | None:
     """Why the scan is too small for a self-check (its copy downscaled once more must still fit
     the network), or None."""
-    axes = _MODE_AXES[mode]
+    axes = degrade.MODE_AXES[mode]
     small = [shape[a] // scale for a in axes]
     if mode == "3d" and shape[0] // scale < 2:
         return f"too few slices ({shape[0]}) to downscale once more by {scale}"
@@ -144,21 +143,11 @@ def check_size(shape: tuple[int, int, int], scale: int, mode: str, min_side: int
     return None
 
 
-def downscale(array: np.ndarray, scale: int, axes) -> np.ndarray:
-    """`sr3d.degrade.downscale` (the same weights: the training degradation) in float32 BLAS
-    products, several times faster; equal to it to float32 round-off."""
-    out = np.asarray(array, np.float32)
-    for axis in axes:
-        weights = degrade._imresize_weights(out.shape[axis], scale).astype(np.float32)
-        out = np.moveaxis(np.tensordot(weights, out, axes=([1], [axis])), 0, axis)
-    return np.ascontiguousarray(out)
-
-
 NOISE_MODELS = ("measured", "white", "none")
 
 
-def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0, noise: str = "measured"
-                       ) -> tuple[np.ndarray, np.ndarray, float]:
+def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0, noise: str = "measured",
+                       sigma: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(target, input, s): the scan plus white noise of sigma s (seeded), and that target
     downscaled by `scale` along `axes`, with s chosen so the input carries the scan's own
     fine-scale noise sigma (`noise_sigma`). scan: float32, its length along `axes` divisible by scale.
@@ -171,16 +160,17 @@ def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0, noise:
     sigma; on clean MR the estimate of sigma is mostly structure and this adds far too much
     (measured: self-check near 0 dB where the real margin is +2.4 dB). "none": the naive
     pair (target = scan, s = 0). Accuracy of each: docs/model_card.md.
+    sigma: `noise_sigma(scan)` if the caller has it already.
     """
     if noise not in NOISE_MODELS:
         raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
     scan = np.asarray(scan, np.float32)
-    clean_input = downscale(scan, scale, axes)
+    clean_input = degrade.downscale_float32(scan, scale, axes)
     if noise == "none":
         return scan, clean_input, 0.0
-    sigma = noise_sigma(scan)
+    sigma = noise_sigma(scan) if sigma is None else sigma
     unit = np.random.default_rng(seed).standard_normal(scan.shape, dtype=np.float32)
-    unit_input = downscale(unit, scale, axes)
+    unit_input = degrade.downscale_float32(unit, scale, axes)
     gain = noise_sigma(unit_input)
     left = gain * sigma if noise == "white" else noise_sigma(clean_input)
     # D is linear: the input's noise is what D leaves of the scan's and s * D(unit), combined.
@@ -189,7 +179,7 @@ def noise_matched_pair(scan: np.ndarray, scale: int, axes, seed: int = 0, noise:
 
 
 def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3d", *, seed: int = 0,
-               min_side: int = 1, noise: str = "measured") -> SelfCheck | None:
+               min_side: int = MIN_SIDE, noise: str = "measured") -> SelfCheck | None:
     """The noise-matched self-check of a scan; None if the scan is too small for it.
 
     array: float32 (D, H, W), scanner units (the scan to be upscaled).
@@ -201,18 +191,18 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
     """
     start = time.perf_counter()
     array = np.asarray(array, np.float32)
-    if mode not in _MODE_AXES:
-        raise ValueError(f"mode must be one of {tuple(_MODE_AXES)}, got {mode!r}")
+    if mode not in degrade.MODE_AXES:
+        raise ValueError(f"mode must be one of {tuple(degrade.MODE_AXES)}, got {mode!r}")
     if check_size(array.shape, scale, mode, min_side) is not None:
         return None
-    axes = _MODE_AXES[mode]
+    axes = degrade.MODE_AXES[mode]
     win = intensity.window(array)
     index, slices = _region(array.shape, scale, mode)
     scan = degrade.crop_to_multiple(win.normalise(array[index]), scale, axes).astype(np.float32)
     lo, hi = win.normalise(np.array([array.min(), array.max()], np.float32))
 
-    target, lr, s = noise_matched_pair(scan, scale, axes, seed, noise)
     sigma = noise_sigma(scan)
+    target, lr, s = noise_matched_pair(scan, scale, axes, seed, noise, sigma=sigma)
 
     cnn = np.clip(upscale_normalised(lr), lo, hi)
     lanczos = np.clip(baselines.upscale(lr, scale, "lanczos", mode=mode), lo, hi)
