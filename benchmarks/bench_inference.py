@@ -1066,6 +1066,20 @@ def _log(what: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:7.1f} s] {what} ...", flush=True)
 
 
+
+def _lanczos_and_precision(result: dict, lr, bundle, sizes, started: float) -> None:
+    """The Lanczos timing and the precision section (conv stack, stages, load/compute/write),
+    shared by the full run and --precision-only."""
+    _log("Lanczos", started)
+    result["lanczos"] = time_lanczos(lr, 2)
+    _log("precision: conv stack, stages, load/compute/write pipeline", started)
+    result["cpu_features"] = cpu_features()
+    result["conv_stack"] = conv_stack_rates(sizes)
+    result["stage_precision"] = stage_precision_rates(bundle, sizes.volume, sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        scan = write_mr_scan(sizes.volume, pathlib.Path(tmp))
+        result["pipeline"] = pipeline_runs(scan, bundle, sizes.pipeline_rounds, pathlib.Path(tmp))
+
 def run_precision(sizes: Sizes, out_dir: pathlib.Path, command: str) -> dict:
     """Only the float32 vs bfloat16 part (with matmul and Lanczos for the ratios): `--precision-only`,
     for a quick check of a CPU; writes precision.json and precision.md, not inference.*."""
@@ -1082,15 +1096,7 @@ def run_precision(sizes: Sizes, out_dir: pathlib.Path, command: str) -> dict:
 
     for precision in PRECISIONS:
         inference.upscale_normalised(lr[:4, :16, :16], bundle, precision=precision)
-    _log("Lanczos", started)
-    result["lanczos"] = time_lanczos(lr, 2)
-    _log("precision: conv stack, stages, load/compute/write pipeline", started)
-    result["cpu_features"] = cpu_features()
-    result["conv_stack"] = conv_stack_rates(sizes)
-    result["stage_precision"] = stage_precision_rates(bundle, sizes.volume, sizes)
-    with tempfile.TemporaryDirectory() as tmp:
-        scan = write_mr_scan(sizes.volume, pathlib.Path(tmp))
-        result["pipeline"] = pipeline_runs(scan, bundle, sizes.pipeline_rounds, pathlib.Path(tmp))
+    _lanczos_and_precision(result, lr, bundle, sizes, started)
     _log("matmul", started)
     result["matmul"]["end"] = matmul_both(sizes)
     result["load_after"] = load_snapshot()
@@ -1149,15 +1155,7 @@ def run(sizes: Sizes, out_dir: pathlib.Path, command: str, skip_memory: bool,
                                 batch_size=best_batch, tile_mb=256))
     _log("stage profile", started)
     result["stage_profile"] = stage_profile(lr, bundle2, 8)
-    _log("Lanczos", started)
-    result["lanczos"] = time_lanczos(lr, 2)
-    _log("precision: conv stack, stages, load/compute/write pipeline", started)
-    result["cpu_features"] = cpu_features()
-    result["conv_stack"] = conv_stack_rates(sizes)
-    result["stage_precision"] = stage_precision_rates(bundle2, sizes.volume, sizes)
-    with tempfile.TemporaryDirectory() as tmp:
-        scan = write_mr_scan(sizes.volume, pathlib.Path(tmp))
-        result["pipeline"] = pipeline_runs(scan, bundle2, sizes.pipeline_rounds, pathlib.Path(tmp))
+    _lanczos_and_precision(result, lr, bundle2, sizes, started)
     _log("ensemble and 4x", started)
     cnn.append(time_upscale(small, bundle2, SMALL_2X, batch_size=8, tile_mb=256))
     cnn.append(time_upscale(small, bundle2, SMALL_ENSEMBLE, batch_size=8, tile_mb=256, ensemble=True))
