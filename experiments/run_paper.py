@@ -214,15 +214,15 @@ def evaluation_sets(shared: pathlib.Path, data_dir: pathlib.Path, names: tuple[s
     """name -> {"label", "scans", "note"} for the main tables."""
     makers = {
         "ixi": lambda: (ixi_split(shared)[1], "last 2 of the 8 IXI scans; the shipped models trained "
-                                              "on the first 6 (and on CT)"),
+                                              "on the first 6 (and on the rest of experiments/corpus.py's train split)"),
         "studyforrest": lambda: ((studyforrest_scan(shared, data_dir),),
                                  "7T 0.67 mm T1 DICOM series shrunk 2x with sr3d.degrade.downscale "
                                  "(antialiased bicubic) to 1.33 x 1.33 x 1.4 mm, 192 x 192 x 137; "
                                  "never seen in training"),
         "stroke_t1": lambda: ((str(shared / "stroke-t1-t2-flair" / "T1.nii.gz"),),
-                              "1 mm T1 of a stroke patient; models trained on other scans (IXI T1 + CT)"),
+                              "1 mm T1 of a stroke patient, another site; never seen in training (ds002748 1 mm T1 x10, IXI 2 mm T1 x6, LIDC chest CT, TotalSegmentator CT upper slices: experiments/corpus.py)"),
         "stroke_t2": lambda: ((str(shared / "stroke-t1-t2-flair" / "T2.nii.gz"),),
-                              "1 mm T2 of the same patient; no T2 scan was in training (IXI T1 + CT)"),
+                              "1 mm T2 of the same patient; no T2 scan was in training (ds002748 1 mm T1 x10, IXI 2 mm T1 x6, LIDC chest CT, TotalSegmentator CT upper slices: experiments/corpus.py)"),
         "ct": lambda: ((ct_test_scan(shared, data_dir),),
                        "lower 40 slices of the TotalSegmentator CT; the shipped models trained on its "
                        "upper 72 slices (same patient, other anatomy)"),

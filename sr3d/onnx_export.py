@@ -19,20 +19,62 @@ import os
 import pathlib
 import time
 
-from sr3d import intensity
+from sr3d import intensity, models
 from sr3d import io as sr3d_io
 
 OPSET = 17
+PARITY_ATOL = 1e-4  # onnxruntime vs Keras on the export-time probe (float32 sums in another order)
 STAGES = ("hw", "d")
 INPUT_NAME = "planes"
 
 
+def _output_factors(model) -> tuple[int, int]:
+    """How the stage scales the two plane axes: hw (r, r), d (r, 1)."""
+    r = models.stage_scale(model, "hw")
+    if r is not None:
+        return r, r
+    r = models.stage_scale(model, "d")
+    if r is None:
+        raise ValueError(f"{model.name}: not an sr3d stage network (no upsampling factor found)")
+    return r, 1
+
+
 def stage_function(model):
-    """The stage as a tf.function [N, h, w, 1] -> "final", as `sr3d.inference` runs it."""
+    """The stage as a tf.function [N, h, w, 1] -> "final", as `sr3d.inference` runs it.
+
+    The output is reshaped to its contract, [N, fh h, fw w, 1], from the input's runtime shape:
+    tf2onnx's layout optimizer rewrites the NHWC <-> NCHW transposes of 1-channel tensors into
+    Unsqueeze/Reshape/Squeeze chains, and on one CI machine such a chain came out with an extra
+    leading axis ([1, N, ...]); the explicit reshape makes the output shape independent of it."""
     import tensorflow as tf
 
-    return tf.function(lambda planes: {"final": model(planes, training=False)["final"]},
-                       input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)])
+    fh, fw = _output_factors(model)
+
+    def run(planes):
+        final = model(planes, training=False)["final"]
+        shape = tf.shape(planes)
+        return {"final": tf.reshape(final, tf.stack([shape[0], fh * shape[1], fw * shape[2], 1]))}
+
+    return tf.function(run, input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)])
+
+
+def check_stage(model, onnx_bytes: bytes, where: str) -> None:
+    """Runs the ONNX stage (onnxruntime) and the Keras stage on the same probe planes and raises
+    ValueError naming `where` unless the shapes agree and the values within 1e-4."""
+    import numpy as np
+    import onnxruntime
+
+    planes = np.random.default_rng(0).random((3, 11, 9, 1), dtype=np.float32)
+    expected = np.asarray(model(planes, training=False)["final"])
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    [got] = session.run(["final"], {INPUT_NAME: planes})
+    if got.shape != expected.shape:
+        raise ValueError(f"{where}: the converted ONNX stage gives shape {got.shape}, the Keras stage "
+                         f"{expected.shape}; nothing was written")
+    error = float(np.max(np.abs(got - expected)))
+    if error > PARITY_ATOL:
+        raise ValueError(f"{where}: the converted ONNX stage differs from the Keras stage by up to {error:.2g} "
+                         f"(limit {PARITY_ATOL}); nothing was written")
 
 
 def stage_to_onnx(model, opset: int = OPSET) -> bytes:
@@ -54,6 +96,8 @@ def export_onnx(bundle, out_dir: str | os.PathLike, opset: int = OPSET) -> pathl
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out}: ONNX export needs a new (or empty) directory: it exists and is not empty")
     files = {stage: stage_to_onnx(getattr(bundle, stage), opset) for stage in STAGES}
+    for stage, data in files.items():
+        check_stage(getattr(bundle, stage), data, str(out / f"{stage}.onnx"))
     import tf2onnx
 
     out.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,12 @@ def test_refuses_a_directory_that_is_not_empty(bundle, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         onnx_export.export_onnx(bundle, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_conversion_that_does_not_match_keras_is_refused(exported, bundle):
+    """The export-time parity probe: the d stage's ONNX file checked as if it were stage hw (its
+    output is (N, 2h, w) where hw's is (N, 2h, 2w)) is refused with the file named."""
+    wrong = (exported / "d.onnx").read_bytes()
+    with pytest.raises(ValueError, match=r"hw\.onnx: the converted ONNX stage gives shape"):
+        onnx_export.check_stage(bundle.hw, wrong, "out/hw.onnx")
+    onnx_export.check_stage(bundle.hw, (exported / "hw.onnx").read_bytes(), "out/hw.onnx")  # the right one passes
