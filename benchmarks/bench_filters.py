@@ -11,24 +11,19 @@ training comparison that uses these ratios is in docs/model_card.md ("Network wi
 """
 import argparse
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+import _report  # noqa: E402
 from sr3d import inference, models, training  # noqa: E402
-from sr3d import io as sr3d_io  # noqa: E402
 
 SCALE, BATCH, PATCH, SLICES, SIDE, STEPS = 2, 128, 7, 16, 256, 10
-
-
-def _cpu() -> str:
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor())
 
 
 def _setups(filters: int, rng: np.random.Generator):
@@ -87,19 +82,16 @@ def main() -> None:
              "infer_ms_per_slice": round(1000 * med[f]["infer"] / SLICES, 2),
              "train_ratio": round(med[f]["train"] / med[base]["train"], 3),
              "infer_ratio": round(med[f]["infer"] / med[base]["infer"], 3)} for f in counts]
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = _cpu()
-    sr3d_io.write_json(out / "filters.json", {"cpu": cpu, "repeats": args.repeats, "batch": BATCH, "patch": PATCH,
-                                              "inference_slices": [SLICES, SIDE, SIDE], "scale": SCALE, "rows": rows})
+    cpu = _report.cpu_name()
     lines = [f"Stage hw x{SCALE} cost per filter count ({cpu}; medians of {args.repeats} interleaved repeats; "
              "`python benchmarks/bench_filters.py`)", "",
              f"| filters | parameters | train step (batch {BATCH}, {PATCH}x{PATCH}) ms | ratio | "
              f"inference ms / {SIDE}x{SIDE} slice | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['filters']} | {r['parameters']:,} | {r['train_step_ms']} | {r['train_ratio']:.2f} | "
               f"{r['infer_ms_per_slice']} | {r['infer_ratio']:.2f} |" for r in rows]
-    (out / "filters.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write_report(args.out, "filters", {"cpu": cpu, "repeats": args.repeats, "batch": BATCH, "patch": PATCH,
+                                               "inference_slices": [SLICES, SIDE, SIDE], "scale": SCALE,
+                                               "rows": rows}, lines)
 
 
 if __name__ == "__main__":

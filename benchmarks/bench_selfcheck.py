@@ -10,12 +10,13 @@ import argparse
 import functools
 import json
 import pathlib
-import platform
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import _report  # noqa: E402
 from sr3d import inference, selfcheck  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
@@ -45,17 +46,12 @@ def main() -> None:
                              "upscale_s": round(upscale_s, 2), "self_check_s": round(check_s, 2),
                              "ratio": round(check_s / upscale_s, 3), "skipped": check is None})
                 print(rows[-1], flush=True)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    sr3d_io.write_json(out / "selfcheck_cost.json", {"cpu": cpu, "rows": rows})
+    cpu = _report.cpu_name()
     lines = [f"Self-check cost ({cpu}; `python benchmarks/bench_selfcheck.py`)", "",
              "| scan | shape | x | mode | upscale s | self-check s | ratio |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['scan']} | {' x '.join(map(str, r['shape']))} | {r['scale']} | {r['mode']} | {r['upscale_s']} | "
               f"{r['self_check_s']}{' (skipped)' if r['skipped'] else ''} | {r['ratio']:.2f} |" for r in rows]
-    (out / "selfcheck_cost.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _report.write_report(args.out, "selfcheck_cost", {"cpu": cpu, "rows": rows}, lines)
 
 
 if __name__ == "__main__":
