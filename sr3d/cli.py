@@ -238,10 +238,13 @@ def cmd_upscale(args) -> int:
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
           f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
+    anisotropy = inference.anisotropy_note(volume.spacing, mode)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if anisotropy:
+        log(anisotropy)
     result, used = inference.upscale_checked(
         volume, bundle, mode=mode, ensemble=args.ensemble, self_check=self_check, fallback=fallback,
         adapt=adapt_config, log=log, planes=args.planes, tile_mb=args.tile_mb, batch_size=args.batch_size,
@@ -249,6 +252,8 @@ def cmd_upscale(args) -> int:
     report = {"input": str(args.input), "output": str(out), **(result.report or {})}
     if volume.assumptions:
         report["assumptions"] = list(volume.assumptions)  # what the reader had to guess (warned above)
+    if anisotropy:
+        report["anisotropy_note"] = anisotropy
     note = _report_note(report)
     sr3d_io.save_volume(result, out, format=args.format, note=note)
     sr3d_io.write_json(sidecar, report)

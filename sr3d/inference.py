@@ -312,6 +312,22 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     return out
 
 
+ANISOTROPY_NOTE_RATIO = 2.5
+
+
+def anisotropy_note(spacing_mm, mode: str) -> str | None:
+    """A one-line suggestion for a 3D upscale of a strongly anisotropic scan (thickest voxel side
+    >= 2.5x the finest, e.g. 8 mm slices of 1 mm pixels), else None. The networks learned
+    near-isotropic voxels: x r along a thick axis leaves it thick."""
+    spacing = [float(s) for s in spacing_mm]
+    if mode != "3d" or max(spacing) < ANISOTROPY_NOTE_RATIO * min(spacing):
+        return None
+    axis = "DHW"[spacing.index(max(spacing))]
+    return (f"note: voxels of {' x '.join(f'{s:.3g}' for s in spacing)} mm are {max(spacing) / min(spacing):.1f}x "
+            f"thicker along {axis} than the finest axis: for a thick-slice scan, --axes 2d (in-plane only) or "
+            "--self-supervised (learn the thick axis from the scan) usually does better than 3D")
+
+
 def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
     """ValueError naming the scan if it is too small for the networks at `scale` in `mode`."""
     from sr3d import models as sr3d_models

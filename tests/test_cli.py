@@ -5,6 +5,7 @@ stderr); the rest call `sr3d.cli.main([...])` in this process. Models: the rando
 test bundle (tests/conftest.py), so only geometry, files and messages are checked here.
 """
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -263,3 +264,25 @@ def test_upscale_errors_subprocess(bad_inputs, nifti_crop, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sr3d upscale: error: ") and named in lines[0], result.stderr
     assert list((bad_inputs / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("axes", ["3d", "2d"])
+def test_thick_slice_scan_in_3d_gets_a_note(tmp_path, nifti_crop, tiny_bundle_dir, capsys, axes):
+    crop = nib.load(nifti_crop)
+    affine = crop.affine.copy()
+    affine[:3, 2] *= 4                                   # NIfTI k = D: 8 mm slices of 2 x 2 mm pixels
+    thick = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(crop.dataobj), affine), thick)
+    out = tmp_path / "thick_x2.nii.gz"
+    status = cli.main(["upscale", str(thick), str(out), "--model", str(tiny_bundle_dir), "--axes", axes,
+                       "--no-self-check"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    report = json.loads((tmp_path / "thick_x2.json").read_text())
+    if axes == "2d":
+        assert notes == [] and "anisotropy_note" not in report
+        return
+    assert len(notes) == 1 and "4.0x thicker along D" in notes[0], err
+    assert "--axes 2d" in notes[0] and "--self-supervised" in notes[0]
+    assert report["anisotropy_note"] == notes[0]

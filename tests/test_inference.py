@@ -333,3 +333,17 @@ def test_3d_needs_two_slices_and_2d_does_not(bundles, ixi_volume):
 def test_bad_options(bundles, ixi_normalised, options, message):
     with pytest.raises(ValueError, match=message):
         inference.upscale_normalised(ixi_normalised, bundles[2], **options)
+
+
+@pytest.mark.parametrize("spacing, mode, axis, ratio", [
+    ((8.0, 1.0, 1.0), "3d", "D", "8.0x"),      # thick axial slices
+    ((0.9, 0.9, 2.25), "3d", "W", "2.5x"),     # the threshold itself, on another axis
+    ((2.4, 1.0, 1.0), "3d", None, None),       # below 2.5x
+    ((8.0, 1.0, 1.0), "2d", None, None),       # in-plane only: nothing to suggest
+])
+def test_anisotropy_note(spacing, mode, axis, ratio):
+    note = inference.anisotropy_note(spacing, mode)
+    if axis is None:
+        assert note is None
+    else:
+        assert f"{ratio} thicker along {axis}" in note and "--axes 2d" in note and "--self-supervised" in note
