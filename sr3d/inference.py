@@ -231,13 +231,16 @@ def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False,
     return out
 
 
-def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str) -> int:
-    """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb."""
+def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str,
+               ensemble: bool = True) -> int:
+    """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb;
+    the self-ensemble's transformed copies get as much again (taller bands without it:
+    less halo recomputed, docs/benchmarks.md "Taller bands")."""
     d, h, w = shape
     if tile_mb is None:
         return h
     depth_out = d * scale if mode == "3d" else d
-    bytes_per_lr_row = 4 * scale * (w * scale) * (d + depth_out) * 2  # outputs + ensemble headroom
+    bytes_per_lr_row = 4 * scale * (w * scale) * (d + depth_out) * (2 if ensemble else 1)
     return int(min(h, max(1, tile_mb * 2**20 // bytes_per_lr_row)))
 
 
@@ -287,7 +290,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     out = np.empty((out_depth, h * r, w * r), np.float32)
     both = mode == "3d" and planes == "both"
     # Averaging over (D, H) planes needs whole columns: the stage-hw output is then kept whole.
-    rows = h if both else _band_rows(lr.shape, r, tile_mb, mode)
+    rows = h if both else _band_rows(lr.shape, r, tile_mb, mode, ensemble)
     # The budget also bounds the network's activations: big planes go through a few at a time.
     hw_pixels = (min(h, rows + 2 * halo) * r) * (w * r)
     d_pixels = (d * r) * (max(h, w) * r if both else w * r)
