@@ -620,7 +620,7 @@ def _draw_figure(path: pathlib.Path, slices: dict, info: dict, labels: Mapping[s
         planes.label_edges(ax, edges, color="white")
     if error_image is not None:
         figure.colorbar(error_image, ax=axes[1][0], fraction=0.5,
-                        label="absolute error (scanner units; 99th percentile inside the scan = top)")
+                        label="absolute error (scanner units)")
     figure.suptitle(f"{title} ({edges.name} slice)", fontsize=11)
     figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
