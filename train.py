@@ -1,6 +1,7 @@
 """Train one stage of the sr3d network on your scans.
 
   python train.py --data ../shared/data/ixi-t1-2mm --stage hw --scale 2 --model_dir runs/hw_x2
+  python train.py --recipe shipped --data DIR --stage hw --scale 2 --model_dir runs/hw_x2   # as the shipped models
 
 Rerun the same command to resume an interrupted run from its last checkpoint.
 """
@@ -11,6 +12,12 @@ from absl import app, flags
 from sr3d import io as sr3d_io
 from sr3d import scripting, training
 
+_RECIPE = flags.DEFINE_enum("recipe", "paper", list(training.RECIPES),
+                            "Defaults of --epochs, --steps_per_epoch, --flat_fraction and --seed (flags given "
+                            "explicitly win). paper: 40 epochs of about one pass over the LR voxels, no flat "
+                            "patches, seed 0. shipped: experiments/train_shipped.sh, which trained the shipped "
+                            "models: flat_fraction 0.1, seed 0; stage hw 40 epochs of 400 steps (250 at x4); "
+                            "stage d 20 epochs of 400 steps, and --hw_model required (cascade).")
 _DATA = flags.DEFINE_list("data", None, "Training scans: NIfTI/NRRD files, DICOM series directories, "
                           "or directories of NIfTI files.", required=True)
 _VAL_DATA = flags.DEFINE_list("val_data", [], "Held-out scans for the per-epoch PSNR vs Lanczos.")
@@ -52,15 +59,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        recipe_flags = {"epochs": _EPOCHS, "steps_per_epoch": _STEPS, "flat_fraction": _FLAT_FRACTION,
+                        "seed": _SEED, "hw_model": _HW_MODEL}
+        settings = training.resolve_recipe(
+            _RECIPE.value, _STAGE.value, _SCALE.value, defaults={k: f.value for k, f in recipe_flags.items()},
+            explicit={k: f.value for k, f in recipe_flags.items() if flags.FLAGS[f.name].present})
         config = training.TrainConfig(
             data=sr3d_io.expand_scans(_DATA.value), val_data=sr3d_io.expand_scans(_VAL_DATA.value),
-            model_dir=_MODEL_DIR.value, stage=_STAGE.value, scale=_SCALE.value, epochs=_EPOCHS.value,
-            steps_per_epoch=_STEPS.value, batch_size=_BATCH.value, learning_rate=_LR.value,
+            model_dir=_MODEL_DIR.value, stage=_STAGE.value, scale=_SCALE.value, epochs=settings["epochs"],
+            steps_per_epoch=settings["steps_per_epoch"], batch_size=_BATCH.value, learning_rate=_LR.value,
             learning_rate_after_drop=_LR_AFTER.value, lr_drop_epoch=_LR_DROP.value,
             patch_size=_PATCH.value, filters=_FILTERS.value, second_block=_SECOND_BLOCK.value,
             short_skips=_SHORT_SKIPS.value, long_skip=_LONG_SKIP.value,
-            intermediate_weight=_LAMBDA.value, blur=_BLUR.value, flip_rotate=_FLIP_ROTATE.value, flat_fraction=_FLAT_FRACTION.value,
-            hw_model=_HW_MODEL.value, seed=_SEED.value,
+            intermediate_weight=_LAMBDA.value, blur=_BLUR.value, flip_rotate=_FLIP_ROTATE.value, flat_fraction=settings["flat_fraction"],
+            hw_model=settings["hw_model"], seed=settings["seed"],
             save_every_steps=_SAVE_EVERY.value, strategy=_STRATEGY.value)
         print(f"saved {training.train(config)}")
     except (ValueError, OSError) as error:

@@ -697,7 +697,7 @@ def memory_child(shape: tuple, tile_mb: float | None, batch_size: int) -> dict:
     peak_kb = _status_kb("VmHWM")
     return {"input_shape": list(shape), "output_shape": list(out.shape), "tile_mb": tile_mb,
             "batch_size": batch_size, "source": source, "model": model_source,
-            "rows_per_band": inference._band_rows(shape, 2, tile_mb, "3d"),
+            "rows_per_band": inference._band_rows(shape, 2, tile_mb, "3d", ensemble=False),
             "input_mib": lr.nbytes / MIB, "output_mib": out.nbytes / MIB,
             "rss_before_mib": rss_before_kb / 1024, "peak_during_mib": peak_kb / 1024,
             "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -23,28 +23,114 @@ import pathlib
 import sys
 import time
 
+_TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # the user's choice wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
 
 
 class _ProgressBar:
-    """A one-line text progress bar on stderr."""
+    """Progress on stderr for `progress(unit, done, total)` callbacks: one updating line on a
+    terminal, else plain lines; throttled either way, the last state always shown.
 
-    def __init__(self, label: str, stream=None):
+    weights: the share of the work per unit (e.g. {"slices": 0.27, "planes": 0.73} for the two
+    stages, from their FLOPs) for the overall percentage; units without a weight are shown but
+    not counted; None: the percentage of the latest unit.
+    """
+
+    TTY_INTERVAL_S = 0.5   # redraws of the updating line
+    LINE_INTERVAL_S = 2.0  # plain lines: at most one per 2 s,
+    LINE_STEP = 0.10       # and only after 10% more of the work
+    LINE_QUIET_S = 30.0    # or 30 s without a line
+
+    def __init__(self, label: str, stream=None, weights: dict | None = None, clock=time.monotonic):
         self.label = label
         self.stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
-        self.start = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.weights = weights
+        self.clock = clock
+        self.start = None
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.last_time = None
+        self.last_fraction = 0.0
+        self.finished = False  # weighted: all the work shown done; later calls (the last band) add nothing
+
+    def fraction(self) -> float:
+        if self.weights is None:
+            done, total = list(self.counts.values())[-1]
+            return done / max(total, 1)
+        return sum(w * self.counts[u][0] / max(self.counts[u][1], 1) for u, w in self.weights.items()
+                   if u in self.counts) / sum(self.weights.values())
+
+    def line(self, now: float) -> str:
+        fraction = self.fraction()
+        elapsed = now - self.start
+        parts = [f"{self.label} {100 * fraction:3.0f}%"]
+        names = {"slices": "stage hw", "planes": "stage d"}
+        bands_done, n_bands = self.counts.get("bands", (0, 1))
+        band = min(bands_done + 1, n_bands)  # bands are reported after each band: this one is in progress
+        for unit, (done, total) in self.counts.items():
+            if unit == "bands":
+                parts.append(f"band {band}/{n_bands}")
+            elif unit == "slices" and n_bands > 1:  # stage hw runs every slice once per band
+                per_band = total // n_bands
+                parts.append(f"stage hw {min(max(done - (band - 1) * per_band, 0), per_band)}/{per_band} slices")
+            else:
+                parts.append(f"{names.get(unit, '')} {done}/{total} {unit}".strip())
+        timing = f"{elapsed:.0f} s"
+        if 0.02 < fraction < 1:
+            timing += f", ~{elapsed * (1 - fraction) / fraction:.0f} s left"
+        return " | ".join(parts + [timing])
 
     def __call__(self, unit: str, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{done}/{total} {unit} {elapsed:6.1f}s")
-        if done >= total:
-            self.stream.write("\n")
+        if self.finished:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        if self.weights is None and unit not in self.counts:  # a new phase (e.g. study: read, then make)
+            self.counts, self.last_time, self.last_fraction = {}, None, 0.0
+        self.counts[unit] = (done, total)
+        fraction = self.fraction()
+        if self.weights is None:
+            final = done >= total
+        else:
+            final = all(u in self.counts and self.counts[u][0] >= self.counts[u][1] for u in self.weights)
+        if self.tty:
+            due = self.last_time is None or now - self.last_time >= self.TTY_INTERVAL_S
+        else:
+            since = now - (self.start if self.last_time is None else self.last_time)
+            due = since >= self.LINE_INTERVAL_S and (fraction - self.last_fraction >= self.LINE_STEP
+                                                     or since >= self.LINE_QUIET_S)
+        if not (due or final):
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K" + self.line(now) + ("\n" if final else ""))
+        else:
+            self.stream.write(self.line(now) + "\n")
         self.stream.flush()
+        self.last_time, self.last_fraction = now, fraction
+        self.finished = final and self.weights is not None
+
+
+def _upscale_progress(volume, scale: int, mode: str) -> _ProgressBar:
+    """The bar of `sr3d upscale`: stage hw slices and stage d planes, weighted by their FLOPs."""
+    from sr3d import inference
+
+    total = inference.conv_flops(volume.array.shape, scale, mode=mode)
+    hw_share = inference.conv_flops(volume.array.shape, scale, mode="2d") / total
+    return _ProgressBar("upscale", weights={"slices": hw_share, "planes": 1.0 - hw_share} if mode == "3d"
+                        else {"slices": 1.0})
+
+
+def _import_tensorflow(args) -> None:
+    """TensorFlow imported quietly (`sr3d.scripting`), or with its startup log lines for --verbose."""
+    from sr3d import scripting
+
+    verbose = getattr(args, "verbose", False)
+    if verbose and not _TF_LOG_LEVEL_GIVEN:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    scripting.import_tensorflow(verbose=verbose)
 
 
 def _check_output_path(path: str) -> pathlib.Path:
@@ -146,22 +232,28 @@ def cmd_upscale(args) -> int:
     if not args.tile_mb > 0:
         raise ValueError(f"--tile-mb must be a positive number of megabytes, got {args.tile_mb:g}")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
+    _import_tensorflow(args)
     bundle = inference.load_models(args.model, args.scale)
     mode = args.axes
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
           f"({mode}{', self-ensemble' if args.ensemble else ''})", file=sys.stderr)
+    anisotropy = inference.anisotropy_note(volume.spacing, mode)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if anisotropy:
+        log(anisotropy)
     result, used = inference.upscale_checked(
         volume, bundle, mode=mode, ensemble=args.ensemble, self_check=self_check, fallback=fallback,
         adapt=adapt_config, log=log, planes=args.planes, tile_mb=args.tile_mb, batch_size=args.batch_size,
-        progress=_ProgressBar("upscale"), precision=args.precision)
+        progress=_upscale_progress(volume, bundle.scale, mode), precision=args.precision)
     report = {"input": str(args.input), "output": str(out), **(result.report or {})}
     if volume.assumptions:
         report["assumptions"] = list(volume.assumptions)  # what the reader had to guess (warned above)
+    if anisotropy:
+        report["anisotropy_note"] = anisotropy
     note = _report_note(report)
     sr3d_io.save_volume(result, out, format=args.format, note=note)
     sr3d_io.write_json(sidecar, report)
@@ -214,6 +306,7 @@ def cmd_upscale_self_supervised(args) -> int:
         if save_path.suffix != ".keras" or not (save_path.parent if str(save_path.parent) else pathlib.Path(".")).is_dir():
             raise ValueError(f"{save_path}: --save-model must be a .keras file in an existing directory")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
+    _import_tensorflow(args)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -387,6 +480,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--save-model", dest="save_model", default=None, metavar="PATH.keras",
                     help="with --self-supervised: save the trained network (and a .json beside it) to reuse "
                          "on scans of the same protocol with --model")
+    up.add_argument("--verbose", action="store_true",
+                    help="also show TensorFlow's startup log lines (hidden by default)")
     up.set_defaults(func=cmd_upscale)
 
     many = sub.add_parser("upscale-batch", help="upscale every scan of a directory (resumable)")

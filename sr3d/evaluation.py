@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 import sr3d
-from sr3d import baselines, degrade, metrics
+from sr3d import baselines, degrade, metrics, planes
 from sr3d import io as sr3d_io
 
 MODES = ("2d", "3d")
@@ -323,7 +323,8 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
                     slices["panels"][method] = test[middle].copy()
             if is_figure_scan:
                 figures[key] = _figure_info(path, middle, figure_methods, per_scan, key)
-                figures[key]["rows_up"] = _rows_point_up(volume.affine)
+                figures[key]["plane"] = planes.plane_name(volume.affine, 0)
+                figure_slices[key]["affine"] = np.asarray(volume.affine, np.float64)
 
     summary = {p: {key: {m: _mean_scores(cells[m]) for m in methods} for key, cells in by_scale.items()}
                for p, by_scale in per_scan.items()}
@@ -432,18 +433,6 @@ def _figure_info(path: str, slice_index: int, methods: list[str], per_scan: dict
                         if slice_index in indices else None)
     return {"scan": path, "slice_index": slice_index, "psnr_protocol": protocol, "psnr": psnr,
             "file": FIGURE_NAME.format(scale=key[1:])}
-
-
-def _rows_point_up(affine: np.ndarray) -> bool:
-    """True if the H axis runs mostly anterior or superior in world space (RAS+).
-
-    Then the slice is drawn with row 0 at the bottom, so the front or top of the
-    patient is up, as viewers show NIfTI slices; DICOM rows (posterior or inferior)
-    stay top-down.
-    """
-    direction = np.asarray(affine, dtype=np.float64)[:3, 1]
-    dominant = int(np.argmax(np.abs(direction)))
-    return bool(dominant in (1, 2) and direction[dominant] > 0)
 
 
 # ---------------------------------------------------------------------------- report
@@ -579,25 +568,37 @@ def _draw_figure(path: pathlib.Path, slices: dict, info: dict, labels: Mapping[s
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    hr = slices["hr"]
-    panels = slices["panels"]
-    errors = {m: np.abs(image - hr) for m, image in panels.items()}
-    row, col, side = _zoom_region(next(iter(errors.values())))
-    vmin, vmax = float(hr.min()), float(hr.max())
-    origin = "lower" if info.get("rows_up") else "upper"
-    error_max = max(float(np.percentile(e, 99.5)) for e in errors.values()) or 1.0
-    n = 2 + len(panels)
-    figure, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+    affine = slices.get("affine", np.eye(4))
+
+    def shown(image: np.ndarray) -> planes.Shown:  # slices are (H, W) planes, normal to D
+        return planes.display(image, affine, 0)
+
     r = int(slices["scale"])
     # The LR input drawn on the HR grid, each LR pixel an r x r block, so the insets line up.
-    lr_on_hr_grid = np.repeat(np.repeat(slices["lr"], r, axis=0), r, axis=1)[:hr.shape[0], :hr.shape[1]]
+    lr_on_hr_grid = np.repeat(np.repeat(slices["lr"], r, axis=0), r, axis=1)[:slices["hr"].shape[0],
+                                                                              :slices["hr"].shape[1]]
+    edges = shown(slices["hr"])
+    hr = edges.image
+    panels = {m: shown(image).image for m, image in slices["panels"].items()}
+    lr_on_hr_grid = shown(lr_on_hr_grid).image
+    errors = {m: np.abs(image - hr) for m, image in panels.items()}
+    row, col, side = _zoom_region(next(iter(errors.values())))
+    vmin, vmax = float(hr.min()), float(np.percentile(hr, 99.5)) or float(hr.max())
+    origin = "upper"
+    # Scaled to the errors inside the scan (HR above 5% of its window), so that the maps of a dim
+    # brain on a dark background are not all black; the colorbar gives the units.
+    inside = hr > vmin + 0.05 * (vmax - vmin)
+    error_max = max(float(np.percentile(e[inside] if inside.any() else e, 99)) for e in errors.values()) or 1.0
+    n = 2 + len(panels)
+    figure, axes = plt.subplots(2, n, figsize=(4.0 * n, 8.4), squeeze=False, constrained_layout=True)
     images = [(f"LR input ({r}x coarser)", lr_on_hr_grid)] + [
         (labels[m] + ("" if info["psnr"][m] is None else f"\nPSNR {info['psnr'][m]:.2f} dB"), panels[m])
         for m in panels] + [("HR (ground truth)", hr)]
     for ax, (name, image) in zip(axes[0], images):
         ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest", origin=origin)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=10)
         ax.set_axis_off()
+        planes.label_edges(ax, edges)
         inset = ax.inset_axes([0.58, 0.58, 0.42, 0.42])
         inset.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest", origin=origin)
         inset.set_xlim(col - 0.5, col + side - 0.5)
@@ -614,12 +615,13 @@ def _draw_figure(path: pathlib.Path, slices: dict, info: dict, labels: Mapping[s
     for ax, method in zip(axes[1][1:-1], panels):
         error_image = ax.imshow(errors[method], cmap="inferno", vmin=0.0, vmax=error_max,
                                 interpolation="nearest", origin=origin)
-        ax.set_title(f"|{labels[method]} - HR|", fontsize=9)
+        ax.set_title(f"|{labels[method]} - HR|", fontsize=10)
         ax.set_axis_off()
+        planes.label_edges(ax, edges, color="white")
     if error_image is not None:
-        figure.colorbar(error_image, ax=axes[1][0], fraction=0.5, label="absolute error (scanner units)")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+        figure.colorbar(error_image, ax=axes[1][0], fraction=0.5,
+                        label="absolute error (scanner units)")
+    figure.suptitle(f"{title} ({edges.name} slice)", fontsize=11)
     figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
 

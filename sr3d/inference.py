@@ -159,25 +159,46 @@ class _Stage:
         self.ensemble = ensemble
         self.kind = kind
 
-    def _run(self, planes: np.ndarray) -> np.ndarray:
-        out = [self._fn(np.ascontiguousarray(planes[i:i + self.batch_size, ..., None], np.float32)).numpy()[..., 0]
-               for i in range(0, planes.shape[0], self.batch_size)]
-        return np.concatenate(out)
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._fn(np.ascontiguousarray(batch[..., None], np.float32)).numpy()[..., 0]
 
-    def __call__(self, planes: np.ndarray) -> np.ndarray:
+    def _batch(self, batch: np.ndarray) -> np.ndarray:
         if not self.ensemble:
-            return self._run(planes)
-        outs = [transforms.inverse(self._run(transforms.forward(planes, k, self.kind)), k, self.kind)
+            return self._run(batch)
+        # Each plane's transforms are independent of the other planes: the median per batch is
+        # the median over the whole stack, with progress after each batch and 1/B of the memory.
+        outs = [transforms.inverse(self._run(transforms.forward(batch, k, self.kind)), k, self.kind)
                 for k in range(transforms.COUNT[self.kind])]
         return np.median(np.stack(outs), axis=0).astype(np.float32)
 
+    def __call__(self, planes: np.ndarray, tick: Callable[[int], None] | None = None) -> np.ndarray:
+        """tick: called with the number of planes done after each network call (batch)."""
+        out = []
+        for i in range(0, planes.shape[0], self.batch_size):
+            out.append(self._batch(planes[i:i + self.batch_size]))
+            if tick is not None:
+                tick(out[-1].shape[0])
+        return np.concatenate(out)
 
-def _depth_pass(stage_d: _Stage, volume: np.ndarray, both: bool) -> np.ndarray:
+
+class _Counter:
+    """Counts planes done for `progress(unit, done, total)`; silent when progress is None."""
+
+    def __init__(self, progress: Progress | None, unit: str, total: int):
+        self.progress, self.unit, self.total, self.done = progress, unit, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.unit, self.done, self.total)
+
+
+def _depth_pass(stage_d: _Stage, volume: np.ndarray, both: bool, tick=None) -> np.ndarray:
     """Stage d on a (D, H, W) array -> (rD, H, W): one (D, W) plane per row, and with `both`
-    also one (D, H) plane per column, the two results averaged."""
-    out = stage_d(np.ascontiguousarray(volume.transpose(1, 0, 2))).transpose(1, 0, 2)
+    also one (D, H) plane per column, the two results averaged. tick: see `_Stage`."""
+    out = stage_d(np.ascontiguousarray(volume.transpose(1, 0, 2)), tick).transpose(1, 0, 2)
     if both:
-        out = out + stage_d(np.ascontiguousarray(volume.transpose(2, 0, 1))).transpose(1, 2, 0)
+        out = out + stage_d(np.ascontiguousarray(volume.transpose(2, 0, 1)), tick).transpose(1, 2, 0)
         out *= 0.5
     return out
 
@@ -210,13 +231,16 @@ def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False,
     return out
 
 
-def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str) -> int:
-    """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb."""
+def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str,
+               ensemble: bool = True) -> int:
+    """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb;
+    the self-ensemble's transformed copies get as much again (taller bands without it:
+    less halo recomputed, docs/benchmarks.md "Taller bands")."""
     d, h, w = shape
     if tile_mb is None:
         return h
     depth_out = d * scale if mode == "3d" else d
-    bytes_per_lr_row = 4 * scale * (w * scale) * (d + depth_out) * 2  # outputs + ensemble headroom
+    bytes_per_lr_row = 4 * scale * (w * scale) * (d + depth_out) * (2 if ensemble else 1)
     return int(min(h, max(1, tile_mb * 2**20 // bytes_per_lr_row)))
 
 
@@ -241,6 +265,10 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     tile_mb: memory budget of one band of rows (None: the whole volume in one band).
     precision: "float32", "bfloat16" (bf16 convolutions, float32 in and out) or "auto"
     (bfloat16 where the CPU multiplies bf16 natively): see `sr3d.precision`.
+    progress: called as progress(unit, done, total) after every network call, with unit
+    "slices" (stage hw; total D x bands: each band runs its rows of every slice) or "planes"
+    (stage d; total rH, + rW with planes "both"), and ("bands", i, n) before the first (i = 0)
+    and after each band.
     """
     from sr3d import models as sr3d_models
 
@@ -262,7 +290,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     out = np.empty((out_depth, h * r, w * r), np.float32)
     both = mode == "3d" and planes == "both"
     # Averaging over (D, H) planes needs whole columns: the stage-hw output is then kept whole.
-    rows = h if both else _band_rows(lr.shape, r, tile_mb, mode)
+    rows = h if both else _band_rows(lr.shape, r, tile_mb, mode, ensemble)
     # The budget also bounds the network's activations: big planes go through a few at a time.
     hw_pixels = (min(h, rows + 2 * halo) * r) * (w * r)
     d_pixels = (d * r) * (max(h, w) * r if both else w * r)
@@ -271,16 +299,36 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d",
                      d_precision)
     bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
+    slices_done = _Counter(progress, "slices", d * len(bands))
+    planes_done = _Counter(progress, "planes", (h + w if both else h) * r)
+    if progress is not None:
+        progress("bands", 0, len(bands))
     for index, (y0, y1) in enumerate(bands):
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
-        hw_out = stage_hw(lr[:, a0:a1, :])[:, (y0 - a0) * r:(y0 - a0 + y1 - y0) * r, :]
+        hw_out = stage_hw(lr[:, a0:a1, :], slices_done)[:, (y0 - a0) * r:(y0 - a0 + y1 - y0) * r, :]
         if mode == "2d":
             out[:, y0 * r:y1 * r, :] = hw_out
         else:
-            out[:, y0 * r:y1 * r, :] = _depth_pass(stage_d, hw_out, both)
+            out[:, y0 * r:y1 * r, :] = _depth_pass(stage_d, hw_out, both, planes_done)
         if progress is not None:
             progress("bands", index + 1, len(bands))
     return out
+
+
+ANISOTROPY_NOTE_RATIO = 2.5
+
+
+def anisotropy_note(spacing_mm, mode: str) -> str | None:
+    """A one-line suggestion for a 3D upscale of a strongly anisotropic scan (thickest voxel side
+    >= 2.5x the finest, e.g. 8 mm slices of 1 mm pixels), else None. The networks learned
+    near-isotropic voxels: x r along a thick axis leaves it thick."""
+    spacing = [float(s) for s in spacing_mm]
+    if mode != "3d" or max(spacing) < ANISOTROPY_NOTE_RATIO * min(spacing):
+        return None
+    axis = "DHW"[spacing.index(max(spacing))]
+    return (f"note: voxels of {' x '.join(f'{s:.3g}' for s in spacing)} mm are {max(spacing) / min(spacing):.1f}x "
+            f"thicker along {axis} than the finest axis: for a thick-slice scan, --axes 2d (in-plane only) or "
+            "--self-supervised (learn the thick axis from the scan) usually does better than 3D")
 
 
 def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:

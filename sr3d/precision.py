@@ -5,8 +5,8 @@ include `avx512_bf16` (AVX-512 BF16, e.g. AMD Zen 4/5, Intel Cooper Lake) or
 `amx_bf16` (Intel AMX, Sapphire Rapids and later): there oneDNN, which
 TensorFlow uses for its CPU convolutions, runs bf16 convolutions at about
 twice the float32 rate (docs/benchmarks.md). Elsewhere bf16 would be emulated
-and slower, so "auto" is float32. "auto" also keeps float32 where bf16 failed the quality guard
-on the test scans (`AUTO_FLOAT32_STAGES`: both stages of 3D x4); "bfloat16" is bf16 everywhere.
+and slower, so "auto" is float32. "auto" would also keep float32 where bf16 failed the quality guard
+on the test scans (`AUTO_FLOAT32_STAGES`; none with the shipped models); "bfloat16" is bf16 everywhere.
 
 `network(model, "bfloat16")` is a copy of a stage network whose layers run
 under the Keras dtype policy "mixed_bfloat16" (float32 weights, cast to bf16
@@ -27,11 +27,12 @@ MIXED_POLICY = "mixed_bfloat16"
 # The outputs must come back as float32 (they go back to scanner units); every other layer runs in bf16.
 FLOAT32_LAYERS = ("intermediate", "final")
 
-# Where "auto" keeps float32 although the CPU has bf16: (scale, mode) -> stages. Measured with the
-# shipped models by benchmarks/precision_quality.py (docs/benchmarks/precision_quality.md): on 3D x4
-# the stroke FLAIR test scan loses 0.0011 SSIM with either stage in bf16 (0.0022 with both), over the
-# 0.001 guard; 2D x4 and everything at x2 stay within 0.05 dB PSNR and 0.001 SSIM.
-AUTO_FLOAT32_STAGES = {(4, "3d"): ("hw", "d")}
+# Where "auto" keeps float32 although the CPU has bf16: (scale, mode) -> stages that failed the
+# quality guard of benchmarks/precision_quality.py (0.05 dB PSNR, 0.001 SSIM on any test scan) with
+# the shipped models. None does with the bundles shipped on 2026-12-02 06:02: x2 on 5 scans
+# (docs/benchmarks/precision_quality_x2_retrained), x4 on all 14 (precision_quality_x4_retrained,
+# worst 3D x4 -0.0004 SSIM). The x4 bundle before them lost 0.0011 SSIM on the stroke FLAIR in 3D.
+AUTO_FLOAT32_STAGES: dict[tuple[int, str], tuple[str, ...]] = {}
 
 # One bf16 copy per model, kept as long as the model lives (building one costs a model clone).
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -41,6 +41,35 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 _RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "save_every_steps", "val_data", "strategy"})
 
 
+RECIPES = ("paper", "shipped")
+
+
+def recipe_settings(recipe: str, stage: str, scale: int) -> dict:
+    """The TrainConfig fields a recipe sets for one stage (explicit flags override them).
+
+    paper: TrainConfig's defaults (40 epochs, about one pass over the LR voxels per epoch, no
+    flat patches). shipped: experiments/train_shipped.sh, which trained the bundles in
+    sr3d/data_files/models: 10% flat patches, seed 0, stage hw 40 epochs of 400 steps (250 at
+    x4 and above), stage d 20 epochs of 400 steps on a stage-hw model's outputs (--hw_model).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "paper":
+        return {}
+    if stage == "hw":
+        return {"epochs": 40, "steps_per_epoch": 400 if scale == 2 else 250, "flat_fraction": 0.1, "seed": 0}
+    return {"epochs": 20, "steps_per_epoch": 400, "flat_fraction": 0.1, "seed": 0}
+
+
+def resolve_recipe(recipe: str, stage: str, scale: int, defaults: dict, explicit: dict) -> dict:
+    """Settings of a run: the defaults, then the recipe's, then the explicitly given ones."""
+    settings = {**defaults, **recipe_settings(recipe, stage, scale), **explicit}
+    if recipe == "shipped" and stage == "d" and not settings.get("hw_model"):
+        raise ValueError("the shipped recipe trains stage d on a stage-hw model's outputs: pass "
+                         "--hw_model=<stage-hw run>/model.keras")
+    return settings
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run of one stage."""

@@ -4,6 +4,9 @@ Two runs go through `python -m sr3d` in a subprocess (the real command, exit sta
 stderr); the rest call `sr3d.cli.main([...])` in this process. Models: the random-weight
 test bundle (tests/conftest.py), so only geometry, files and messages are checked here.
 """
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +62,9 @@ def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
     result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert "upscale [" in result.stderr and "1/1 bands" in result.stderr   # the progress bar
+    # The progress bar (stderr is not a terminal: plain lines) ends with the totals of a 6 x 24 x 20 scan.
+    assert "upscale 100% | band 1/1 | stage hw 6/6 slices | stage d 48/48 planes" in result.stderr
+    assert _tensorflow_lines(result.stderr) == [], "TensorFlow's startup lines are hidden without --verbose"
     written_in, written_out = nib.load(nifti_crop), nib.load(out)
     assert written_in.shape == (20, 24, 6)                                 # NIfTI (i, j, k) = (W, H, D)
     assert written_out.shape == (40, 48, 12)
@@ -71,6 +76,80 @@ def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
                                         inference.load_models(tiny_bundle_dir, scale=2)).array
     np.testing.assert_allclose(np.asarray(written_out.dataobj).transpose(2, 1, 0), expected, rtol=0, atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.json", "crop_x2.nii.gz"]  # + the report
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def _run_bar(tty: bool, seconds_per_call: float):
+    """Feeds a bar the calls of a 3D upscale of 40 slices and 200 planes, one call every `seconds_per_call`."""
+    clock, stream = _Clock(), _Stream(tty)
+    bar = cli._ProgressBar("upscale", stream=stream, weights={"slices": 0.25, "planes": 0.75}, clock=clock)
+    calls = [("bands", 0, 1)] + [("slices", i, 40) for i in range(1, 41)] + [("planes", i, 200) for i in range(1, 201)]
+    calls.append(("bands", 1, 1))
+    for call in calls:
+        clock.now += seconds_per_call
+        bar(*call)
+    return stream.getvalue(), len(calls) * seconds_per_call
+
+
+def test_progress_plain_lines_are_throttled_and_end_with_the_totals():
+    text, _ = _run_bar(tty=False, seconds_per_call=0.5)   # 120 s of work
+    lines = text.splitlines()
+    assert "\r" not in text
+    # At most one line per 2 s, and only after 10% more of the work (or 30 s): 10 lines for 0-100%.
+    assert 5 <= len(lines) <= 11, lines
+    percents = [int(re.match(r"upscale +(\d+)%", line).group(1)) for line in lines]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert lines[-1].startswith("upscale 100% | band 1/1 | stage hw 40/40 slices | stage d 200/200 planes | 120 s")
+
+
+def test_progress_on_a_terminal_is_one_updating_line():
+    text, _ = _run_bar(tty=True, seconds_per_call=0.1)
+    assert text.count("\n") == 1 and text.endswith("\n")
+    redraws = text.split("\r")[1:]
+    assert 40 <= len(redraws) <= 50, "at most one redraw per 0.5 s over 24 s (+ the last)"
+    assert "stage d 200/200 planes" in redraws[-1]
+
+
+def test_progress_without_weights_shows_each_phase():
+    clock, stream = _Clock(), _Stream(False)
+    bar = cli._ProgressBar("study", stream=stream, clock=clock)
+    for unit, n in (("scans read", 3), ("scans reconstructed", 2)):
+        for i in range(1, n + 1):
+            clock.now += 5
+            bar(unit, i, n)
+    assert stream.getvalue().splitlines()[-1].startswith("study 100% | 2/2 scans reconstructed")
+    assert "study 100% | 3/3 scans read" in stream.getvalue()
+
+
+def _tensorflow_lines(stderr: str) -> list[str]:
+    """The lines TensorFlow's C++ runtime writes at startup (absl log lines such as
+    "I0000 00:00:... port.cc:153] oneDNN custom operations are on", and absl's preamble)."""
+    return [line for line in stderr.splitlines()
+            if re.match(r"[IWEF]\d{4} \d\d:\d\d:", line) or "absl::InitializeLog" in line]
+
+
+@pytest.mark.slow
+def test_upscale_verbose_shows_tensorflow_startup_lines(tmp_path, nifti_crop, tiny_bundle_dir):
+    result = _sr3d("upscale", nifti_crop, tmp_path / "out.nii.gz", "--model", tiny_bundle_dir, "--verbose",
+                   "--no-self-check")
+    assert result.returncode == 0, result.stderr
+    assert any("oneDNN custom operations" in line for line in _tensorflow_lines(result.stderr)), result.stderr
 
 
 def _dicom_voxel_centres_ras(directory) -> np.ndarray:
@@ -91,7 +170,8 @@ def test_upscale_dicom_series_subprocess(tmp_path, dicom_dir, tiny_bundle_dir):
     out = tmp_path / "series_x2.nii"
     result = _sr3d("upscale", dicom_dir, out, "--model", tiny_bundle_dir, "--scale", "2")
     assert result.returncode == 0, result.stderr
-    assert "upscale [" in result.stderr
+    assert re.search(r"upscale 100% \| band (\d+)/\1 \| stage hw 6/6 slices \| stage d 512/512 planes",
+                     result.stderr), result.stderr
     written = nib.load(out)
     assert written.shape == (512, 512, 12)
     # Input voxel n sits at output index 2n + 0.5 on every axis: the grids overlay in world space.
@@ -108,7 +188,7 @@ def test_upscale_2d_in_process(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
                        "--tile-mb", "0.01", "--batch-size", "2"])
     err = capsys.readouterr().err
     assert status == 0, err
-    assert "(2d)" in err and "bands" in err
+    assert "(2d)" in err and re.search(r"upscale 100% \| band (\d+)/\1 \| stage hw 6/6 slices \| \d+ s\n", err)
     written_in, written_out = nib.load(nifti_crop), nib.load(out)
     assert written_out.shape == (40, 48, 6)
     np.testing.assert_allclose(written_out.header.get_zooms(), np.array(written_in.header.get_zooms()) / [2, 2, 1])
@@ -184,3 +264,25 @@ def test_upscale_errors_subprocess(bad_inputs, nifti_crop, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sr3d upscale: error: ") and named in lines[0], result.stderr
     assert list((bad_inputs / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("axes", ["3d", "2d"])
+def test_thick_slice_scan_in_3d_gets_a_note(tmp_path, nifti_crop, tiny_bundle_dir, capsys, axes):
+    crop = nib.load(nifti_crop)
+    affine = crop.affine.copy()
+    affine[:3, 2] *= 4                                   # NIfTI k = D: 8 mm slices of 2 x 2 mm pixels
+    thick = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(crop.dataobj), affine), thick)
+    out = tmp_path / "thick_x2.nii.gz"
+    status = cli.main(["upscale", str(thick), str(out), "--model", str(tiny_bundle_dir), "--axes", axes,
+                       "--no-self-check"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    report = json.loads((tmp_path / "thick_x2.json").read_text())
+    if axes == "2d":
+        assert notes == [] and "anisotropy_note" not in report
+        return
+    assert len(notes) == 1 and "4.0x thicker along D" in notes[0], err
+    assert "--axes 2d" in notes[0] and "--self-supervised" in notes[0]
+    assert report["anisotropy_note"] == notes[0]

@@ -208,6 +208,14 @@ def test_figures_are_valid_pngs(run_2d):
     assert not list(out_dir.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
+def test_figure_plane_is_named_from_the_scans_affine(run_2d):
+    results, _, _ = run_2d
+    info = results["figures"]["x2"]
+    code = nib.aff2axcodes(nib.load(info["scan"]).affine)[2]   # NIfTI k is sr3d's D, the slice normal
+    assert info["plane"] == {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal"}.get(code, "sagittal")
+    assert results["figure_slices"]["x2"]["affine"].shape == (4, 4)
+
+
 def test_progress_names_scan_and_method(run_2d):
     _, _, messages = run_2d
     assert any(m.startswith("scan 1/2 ") and m.endswith(" x2 nearest") for m in messages)

@@ -92,7 +92,7 @@ def _hand_3d(bundle, x: np.ndarray, ensemble: bool = False, planes: str = "dw") 
 
 
 class _Bands:
-    """Progress callback that remembers how many bands were reported."""
+    """Progress callback that remembers what was reported, per unit."""
 
     def __init__(self):
         self.calls = []
@@ -100,10 +100,18 @@ class _Bands:
     def __call__(self, unit, done, total):
         self.calls.append((unit, done, total))
 
+    def counts(self, unit):
+        return [done for u, done, _ in self.calls if u == unit]
+
+    def totals(self, unit):
+        return {total for u, _, total in self.calls if u == unit}
+
     @property
     def total(self):
-        assert [done for _, done, _ in self.calls] == list(range(1, len(self.calls) + 1))
-        return self.calls[-1][2]
+        """The number of bands: reported as 0 before the first and after each."""
+        band_calls = self.counts("bands")
+        assert band_calls == list(range(len(band_calls)))
+        return band_calls[-1]
 
 
 # ---------------------------------------------------------------------------- tiling
@@ -129,6 +137,27 @@ def test_one_row_bands_equal_untiled(bundles, ixi_normalised):
     assert bands.total == ixi_normalised.shape[1]
     np.testing.assert_allclose(tiled, inference.upscale_normalised(ixi_normalised, bundles[2], tile_mb=None),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, planes, ensemble", [("3d", "dw", False), ("3d", "both", True), ("2d", "dw", False)])
+def test_progress_counts_slices_and_planes_to_their_totals(bundles, ixi_normalised, mode, planes, ensemble):
+    d, h, w = ixi_normalised.shape
+    calls = _Bands()
+    inference.upscale_normalised(ixi_normalised, bundles[2], mode=mode, planes=planes, ensemble=ensemble,
+                                 tile_mb=0.2 if planes == "dw" else None, batch_size=3, progress=calls)
+    n_bands = calls.total
+    # Stage hw runs the band's rows of every slice, in network calls of at most 3 slices.
+    expected = {"slices": d * n_bands}
+    if mode == "3d":  # stage d: one (D, rW) plane per output row, and with "both" one (D, rH) per column
+        expected["planes"] = 2 * h + (2 * w if planes == "both" else 0)
+    assert {u for u, _, _ in calls.calls} == {"bands", *expected}
+    for unit, total in expected.items():
+        counts = calls.counts(unit)
+        assert calls.totals(unit) == {total}
+        assert counts[-1] == total
+        steps = np.diff([0] + counts)
+        assert steps.min() >= 1 and steps.max() <= 3, f"{unit}: one call per batch of at most 3 planes"
+    assert n_bands > 1 if planes == "dw" else n_bands == 1, "the dw cases should run several bands"
 
 
 # ---------------------------------------------------------------------------- pipeline and ensemble
@@ -304,3 +333,17 @@ def test_3d_needs_two_slices_and_2d_does_not(bundles, ixi_volume):
 def test_bad_options(bundles, ixi_normalised, options, message):
     with pytest.raises(ValueError, match=message):
         inference.upscale_normalised(ixi_normalised, bundles[2], **options)
+
+
+@pytest.mark.parametrize("spacing, mode, axis, ratio", [
+    ((8.0, 1.0, 1.0), "3d", "D", "8.0x"),      # thick axial slices
+    ((0.9, 0.9, 2.25), "3d", "W", "2.5x"),     # the threshold itself, on another axis
+    ((2.4, 1.0, 1.0), "3d", None, None),       # below 2.5x
+    ((8.0, 1.0, 1.0), "2d", None, None),       # in-plane only: nothing to suggest
+])
+def test_anisotropy_note(spacing, mode, axis, ratio):
+    note = inference.anisotropy_note(spacing, mode)
+    if axis is None:
+        assert note is None
+    else:
+        assert f"{ratio} thicker along {axis}" in note and "--axes 2d" in note and "--self-supervised" in note

@@ -68,13 +68,21 @@ def test_explicit_precisions_ignore_the_cpu(value):
 @pytest.mark.parametrize("value, scale, mode, expected", [
     ("auto", 2, "3d", ("bfloat16", "bfloat16")), ("auto", 2, "2d", ("bfloat16", "bfloat16")),
     ("auto", 4, "2d", ("bfloat16", "bfloat16")),
-    ("auto", 4, "3d", ("float32", "float32")),         # over the SSIM guard on the stroke FLAIR
+    ("auto", 4, "3d", ("bfloat16", "bfloat16")),       # within the guard since the x4 retrain
     ("bfloat16", 4, "3d", ("bfloat16", "bfloat16")),   # an explicit choice is obeyed
     ("float32", 2, "3d", ("float32", "float32"))])
 def test_auto_keeps_the_stages_that_failed_the_guard_in_float32(value, scale, mode, expected):
     assert precision.stage_precisions(value, scale, mode, frozenset({"avx512_bf16"})) == expected
     assert precision.stage_precisions(value, scale, mode, frozenset()) == (
         ("float32", "float32") if value == "auto" else expected)
+
+
+def test_auto_keeps_float32_for_a_stage_listed_as_failing_the_guard(monkeypatch):
+    monkeypatch.setattr(precision, "AUTO_FLOAT32_STAGES", {(4, "3d"): ("d",)})
+    bf16 = frozenset({"avx512_bf16"})
+    assert precision.stage_precisions("auto", 4, "3d", bf16) == ("bfloat16", "float32")
+    assert precision.stage_precisions("bfloat16", 4, "3d", bf16) == ("bfloat16", "bfloat16")
+    assert precision.stage_precisions("auto", 4, "2d", bf16) == ("bfloat16", "bfloat16")
 
 
 def test_bad_precision_is_refused(tiny_bundle, ixi_normalised):

@@ -273,3 +273,49 @@ def test_checkpoint_position_is_read_from_the_weights_file_or_an_older_state_jso
     (ckpt / training.CHECKPOINT_WEIGHTS).write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="unreadable checkpoint"):
         training._read_state(tmp_path)
+
+
+def _shipped_script_train_flags(tmp_path) -> dict:
+    """{(stage, scale): {flag: value}} of the train.py calls experiments/train_shipped.sh makes,
+    recorded by running the script with a `python3` that only writes down its arguments."""
+    import os
+    import pathlib
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "python3").chmod(0o755)
+    subprocess.run(["bash", str(repo / "experiments" / "train_shipped.sh"), str(tmp_path / "runs"), "2 4"],
+                   check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=60)
+    calls = {}
+    for line in log.read_text().splitlines():
+        words = line.split()
+        if words[0] != "train.py":
+            continue
+        flags = dict(word[2:].split("=", 1) for word in words[1:])
+        calls[(flags["stage"], int(flags["scale"]))] = flags
+    return calls
+
+
+def test_shipped_recipe_is_what_train_shipped_sh_runs(tmp_path):
+    calls = _shipped_script_train_flags(tmp_path)
+    assert sorted(calls) == [("d", 2), ("d", 4), ("hw", 2), ("hw", 4)]
+    defaults = {"epochs": 40, "steps_per_epoch": None, "flat_fraction": 0.0, "seed": 0, "hw_model": None}
+    for (stage, scale), flags in calls.items():
+        explicit = {"hw_model": flags["hw_model"]} if stage == "d" else {}
+        settings = training.resolve_recipe("shipped", stage, scale, defaults, explicit)
+        assert settings["epochs"] == int(flags["epochs"])
+        assert settings["steps_per_epoch"] == int(flags["steps_per_epoch"])
+        assert settings["flat_fraction"] == float(flags["flat_fraction"])
+        assert settings["seed"] == int(flags["seed"])
+
+
+def test_recipe_flags_given_explicitly_win_and_paper_keeps_the_defaults():
+    defaults = {"epochs": 40, "steps_per_epoch": None, "flat_fraction": 0.0, "seed": 0, "hw_model": None}
+    assert training.resolve_recipe("paper", "hw", 2, defaults, {}) == defaults
+    settings = training.resolve_recipe("shipped", "hw", 4, defaults, {"flat_fraction": 0.0, "epochs": 3})
+    assert settings == {"epochs": 3, "steps_per_epoch": 250, "flat_fraction": 0.0, "seed": 0, "hw_model": None}
+    with pytest.raises(ValueError, match="--hw_model"):
+        training.resolve_recipe("shipped", "d", 2, defaults, {})
