@@ -27,6 +27,8 @@ self-check is made noise-matched:
 
 Cost: the check runs on the scan's central slab (3D) or on evenly spaced
 slices (2D), sized so it costs about `COST_FRACTION` of the upscale itself.
+One-axis modes ("d", "h", "w": stage d alone) degrade and upscale only that axis,
+on evenly spaced planes across it (rows for "d", slices for "h" and "w").
 """
 from __future__ import annotations
 
@@ -115,7 +117,13 @@ def noise_sigma(array: np.ndarray) -> float:
 
 
 def _region(shape: tuple[int, int, int], scale: int, mode: str) -> tuple[slice | np.ndarray, tuple[int, int]]:
-    """The slices of the scan the check uses: a central slab along D (3d), evenly spaced slices (2d)."""
+    """The slices of the scan the check uses: a central slab along D (3d), evenly spaced slices (2d,
+    h, w), evenly spaced rows ("d": every plane the network sees is a (D, W) plane of one row)."""
+    if mode == "d":
+        share = min(1.0, COST_FRACTION * scale)
+        count = min(shape[1], max(MIN_SLICES, int(round(share * shape[1]))))
+        picks = np.unique(np.linspace(0, shape[1] - 1, count).round().astype(int))
+        return (slice(None), picks), (int(picks.size), 0)
     d = shape[0]
     axes_upscaled = len(degrade.MODE_AXES[mode])
     # The check upscales 1/r^k of the data to the scan's size: a share c of the scan costs
@@ -135,6 +143,10 @@ def check_size(shape: tuple[int, int, int], scale: int, mode: str, min_side: int
     the network), or None."""
     axes = degrade.MODE_AXES[mode]
     small = [shape[a] // scale for a in axes]
+    if len(axes) == 1:
+        if small[0] < 2:
+            return f"too few voxels ({shape[axes[0]]}) along {mode.upper()} to downscale once more by {scale}"
+        return None
     if mode == "3d" and shape[0] // scale < 2:
         return f"too few slices ({shape[0]}) to downscale once more by {scale}"
     if min(small[-2:]) < min_side:
