@@ -265,6 +265,9 @@ def cmd_upscale_self_supervised(args) -> int:
         save_path = pathlib.Path(args.save_model)
         if save_path.suffix != ".keras" or not (save_path.parent if str(save_path.parent) else pathlib.Path(".")).is_dir():
             raise ValueError(f"{save_path}: --save-model must be a .keras file in an existing directory")
+        if save_path.with_suffix(".json").resolve() == sidecar.resolve():
+            raise ValueError(f"{save_path}: its {save_path.with_suffix('.json').name} would be the output's report "
+                             f"{sidecar.name}: give the model another name")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
 
     def log(line: str) -> None:
