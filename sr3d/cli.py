@@ -202,7 +202,7 @@ def _model_kind(path) -> str | None:
             raise ValueError(f"{model}: --model must be a model bundle directory or a self-supervised .keras "
                              "file (written by --save-model)")
         return "selfsup"
-    raise FileNotFoundError(2, "--model: no such model bundle directory or .keras file", str(model))
+    raise FileNotFoundError(f"{model}: --model not found (no such model bundle directory or .keras file)")
 
 
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
