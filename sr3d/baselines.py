@@ -23,7 +23,7 @@ _CV2_FLAGS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
 
 # Axes of a (D, H, W) volume enlarged by each mode; the first two (H, W) are
 # resized together as 2D slices, then D, as stage 1 and stage 2 of the CNN do.
-_MODE_AXES = {"2d": (1, 2), "3d": (1, 2, 0)}
+_MODE_AXES = {"2d": (1, 2), "3d": (1, 2, 0), "d": (0,), "h": (1,), "w": (2,)}
 
 # cv2.resize has no SHRT_MAX width limit: checked up to 2**20 columns against
 # narrow calls (equal within 1 float32 ulp: cv2's SIMD and scalar column
@@ -104,11 +104,11 @@ def upscale(lr: np.ndarray, scale: int, method: str, mode: str = "3d") -> np.nda
     """Upscales an LR (D, H, W) volume to the HR grid with an interpolation baseline.
 
     mode "2d": H and W of every slice -> (D, rH, rW); "3d": H and W, then D ->
-    (rD, rH, rW). method: one of METHODS. Returns float32 in the units of `lr`.
+    (rD, rH, rW); "d", "h", "w": that axis alone. method: one of METHODS. Returns float32 in the units of `lr`.
     """
     _check_method(method)
     if mode not in _MODE_AXES:
-        raise ValueError(f"sr3d.baselines: mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"sr3d.baselines: mode must be one of {tuple(_MODE_AXES)}, got {mode!r}")
     lr = np.asarray(lr)
     if lr.ndim != 3:
         raise ValueError(f"sr3d.baselines: lr must be a (D, H, W) volume, got shape {lr.shape}")

@@ -1,9 +1,12 @@
 """The `sr3d` command (also `python -m sr3d`).
 
-  sr3d upscale IN OUT [--scale 2] [--ensemble] [--model DIR] [--axes 3d|2d]
+  sr3d upscale IN OUT [--scale 2] [--ensemble] [--model DIR] [--axes 3d|2d|d|h|w|thick]
   sr3d upscale IN OUT_DIR/ --format dicom ...   write a new DICOM series (same study when IN is DICOM)
-  sr3d upscale IN OUT --self-supervised [--target-spacing MM] [--time-budget S] [--save-model M.keras]
+  sr3d upscale IN OUT --self-supervised [--scale R | --target-spacing MM] [--steps N | --time-budget S]
+                  [--slice-profile box|gaussian|estimate] [--slice-thickness MM] [--save-model M.keras]
                                 thick-slice scan: train stage d on the scan itself, upscale its thick axis
+  sr3d upscale IN OUT --model M.keras   reuse a --save-model network (the --model form is told by what is
+                                on disk: a directory is a model bundle, a .keras file a self-supervised one)
   sr3d demo [--out DIR]         upscale the bundled real scan, write the result and a comparison PNG
   sr3d upscale-batch IN_DIR OUT_DIR [--scale 2] ...   every scan of a directory, resumable
   sr3d bundle --hw M --d M --scale R --out DIR   assemble two trained stages into a model bundle
@@ -191,8 +194,18 @@ def cmd_upscale(args) -> int:
     from sr3d import io as sr3d_io
 
     _check_upscale_paths(args)
-    if getattr(args, "self_supervised", False):
+    model_kind = _model_kind(args.model)
+    if getattr(args, "self_supervised", False) or model_kind == "selfsup":
         return cmd_upscale_self_supervised(args)
+    if args.scale is None:
+        args.scale = 2
+    selfsup_only = [flag for flag, value in (
+        ("--slice-thickness", getattr(args, "slice_thickness", None)), ("--steps", getattr(args, "steps", None)),
+        ("--seed", getattr(args, "seed", None)), ("--time-budget", getattr(args, "time_budget", None)))
+        if value is not None]
+    if selfsup_only:
+        raise ValueError(f"{', '.join(selfsup_only)} apply only with --self-supervised (with --adapt: "
+                         "--adapt-steps, --adapt-seconds)")
     if args.planes != "dw" and args.axes != "3d":
         raise ValueError("--planes applies to stage d, which runs only with --axes 3d")
     if getattr(args, "target_spacing", None) is not None or getattr(args, "slice_profile", None):
@@ -268,6 +281,22 @@ def cmd_upscale(args) -> int:
     return 0
 
 
+def _model_kind(path) -> str | None:
+    """What --model names, told by what is on disk: "bundle" (a directory: hw.keras, d.keras),
+    "selfsup" (a .keras file, with the .json that --save-model writes beside it), None (no --model)."""
+    if path is None:
+        return None
+    model = pathlib.Path(path)
+    if model.is_dir():
+        return "bundle"
+    if model.is_file():
+        if model.suffix != ".keras":
+            raise ValueError(f"{model}: --model must be a model bundle directory or a self-supervised .keras "
+                             "file (written by --save-model)")
+        return "selfsup"
+    raise FileNotFoundError(f"{model}: --model not found (no such model bundle directory or .keras file)")
+
+
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
     """The JSON report beside an output: scan_x2.nii.gz -> scan_x2.json (BIDS-style); a DICOM
     output directory OUT -> OUT.json."""
@@ -289,47 +318,93 @@ def _report_note(report: dict) -> str:
 
 
 def cmd_upscale_self_supervised(args) -> int:
-    """`upscale --self-supervised`: the factor follows from the slice spacing and --target-spacing,
-    so --scale is not used (a value other than its default is an error); --model is a .keras
-    file written by --save-model, reused instead of training."""
+    """`upscale --self-supervised` (or `--model M.keras`): the factor along the thick axis is
+    --scale R, or slice spacing / --target-spacing rounded up, or by default slice spacing /
+    in-plane spacing rounded up (one rule: `sr3d.selfsup.plan_for`); --model is a .keras file
+    written by --save-model, reused instead of training. Writes OUT's .json report: plan,
+    slice profile, training steps, seed and wall time."""
     from sr3d import io as sr3d_io
     from sr3d import selfsup
 
     out = _output_path(args)
-    if args.scale != 2:
-        raise ValueError(f"--scale {args.scale} does not apply with --self-supervised: the factor is the slice "
-                         "spacing / --target-spacing (default: the in-plane spacing)")
-    if args.model and args.save_model:
-        raise ValueError("--save-model with --model: the reused model is saved already")
+    sidecar = sidecar_path(out)
+    if sidecar.exists() and not getattr(args, "overwrite", False):
+        raise ValueError(f"{sidecar}: exists already (the report written beside the output): pass --overwrite "
+                         "to replace it, or choose another output name")
+    if args.model and _model_kind(args.model) == "bundle":
+        raise ValueError(f"{args.model}: is a model bundle directory; with --self-supervised, --model is a .keras "
+                         "file written by --save-model. For the bundle's stage d on one axis: --axes d|h|w|thick "
+                         "without --self-supervised")
+    if args.axes != "3d":
+        raise ValueError(f"--axes {args.axes} does not apply to a self-supervised network: it upscales the thick "
+                         "axis (the one with the largest spacing)")
+    if args.scale is not None and args.target_spacing is not None:
+        raise ValueError(f"--scale {args.scale} and --target-spacing {args.target_spacing:g}: give one (the factor "
+                         "along the thick axis, or the spacing wanted along it)")
+    reusing = bool(args.model)
+    training_flags = [flag for flag, value in (
+        ("--save-model", args.save_model), ("--steps", args.steps), ("--time-budget", args.time_budget),
+        ("--seed", args.seed), ("--slice-profile", args.slice_profile), ("--slice-thickness", args.slice_thickness))
+        if value is not None]
+    if reusing and training_flags:
+        raise ValueError(f"{', '.join(training_flags)} with --model {args.model}: the model is trained already "
+                         "(they apply when training on the scan)")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
     if args.save_model:
         save_path = pathlib.Path(args.save_model)
         if save_path.suffix != ".keras" or not (save_path.parent if str(save_path.parent) else pathlib.Path(".")).is_dir():
             raise ValueError(f"{save_path}: --save-model must be a .keras file in an existing directory")
+        if save_path.with_suffix(".json").resolve() == sidecar.resolve():
+            raise ValueError(f"{save_path}: its {save_path.with_suffix('.json').name} would be the output's report "
+                             f"{sidecar.name}: give the model another name")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
     _import_tensorflow(args)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    if args.model:
+    report = {"input": str(args.input), "output": str(out), "method": "self-supervised stage d", "mode": "thick"}
+    if reusing:
         model, info = selfsup.load_model(args.model)
-        plan = selfsup.plan_for_model(volume.spacing, info, args.target_spacing)
+        target = None if args.scale is None else volume.spacing[selfsup.thick_axis(volume.spacing)] / args.scale
+        plan = selfsup.plan_for_model(volume.spacing, info, args.target_spacing if target is None else target)
+        report["model"] = {"path": str(args.model), "trained": info.get("training")}
     else:
-        config = selfsup.SelfSupConfig(target_spacing=args.target_spacing, time_budget_s=args.time_budget,
-                                       profile=args.slice_profile or "box")
-        plan = selfsup.plan_for(volume.spacing, target_spacing=args.target_spacing)
+        # --steps alone stops at the step count whatever the load (reproducible); --time-budget alone
+        # at a wall time; both: whichever comes first; neither: the default budget.
+        budget = args.time_budget if args.time_budget is not None or args.steps is not None else \
+            selfsup.SelfSupConfig.time_budget_s
+        config = selfsup.SelfSupConfig(factor=args.scale, target_spacing=args.target_spacing, time_budget_s=budget,
+                                       max_steps=args.steps, profile=args.slice_profile or "box",
+                                       slice_thickness=args.slice_thickness,
+                                       seed=args.seed if args.seed is not None else 0)
+        plan = selfsup.plan_for(volume.spacing, args.scale, args.target_spacing)
     print(f"{args.input}: {' x '.join(map(str, volume.shape))} voxels (D x H x W) at "
           f"{', '.join(f'{s:.3g}' for s in volume.spacing)} mm; {plan.describe()}", file=sys.stderr)
-    if not args.model:
-        model = selfsup.train_on_scan(volume, config, progress=log)
+    if not reusing:
+        profile = selfsup.resolve_profile(volume, plan, config.profile, config.slice_thickness)
+        log(profile.describe(plan))
+        trained = selfsup.train(volume, config, progress=log, profile=profile)
+        model = trained.model
+        report["training"] = trained.to_json()
         if args.save_model:
-            selfsup.save_model(model, args.save_model, plan, config)
+            selfsup.save_model(model, args.save_model, plan, config, trained)
             log(f"wrote {args.save_model} (and {pathlib.Path(args.save_model).with_suffix('.json').name})")
+            report["saved_model"] = str(args.save_model)
     result = selfsup.upscale_thick(volume, model, target_spacing=plan.target_mm, ensemble=args.ensemble,
                                    batch_size=args.batch_size, progress=log)
-    sr3d_io.save_volume(result, out, note=plan.describe(), format=args.format)
+    report.update({"scale": plan.factor, "axis": "DHW"[plan.axis], "slice_spacing_mm": plan.thick_mm,
+                   "target_spacing_mm": plan.target_mm, "resampled": plan.resample, "plan": plan.describe()})
+    if volume.assumptions:
+        report["assumptions"] = list(volume.assumptions)
+    note = plan.describe() + ("" if reusing else "; " + trained.profile.describe(plan))
+    sr3d_io.save_volume(result, out, note=note, format=args.format)
+    sr3d_io.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
-          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm", file=sys.stderr)
+          f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
     return 0
 
 
@@ -436,13 +511,21 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--regularize", action="store_true",
                     help="DICOM series with missing slices or irregular spacing: resample the slices linearly "
                          "onto a regular grid of the median spacing (reported) instead of refusing them")
-    up.add_argument("--scale", type=int, default=2, help="upscaling factor (shipped models: 2, 4)")
+    up.add_argument("--scale", type=int, default=None,
+                    help="upscaling factor along every upscaled axis (shipped models: 2, 4; default 2); with "
+                         "--self-supervised: the factor along the thick axis (default: slice spacing / "
+                         "--target-spacing, or / the in-plane spacing, rounded up)")
     up.add_argument("--ensemble", action="store_true",
                     help="self-ensemble (8 transforms, median), as the paper. It does not pay with the shipped models: "
                          "on the held-out IXI scans it moved PSNR by -0.01 to +0.05 dB (2D x2 33.44 -> 33.43 dB, 3D x4 "
                          "+0.05 dB over the plain CNN; docs/results.md) at 4-5x the time; kept to reproduce the paper")
-    up.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
-    up.add_argument("--axes", choices=["3d", "2d"], default="3d", help="3d: all axes; 2d: in-plane only")
+    up.add_argument("--model", default=None,
+                    help="a model bundle directory (default: the shipped model), or a .keras file written by "
+                         "--self-supervised --save-model (reused on a scan of the same protocol); told apart by "
+                         "what is on disk")
+    up.add_argument("--axes", choices=["3d", "2d", "d", "h", "w", "thick"], default="3d",
+                    help="3d: all axes; 2d: in-plane only (H, W); d, h or w: that axis only, with the bundle's "
+                         "stage d (for thick-slice scans); thick: the axis with the largest spacing")
     up.add_argument("--planes", choices=["dw", "both"], default="dw",
                     help="3d: stage d on the (D, W) plane of every row (dw), or also on the (D, H) plane of "
                          "every column and the two averaged (both, as the authors' code; needs whole columns "
@@ -472,11 +555,22 @@ def parser() -> argparse.ArgumentParser:
                     help="with --self-supervised: spacing of the result along the thick axis in mm "
                          "(default: the in-plane spacing; a non-integer ratio is upsampled to the next "
                          "integer and resampled)")
-    up.add_argument("--time-budget", dest="time_budget", type=float, default=180.0, metavar="S",
-                    help="with --self-supervised: training time in seconds (default 180)")
-    up.add_argument("--slice-profile", dest="slice_profile", choices=["box", "gaussian"], default=None,
-                    help="with --self-supervised: profile of a thick slice used to simulate training pairs "
-                         "(default box: contiguous slices; gaussian: FWHM = slice spacing)")
+    up.add_argument("--time-budget", dest="time_budget", type=float, default=None, metavar="S",
+                    help="with --self-supervised: training wall time in seconds (default 180 unless --steps); "
+                         "the steps it allows depend on the machine's load")
+    up.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="with --self-supervised: train exactly N steps (no time limit unless --time-budget): "
+                         "two runs on one scan with one --seed give the same network")
+    up.add_argument("--seed", type=int, default=None,
+                    help="with --self-supervised: seed of the network's initialisation and batches (default 0)")
+    up.add_argument("--slice-profile", dest="slice_profile", choices=["box", "gaussian", "estimate"], default=None,
+                    help="with --self-supervised: profile of a thick slice used to simulate training pairs: box "
+                         "(default) or gaussian (FWHM) of the slice thickness, or estimate: kind and thickness "
+                         "estimated from the scan's spectra (reported)")
+    up.add_argument("--slice-thickness", dest="slice_thickness", type=float, default=None, metavar="MM",
+                    help="with --self-supervised: slice thickness in mm when the file does not say it (NIfTI, "
+                         "NRRD) or says it wrongly; thinner than the slice spacing means gaps. Default: DICOM "
+                         "SliceThickness, else the slice spacing")
     up.add_argument("--save-model", dest="save_model", default=None, metavar="PATH.keras",
                     help="with --self-supervised: save the trained network (and a .json beside it) to reuse "
                          "on scans of the same protocol with --model")

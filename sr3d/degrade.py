@@ -17,8 +17,9 @@ import numpy as np
 
 MODES = ("2d", "3d")
 
-# Axes shrunk by each simulation mode of a (D, H, W) volume.
-MODE_AXES = {"2d": (1, 2), "3d": (0, 1, 2)}
+# Axes shrunk by each simulation mode of a (D, H, W) volume; "d", "h", "w": that axis alone
+# (one-axis upscaling with stage d, `sr3d.inference`).
+MODE_AXES = {"2d": (1, 2), "3d": (0, 1, 2), "d": (0,), "h": (1,), "w": (2,)}
 
 
 def _check_scale(scale, minimum: int = 1, where: str = "sr3d.degrade") -> int:

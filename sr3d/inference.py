@@ -19,6 +19,12 @@ taken: 8 transforms for stage `hw`; for stage `d` only the 4 flips that keep
 the depth axis in place (a 90-degree rotation would swap depth with a spatial
 axis).
 
+One axis (mode "d", "h" or "w"): stage d alone upsamples that axis of the scan, in-plane
+untouched: for scans fine in two axes and coarse in one (thick slices), with the shipped
+networks instead of `sr3d.selfsup`'s per-scan training. The axis is moved to D and every
+(axis, W) plane (for "d"; the other fine axis for "h" and "w") goes through stage d. Mode
+"thick" (`resolve_mode`) is the axis with the largest spacing.
+
 Precision (`precision=`): "float32", or "bfloat16" convolutions with float32 inputs, outputs
 and intensity arithmetic; "auto" is bfloat16 only on CPUs with native bf16 (`sr3d.precision`).
 Tiling, ensemble and planes work the same in either.
@@ -38,7 +44,8 @@ from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
 from sr3d import precision as sr3d_precision
 
-MODES = ("3d", "2d")
+MODES = ("3d", "2d", "d", "h", "w")
+AXIS_MODES = {"d": 0, "h": 1, "w": 2}     # one-axis modes: the axis stage d upsamples
 PLANES = ("dw", "both")
 MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
 BUNDLE_JSON = "bundle.json"
@@ -231,6 +238,34 @@ def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False,
     return out
 
 
+def resolve_mode(mode: str, spacing) -> str:
+    """`mode` itself, or for "thick" the one-axis mode of the scan's thickest axis ("d", "h" or
+    "w"; ValueError when the scan is isotropic or has two thick axes: `sr3d.selfsup.thick_axis`)."""
+    if mode == "thick":
+        from sr3d import selfsup
+
+        return "dhw"[selfsup.thick_axis(spacing)]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES + ('thick',)}, got {mode!r}")
+    return mode
+
+
+def _upscale_one_axis(lr: np.ndarray, models: ModelBundle, axis: int, *, ensemble: bool, batch_size: int,
+                      tile_mb: float | None, progress: Progress | None, precision: str) -> np.ndarray:
+    """Stage d alone along `axis` of a normalised (D, H, W) array: the axis moved to D, then
+    `upscale_depth_normalised` on (axis, other) planes in bands that fit tile_mb."""
+    d_precision = sr3d_precision.stage_precisions(precision, models.scale, "3d")[1]
+    moved = np.moveaxis(np.asarray(lr, np.float32), axis, 0)
+    n, rows, width = moved.shape
+    bytes_per_row = 4 * n * models.scale * width * 3
+    rows_per_band = rows if tile_mb is None else int(min(rows, max(1, tile_mb * 2**20 // bytes_per_row)))
+    planes_per_call = _planes_per_call(models.d, n * models.scale * width, tile_mb, batch_size)
+    out = upscale_depth_normalised(np.ascontiguousarray(moved), sr3d_precision.network(models.d, d_precision),
+                                   ensemble=ensemble, batch_size=planes_per_call, rows_per_band=rows_per_band,
+                                   progress=progress)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
 def _band_rows(shape: tuple[int, int, int], scale: int, tile_mb: float | None, mode: str,
                ensemble: bool = True) -> int:
     """LR rows per band so one band's stage-hw output (and its stage-d output) fits in tile_mb;
@@ -276,12 +311,18 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if planes not in PLANES:
         raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    if mode in AXIS_MODES and planes != "dw":
+        raise ValueError(f"planes={planes!r} applies to mode 3d; one-axis mode {mode!r} runs stage d on one "
+                         "plane per voxel")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if tile_mb is not None and not tile_mb > 0:
         raise ValueError(f"tile_mb must be a positive number of megabytes or None, got {tile_mb!r}")
     if np.ndim(lr) != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
+    if mode in AXIS_MODES:
+        return _upscale_one_axis(lr, models, AXIS_MODES[mode], ensemble=ensemble, batch_size=batch_size,
+                                 tile_mb=tile_mb, progress=progress, precision=precision)
     hw_precision, d_precision = sr3d_precision.stage_precisions(precision, models.scale, mode)
     r = models.scale
     d, h, w = lr.shape
@@ -337,6 +378,12 @@ def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
 
     name = volume.source or "volume"
     min_slices = 2
+    if mode in AXIS_MODES:
+        axis = AXIS_MODES[mode]
+        if volume.array.shape[axis] < min_slices:
+            raise ValueError(f"{name}: upscaling axis {mode.upper()} needs at least {min_slices} voxels along it, "
+                             f"got {volume.array.shape[axis]}")
+        return
     if mode == "3d" and volume.array.shape[0] < min_slices:
         raise ValueError(f"{name}: 3D upscaling needs at least {min_slices} slices, "
                          f"got {volume.array.shape[0]}; use mode='2d'")
@@ -355,6 +402,7 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     The result has the upscaled affine (voxel sizes / r, same physical extent).
     """
     r = models.scale
+    mode = resolve_mode(mode, volume.spacing)
     check_upscalable(volume, r, mode)
     win = intensity.window(volume.array)
     result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
@@ -398,6 +446,10 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
         raise ValueError("a fallback needs the self-check to decide: drop --no-self-check")
     say = log or (lambda line: None)
     r = models.scale
+    mode = resolve_mode(mode, volume.spacing)
+    if adapt is not None and mode in AXIS_MODES:
+        raise ValueError(f"adaptation (--adapt) fine-tunes both stages: it applies to modes 3d and 2d, not to "
+                         f"one-axis mode {mode!r}")
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
     network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
@@ -465,6 +517,8 @@ def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, 
     with `spacing` in mm) with the shipped or a given model; returns an `sr3d.io.Volume`.
 
     model: None (the shipped model for `scale`), a bundle directory, or a ModelBundle.
+    mode: "3d", "2d", one axis ("d", "h", "w": stage d alone along it) or "thick" (the axis
+        with the largest spacing).
     self_check: measure CNN vs Lanczos on the scan downscaled once more (`sr3d.selfcheck`); the
         result is in the returned Volume's `report`, and a warning is issued when the CNN loses.
     fallback: "lanczos" writes the Lanczos result when the CNN loses the self-check.

@@ -60,6 +60,9 @@ class Volume:
         sentence each, starting with the file read ("<file>: ..."); warned about when read, recorded in the header by `save_volume`.
     report: how a computed volume was made (`sr3d.upscale`: the self-check, adaptation, which
         method wrote it), JSON values; the CLI writes it as the sidecar next to the output.
+    slice_thickness_mm: the thickness of the slices stacked along D, when the file says it
+        (DICOM SliceThickness); None: unknown. Thinner than spacing[0] means gaps between slices
+        (`sr3d.selfsup` simulates them). Not carried to upscaled volumes.
     """
 
     array: np.ndarray
@@ -73,6 +76,7 @@ class Volume:
     description: str = ""
     assumptions: tuple[str, ...] = ()
     report: dict | None = None
+    slice_thickness_mm: float | None = None
 
     def __post_init__(self):
         array = np.asarray(self.array)
@@ -114,6 +118,12 @@ class Volume:
                 raise ValueError(f"xform_codes must be (sform_code, qform_code) in 0..5, got {self.xform_codes!r}")
             object.__setattr__(self, "xform_codes", codes)
         object.__setattr__(self, "assumptions", tuple(str(a) for a in self.assumptions))
+        if self.slice_thickness_mm is not None:
+            thickness = float(self.slice_thickness_mm)
+            if not (np.isfinite(thickness) and thickness > 0):
+                raise ValueError(f"slice_thickness_mm must be a positive number of mm or None, got "
+                                 f"{self.slice_thickness_mm!r}")
+            object.__setattr__(self, "slice_thickness_mm", thickness)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -719,9 +729,23 @@ def _stack_slices(where: pathlib.Path, slices: list[_Slice], datasets: list, reg
     volume = _make_volume(where, array, _LPS_TO_RAS @ lps, modality=str(modality) if modality else None,
                         source_dtype=_dicom_source_dtype(slices, raw_dtypes, integral, low, high),
                         dicom=_dicom_source(datasets, slices, _LPS_TO_RAS @ lps),
-                        assumptions=tuple(assumptions))
+                        assumptions=tuple(assumptions), slice_thickness_mm=_slice_thickness(datasets))
     _warn(assumptions)
     return volume
+
+
+def _slice_thickness(datasets: list) -> float | None:
+    """The series' SliceThickness in mm (the median over its files; for enhanced multi-frame files
+    the shared PixelMeasuresSequence's), or None when no file states a positive one."""
+    values = []
+    for dataset in datasets:
+        value = _number(dataset, "SliceThickness", None)
+        if value is None and "SharedFunctionalGroupsSequence" in dataset:
+            measures = dataset.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+            value = _number(measures[0], "SliceThickness", None) if measures else None
+        if value is not None and np.isfinite(value) and value > 0:
+            values.append(value)
+    return float(np.median(values)) if values else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -27,6 +27,8 @@ self-check is made noise-matched:
 
 Cost: the check runs on the scan's central slab (3D) or on evenly spaced
 slices (2D), sized so it costs about `COST_FRACTION` of the upscale itself.
+One-axis modes ("d", "h", "w": stage d alone) degrade and upscale only that axis,
+on evenly spaced planes across it (rows for "d", slices for "h" and "w").
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ COST_FRACTION = 0.08      # share of the upscale's network work the self-check m
 MIN_SLICES = 8            # of the scan, along D, used by the check
 MIN_SIDE = 8              # LR pixels: the check runs on smaller slices than upscale accepts (a coarse check)
 SSIM_SLICES = 24          # slices SSIM is computed on
+SSIM_MIN_SIDE = 11        # the Gaussian SSIM window (sr3d.metrics)
 # Immerkaer (1996): this kernel is orthogonal to planes and linear ramps; on white noise of
 # sigma its response has sigma 6 sigma (sum of squared taps 36).
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
@@ -115,7 +118,13 @@ def noise_sigma(array: np.ndarray) -> float:
 
 
 def _region(shape: tuple[int, int, int], scale: int, mode: str) -> tuple[slice | np.ndarray, tuple[int, int]]:
-    """The slices of the scan the check uses: a central slab along D (3d), evenly spaced slices (2d)."""
+    """The slices of the scan the check uses: a central slab along D (3d), evenly spaced slices (2d,
+    h, w), evenly spaced rows ("d": every plane the network sees is a (D, W) plane of one row)."""
+    if mode == "d":
+        share = min(1.0, COST_FRACTION * scale)
+        count = min(shape[1], max(MIN_SLICES, int(round(share * shape[1]))))
+        picks = np.unique(np.linspace(0, shape[1] - 1, count).round().astype(int))
+        return (slice(None), picks), (int(picks.size), 0)
     d = shape[0]
     axes_upscaled = len(degrade.MODE_AXES[mode])
     # The check upscales 1/r^k of the data to the scan's size: a share c of the scan costs
@@ -135,6 +144,14 @@ def check_size(shape: tuple[int, int, int], scale: int, mode: str, min_side: int
     the network), or None."""
     axes = degrade.MODE_AXES[mode]
     small = [shape[a] // scale for a in axes]
+    if len(axes) == 1:
+        if small[0] < 2:
+            return f"too few voxels ({shape[axes[0]]}) along {mode.upper()} to downscale once more by {scale}"
+        scored = (shape[0], shape[2]) if mode == "d" else shape[1:]   # the planes SSIM is computed on
+        if min(scored) < SSIM_MIN_SIDE:
+            return (f"the {'(D, W)' if mode == 'd' else '(H, W)'} planes ({scored[0]} x {scored[1]}) are smaller "
+                    f"than the SSIM window ({SSIM_MIN_SIDE} px)")
+        return None
     if mode == "3d" and shape[0] // scale < 2:
         return f"too few slices ({shape[0]}) to downscale once more by {scale}"
     if min(small[-2:]) < min_side:
@@ -207,6 +224,8 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
     cnn = np.clip(upscale_normalised(lr), lo, hi)
     lanczos = np.clip(baselines.upscale(lr, scale, "lanczos", mode=mode), lo, hi)
     # SSIM (the slow score) on at most SSIM_SLICES evenly spaced slices; PSNR on all.
+    if mode == "d":  # SSIM on the (D, W) planes, the ones the network upscaled
+        target, cnn, lanczos = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (target, cnn, lanczos))
     some = np.unique(np.linspace(0, target.shape[0] - 1, min(SSIM_SLICES, target.shape[0])).round().astype(int))
     scores = {name: (metrics.psnr(target, out, 1.0), metrics.ssim(target[some], out[some], 1.0))
               for name, out in (("cnn", cnn), ("lanczos", lanczos))}

@@ -177,7 +177,8 @@ def plan_for(spacing, factor: int | None = None, target_spacing: float | None = 
 def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) -> np.ndarray:
     """The slice profile sampled on the fine grid: float64 1D kernel summing to 1.
 
-    ratio: slice thickness in fine voxels (the box width, or the Gaussian's FWHM).
+    ratio: slice thickness in fine voxels (the box width, or the Gaussian's FWHM); below the
+    factor when the slices have gaps between them, above it when they overlap.
     factor: the integer decimation it is used with (default round(ratio)). Thick voxel i
     covers fine voxels i*factor .. i*factor + factor - 1, so its centre falls on a fine
     voxel for odd factors and between two for even ones: the kernel has odd length for
@@ -189,8 +190,8 @@ def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) ->
     if kind not in PROFILES:
         raise ValueError(f"slice profile must be one of {PROFILES}, got {kind!r}")
     ratio = float(ratio)
-    if not (math.isfinite(ratio) and ratio >= 1):
-        raise ValueError(f"slice profile width must be >= 1 fine voxel, got {ratio!r}")
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"slice profile width must be a positive number of fine voxels, got {ratio!r}")
     factor = max(1, round(ratio)) if factor is None else degrade._check_scale(factor, where="sr3d.selfsup")
     half_width = ratio / 2 if kind == "box" else _GAUSSIAN_TRUNCATE * ratio / (2 * math.sqrt(2 * math.log(2)))
     # Smallest length with the factor's parity whose taps cover [-half_width, half_width].
@@ -242,26 +243,171 @@ def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.
     return np.moveaxis(out, 0, axis).astype(dtype)
 
 
-def simulate_thick_slices(volume: sr3d_io.Volume, factor: int, axis: int = 0,
-                          profile: str = "box") -> tuple[sr3d_io.Volume, sr3d_io.Volume]:
+def simulate_thick_slices(volume: sr3d_io.Volume, factor: int, axis: int = 0, profile: str = "box",
+                          thickness: float | None = None) -> tuple[sr3d_io.Volume, sr3d_io.Volume]:
     """(ground truth, thick-slice scan) from a fine scan, for evaluation.
 
     The fine scan is cropped at the end of `axis` to a multiple of `factor` (the ground
     truth) and degraded along `axis` (`degrade_along`); the thick scan's affine places
     thick voxel i at the centre of the fine voxels it covers, so `sr3d.io.upscaled_affine`
     of it is the ground truth's affine again.
+    thickness: slice thickness in fine voxels (box width or Gaussian FWHM; default `factor`:
+    contiguous slices); below `factor` simulates gaps (e.g. factor 4, thickness 2.5: 2.5 mm
+    slices every 4 mm from a 1 mm scan). When D is the axis, the thick scan's
+    `slice_thickness_mm` says it, as a DICOM series would.
     """
     factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
     hr = np.ascontiguousarray(degrade.crop_to_multiple(volume.array, factor, axes=(axis,)))
-    lr = degrade_along(hr, factor, axis, profile)
+    width = factor if thickness is None else float(thickness)
+    lr = degrade_along(hr, factor, axis, slice_profile(width, profile, factor))
     index_map = np.eye(4)
     index_map[axis, axis] = factor
     index_map[axis, 3] = (factor - 1) / 2
     spacing = list(volume.spacing)
     spacing[axis] *= factor
     truth = volume.replace(array=hr, source=None)
-    thick = volume.replace(array=lr, affine=volume.affine @ index_map, spacing=tuple(spacing), source=None)
+    thick = volume.replace(array=lr, affine=volume.affine @ index_map, spacing=tuple(spacing), source=None,
+                           slice_thickness_mm=width * volume.spacing[axis] if axis == 0 else None)
     return truth, thick
+
+
+# ---------------------------------------------------------------------------- slice profile of a scan
+
+@dataclasses.dataclass(frozen=True)
+class SliceProfile:
+    """The slice profile training pairs are simulated with: kind ("box" or "gaussian"), thickness
+    in mm (the box width or the Gaussian's FWHM) and where it came from (`source`).
+    distance: for an estimate, the spectral mismatch of the chosen candidate (see
+    `estimate_profile`); None otherwise."""
+
+    kind: str
+    thickness_mm: float
+    source: str
+    distance: float | None = None
+
+    def width(self, plan: ThickSlicePlan) -> float:
+        """The thickness in voxels of the network's output grid (plan.network_mm)."""
+        return self.thickness_mm / plan.network_mm
+
+    def describe(self, plan: ThickSlicePlan) -> str:
+        shape = "box" if self.kind == "box" else "Gaussian (FWHM)"
+        gap = plan.thick_mm - self.thickness_mm
+        spacing = (f"gap {gap:.3g} mm" if gap > 0.01 * plan.thick_mm else
+                   f"overlap {-gap:.3g} mm" if gap < -0.01 * plan.thick_mm else "contiguous")
+        return (f"slice profile: {shape} {self.thickness_mm:.3g} mm every {plan.thick_mm:.3g} mm ({spacing}; "
+                f"{self.source})")
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind, "thickness_mm": round(self.thickness_mm, 4), "source": self.source}
+        if self.distance is not None:
+            out["spectral_distance"] = round(self.distance, 6)
+        return out
+
+
+# Candidate thicknesses of `estimate_profile`, as fractions of the slice spacing.
+ESTIMATE_FRACTIONS = tuple(np.round(np.arange(0.3, 1.61, 0.05), 2))
+_SPECTRUM_LENGTH = 16          # samples per line segment of the spectra compared (thick spacing)
+
+
+def _line_spectrum(lines: np.ndarray, length: int) -> np.ndarray:
+    """Mean power spectrum (rfft, Hann window, mean removed) of every `length`-sample segment
+    (hop length // 2) of the rows of `lines` (N, L)."""
+    window = np.hanning(length + 2)[1:-1]
+    starts = range(0, lines.shape[1] - length + 1, max(1, length // 2))
+    segments = np.concatenate([lines[:, a:a + length] for a in starts])
+    segments = segments - segments.mean(axis=1, keepdims=True)
+    return np.mean(np.abs(np.fft.rfft(segments * window, axis=1)) ** 2, axis=0)
+
+
+def estimate_profile(volume: sr3d_io.Volume, plan: ThickSlicePlan | None = None,
+                     kinds: tuple[str, ...] = PROFILES,
+                     fractions: tuple[float, ...] = ESTIMATE_FRACTIONS) -> SliceProfile:
+    """The slice profile (kind and thickness) that best explains the scan's thick axis.
+
+    The thick axis was sampled every `thick` mm through an unknown profile P; the in-plane
+    axes are fine. For a candidate profile C, the scan (on the network grid along the in-plane
+    axis a, as in `training_stacks`) is blurred along a by C and decimated to the slice spacing.
+    Its lines along a then hold the anatomy seen through C along a and through P along the
+    thick axis; its lines along the thick axis hold it through P along the thick axis and C
+    along a. If the anatomy is statistically alike along the axes (as self-supervision
+    assumes), the two power spectra agree exactly when C = P: the distance is the mean squared
+    difference of their log spectra above DC, over both in-plane axes, and the closest
+    candidate wins. Blurring both sides alike cancels what the unknown P did to the in-plane
+    slices (partial volume), which a plain comparison of the scan's through-plane lines with
+    its degraded in-plane lines would mistake for a thinner profile; aliasing is included on
+    both sides (both are sampled at the slice spacing). A thinner profile (a gap) keeps more
+    high-frequency energy, aliased; a thicker one less.
+    """
+    if plan is None:
+        plan = plan_for(volume.spacing)
+    for kind in kinds:
+        if kind not in PROFILES:
+            raise ValueError(f"profile kinds must be among {PROFILES}, got {kind!r}")
+    name = volume.source or "volume"
+    moved, _ = _thick_first(volume, plan.axis)
+    normalised = intensity.window(moved.array).normalise(moved.array).astype(np.float32)
+    length = min(_SPECTRUM_LENGTH, normalised.shape[0])
+    if length < 6:
+        raise ValueError(f"{name}: {normalised.shape[0]} slices are too few to estimate the slice profile "
+                         "(at least 6); give the profile (--slice-profile box|gaussian, --slice-thickness)")
+    r = plan.factor
+    fine = []
+    for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1])):
+        hr = degrade.crop_to_multiple(_resample_inplane(normalised, axis, spacing, plan.network_mm), r, axes=(axis,))
+        if hr.shape[axis] // r < length:
+            raise ValueError(f"{name}: in-plane axis {axis} is too short to estimate the slice profile")
+        fine.append((axis, hr))
+
+    def log_spectrum(array: np.ndarray, axis: int) -> np.ndarray:
+        lines = np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
+        lines = lines[lines.std(axis=1) > 0.01]           # flat background says nothing
+        if not lines.size:
+            raise ValueError(f"{name}: the scan is flat: no slice profile to estimate")
+        return np.log(_line_spectrum(lines, length)[1:] + 1e-12)
+
+    best = None
+    for kind in kinds:
+        for fraction in fractions:
+            kernel = slice_profile(fraction * r, kind, r)
+            distance = 0.0
+            for axis, hr in fine:
+                lr = degrade_along(hr, r, axis, kernel)
+                distance += float(np.mean((log_spectrum(lr, axis) - log_spectrum(lr, 0)) ** 2)) / len(fine)
+            if best is None or distance < best[0]:
+                best = (distance, kind, float(fraction))
+    distance, kind, fraction = best
+    return SliceProfile(kind, fraction * plan.thick_mm, "estimated from the scan's spectra", distance)
+
+
+def resolve_profile(volume: sr3d_io.Volume, plan: ThickSlicePlan, profile: str = "box",
+                    slice_thickness: float | None = None) -> SliceProfile:
+    """The slice profile to train with: `profile` "estimate" estimates kind and thickness
+    (`estimate_profile`); otherwise the kind given, with thickness `slice_thickness` (mm), else
+    the scan's own (DICOM SliceThickness, when the thick axis is the stacked one), else the
+    slice spacing (contiguous slices)."""
+    if profile == "estimate":
+        if slice_thickness is not None:
+            raise ValueError("a slice thickness with profile 'estimate': the estimate chooses the thickness too; "
+                             "give a profile kind (box or gaussian) to use the thickness")
+        return estimate_profile(volume, plan)
+    if profile not in PROFILES:
+        raise ValueError(f"slice profile must be one of {PROFILES + ('estimate',)}, got {profile!r}")
+    if slice_thickness is not None:
+        return SliceProfile(profile, _check_thickness(slice_thickness, plan), "given")
+    if volume.slice_thickness_mm is not None and plan.axis == 0:
+        return SliceProfile(profile, _check_thickness(volume.slice_thickness_mm, plan), "the scan's SliceThickness")
+    return SliceProfile(profile, plan.thick_mm, "assumed equal to the slice spacing")
+
+
+def _check_thickness(thickness: float, plan: ThickSlicePlan) -> float:
+    thickness = float(thickness)
+    if not (math.isfinite(thickness) and thickness > 0):
+        raise ValueError(f"slice thickness must be a positive number of mm, got {thickness!r}")
+    if not plan.network_mm * 0.5 <= thickness <= 3 * plan.thick_mm:
+        raise ValueError(f"slice thickness {thickness:g} mm does not fit slices every {plan.thick_mm:.4g} mm "
+                         f"upscaled to {plan.network_mm:.3g} mm: expected {plan.network_mm * 0.5:.3g} to "
+                         f"{3 * plan.thick_mm:.3g} mm")
+    return thickness
 
 
 # ---------------------------------------------------------------------------- training
@@ -271,9 +417,14 @@ class SelfSupConfig:
     """One self-supervised training run on a scan.
 
     factor / target_spacing: see `plan_for` (at most one; neither: isotropic output).
-    profile: slice profile of the simulated thick slices ("box" or "gaussian").
-    time_budget_s: wall-clock training budget in seconds (None: only max_steps stops).
-    max_steps: stop after this many steps (None: only the budget stops).
+    profile: slice profile of the simulated thick slices: "box", "gaussian", or "estimate"
+        (kind and thickness estimated from the scan: `estimate_profile`).
+    slice_thickness: slice thickness in mm (box width / Gaussian FWHM), thinner than the
+        spacing for gaps; None: the scan's own (DICOM SliceThickness), else the spacing.
+    time_budget_s: wall-clock training budget in seconds (None: only max_steps stops); the
+        steps it allows depend on the machine's load.
+    max_steps: stop after this many steps (None: only the budget stops); with
+        time_budget_s=None two runs with one seed give the same network.
     steps_per_epoch: steps between progress lines.
     lr_drop_fraction: the learning rate drops 10x after this fraction of the budget/steps.
     The rest are as in `sr3d.training.TrainConfig`.
@@ -282,6 +433,7 @@ class SelfSupConfig:
     factor: int | None = None
     target_spacing: float | None = None
     profile: str = "box"
+    slice_thickness: float | None = None
     time_budget_s: float | None = 180.0
     max_steps: int | None = None
     steps_per_epoch: int = 100
@@ -304,8 +456,15 @@ class SelfSupConfig:
             degrade._check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
         if self.target_spacing is not None and not (math.isfinite(self.target_spacing) and self.target_spacing > 0):
             raise ValueError(f"SelfSupConfig: target_spacing must be > 0 mm, got {self.target_spacing!r}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"SelfSupConfig: profile must be one of {PROFILES}, got {self.profile!r}")
+        if self.profile not in PROFILES + ("estimate",):
+            raise ValueError(f"SelfSupConfig: profile must be one of {PROFILES + ('estimate',)}, "
+                             f"got {self.profile!r}")
+        if self.slice_thickness is not None and not (math.isfinite(self.slice_thickness)
+                                                     and self.slice_thickness > 0):
+            raise ValueError(f"SelfSupConfig: slice_thickness must be > 0 mm, got {self.slice_thickness!r}")
+        if self.profile == "estimate" and self.slice_thickness is not None:
+            raise ValueError("SelfSupConfig: profile 'estimate' estimates the thickness too: drop slice_thickness "
+                             "or give the profile kind")
         if self.time_budget_s is None and self.max_steps is None:
             raise ValueError("SelfSupConfig: give time_budget_s or max_steps (or both), got neither")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -357,7 +516,8 @@ def _resample_inplane(slices: np.ndarray, axis: int, from_mm: float, to_mm: floa
     return np.stack([cv2.resize(s, dsize, interpolation=flag) for s in slices]).astype(np.float32)
 
 
-def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan, profile: str = "box") -> list[data.PlaneStack]:
+def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan,
+                    profile: str | SliceProfile = "box") -> list[data.PlaneStack]:
     """The (LR, HR) training planes of a normalised scan whose thick axis is D.
 
     normalised: float32 (D, H, W) in network units, D the thick axis. Two stacks: the
@@ -366,8 +526,13 @@ def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan, profile: str =
     Each HR is the slice resampled along the degraded axis to the network spacing
     thick / r (`plan.network_mm`), its other axis kept at the in-plane spacing, as in the
     (D, W) and (D, H) planes the network sees at inference.
+    profile: a SliceProfile (its thickness may differ from the spacing: gaps, overlaps), or a
+    kind ("box", "gaussian") with the thickness equal to the spacing.
     """
     r = plan.factor
+    if isinstance(profile, str):
+        profile = SliceProfile(profile, plan.thick_mm, "assumed equal to the slice spacing")
+    kernel = slice_profile(profile.width(plan), profile.kind, r)
     stacks = []
     for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1])):
         hr = _resample_inplane(np.asarray(normalised, np.float32), axis, spacing, plan.network_mm)
@@ -375,20 +540,49 @@ def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan, profile: str =
             raise ValueError(f"in-plane axis {axis} has {hr.shape[axis]} voxels at {plan.network_mm:.3g} mm, "
                              f"fewer than the factor {r}")
         hr = degrade.crop_to_multiple(hr, r, axes=(axis,))
-        lr = degrade_along(hr, r, axis, profile)
+        lr = degrade_along(hr, r, axis, kernel)
         if axis == 2:
             hr, lr = hr.transpose(0, 2, 1), lr.transpose(0, 2, 1)
         stacks.append(data.PlaneStack(np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(hr, np.float32)))
     return stacks
 
 
+@dataclasses.dataclass
+class Trained:
+    """A network trained on a scan (`train`), with how it was made: the plan, the slice profile
+    used (given, read or estimated), steps done, wall time and the config (seed included)."""
+
+    model: object
+    plan: ThickSlicePlan
+    profile: SliceProfile
+    steps: int
+    seconds: float
+    config: SelfSupConfig
+
+    def to_json(self) -> dict:
+        return {"factor": self.plan.factor, "slice_spacing_mm": self.plan.thick_mm,
+                "network_spacing_mm": self.plan.network_mm, "slice_profile": self.profile.to_json(),
+                "steps": self.steps, "seed": self.config.seed, "wall_seconds": round(self.seconds, 2),
+                "stopped_by": "steps" if self.config.max_steps is not None and self.steps >= self.config.max_steps
+                else "time budget", "config": self.config.to_json()}
+
+
 def train_on_scan(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(),
                   progress: Progress | None = None):
-    """Trains a stage-d network on the scan's own in-plane slices; returns the keras.Model.
+    """Trains a stage-d network on the scan's own in-plane slices; returns the keras.Model
+    (`train` also returns how it was made)."""
+    return train(volume, config, progress).model
+
+
+def train(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(),
+          progress: Progress | None = None, profile: SliceProfile | None = None) -> Trained:
+    """Trains a stage-d network on the scan's own in-plane slices.
 
     volume: the thick-slice scan (any axis may be the thick one). Stops when
     `config.time_budget_s` seconds of training have passed or `config.max_steps` steps are
     done; `progress` gets one line per `config.steps_per_epoch` steps.
+    profile: the slice profile to simulate, if resolved already; default
+    `resolve_profile(volume, plan, config.profile, config.slice_thickness)`.
     """
     import keras
     import tensorflow as tf
@@ -397,9 +591,13 @@ def train_on_scan(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(
 
     started = time.perf_counter()
     plan = plan_for(volume.spacing, config.factor, config.target_spacing)
+    if profile is None:
+        profile = resolve_profile(volume, plan, config.profile, config.slice_thickness)
+        if progress is not None:
+            progress(profile.describe(plan))
     moved, _ = _thick_first(volume, plan.axis)
     normalised = intensity.window(moved.array).normalise(moved.array)
-    stacks = training_stacks(normalised, plan, config.profile)
+    stacks = training_stacks(normalised, plan, profile)
     patch_config = data.PatchConfig(stage="d", scale=plan.factor, patch_size=config.patch_size,
                                     batch_size=config.batch_size, blur=config.blur,
                                     min_contrast=config.min_contrast, seed=config.seed)
@@ -421,10 +619,11 @@ def train_on_scan(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(
     budget = _Budget(config, started, progress)
     model.fit(data.dataset(sampler, [(e, 0, steps) for e in range(max_epochs)]), epochs=max_epochs,
               steps_per_epoch=steps, callbacks=[budget.callback()], verbose=0)
+    seconds = time.perf_counter() - started
     if progress is not None:
         progress(f"self-supervised training done: {budget.steps} steps, {budget.steps * config.batch_size} "
-                 f"patches in {time.perf_counter() - started:.0f} s")
-    return model
+                 f"patches in {seconds:.0f} s")
+    return Trained(model, plan, profile, budget.steps, seconds, config)
 
 
 def _limits(config: SelfSupConfig) -> str:
@@ -485,19 +684,21 @@ class _Budget:
 # ---------------------------------------------------------------------------- save / load
 
 def save_model(model, path: str | os.PathLike, plan: ThickSlicePlan,
-               config: SelfSupConfig | None = None) -> pathlib.Path:
-    """Writes the network to `path` (.keras) and its protocol to the same name with .json."""
+               config: SelfSupConfig | None = None, trained: Trained | None = None) -> pathlib.Path:
+    """Writes the network to `path` (.keras) and its protocol to the same name with .json
+    (with `trained`: the slice profile used, steps, seed and wall time too)."""
     path = pathlib.Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"{path}: a self-supervised model is saved as a .keras file")
     if not path.parent.is_dir():
         raise ValueError(f"{path}: directory {path.parent} does not exist")
     info = {"format": MODEL_JSON_FORMAT, "stage": "d", "factor": plan.factor,
-            "profile": config.profile if config else None,
+            "profile": trained.profile.kind if trained else (config.profile if config else None),
             "thick_spacing_mm": plan.thick_mm, "inplane_spacing_mm": list(plan.inplane_mm),
             "target_spacing_mm": plan.target_mm, "network_spacing_mm": plan.network_mm,
             "config": config.to_json() if config else None,
             "training_steps": int(model.optimizer.iterations.numpy()) if model.optimizer else None,
+            "training": trained.to_json() if trained is not None else None,
             "note": "stage-d network trained on one scan's in-plane slices (sr3d.selfsup)"}
     with sr3d_io.atomic_path(path) as tmp:
         model.save(tmp)

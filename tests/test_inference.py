@@ -325,7 +325,7 @@ def test_3d_needs_two_slices_and_2d_does_not(bundles, ixi_volume):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"mode": "2.5d"}, r"mode must be one of \('3d', '2d'\), got '2.5d'"),
+    ({"mode": "2.5d"}, r"mode must be one of \('3d', '2d', 'd', 'h', 'w'\), got '2.5d'"),
     ({"planes": "dh"}, r"planes must be one of \('dw', 'both'\), got 'dh'"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ({"tile_mb": 0}, "tile_mb must be a positive number of megabytes or None, got 0"),

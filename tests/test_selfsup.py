@@ -272,8 +272,9 @@ def test_cli_self_supervised_writes_a_valid_nifti_and_reuses_the_model(tmp_path,
     assert any(b"resampled" in e.get_content() for e in image.header.extensions)
 
     capsys.readouterr()
-    assert cli.main(["upscale", str(scan), str(tmp_path / "x.nii.gz"), "--self-supervised", "--scale", "3"]) == 2
-    assert "--target-spacing" in capsys.readouterr().err
+    assert cli.main(["upscale", str(scan), str(tmp_path / "x.nii.gz"), "--self-supervised", "--scale", "3",
+                     "--target-spacing", "1.8"]) == 2
+    assert "give one" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
 
 
@@ -288,3 +289,87 @@ def test_cli_slice_profile_reaches_training_and_needs_self_supervised(tmp_path, 
     assert cli.main(["upscale", str(scan), str(tmp_path / "b.nii.gz"), "--slice-profile", "gaussian"]) == 2
     assert "--slice-profile" in capsys.readouterr().err
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------- gaps, one axis, steps, flags
+
+def test_dicom_slice_thickness_is_read_and_gaps_are_simulated(shared_data):
+    oblique = sr3d_io.load_volume(shared_data / "oblique-pd-dicom")  # 5 mm slices every 7 mm
+    assert oblique.slice_thickness_mm == pytest.approx(5.0)
+    fine = sr3d_io.Volume(array=np.arange(16, dtype=np.float64).reshape(16, 1, 1) * np.ones((1, 2, 3)),
+                          spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
+    # 2 mm box slices every 4 mm: thick voxel i is the mean of fine voxels 4i + 1 and 4i + 2.
+    _, thick = selfsup.simulate_thick_slices(fine, 4, thickness=2)
+    np.testing.assert_allclose(thick.array[:, 0, 0], [1.5, 5.5, 9.5, 13.5], rtol=1e-12)
+    assert thick.slice_thickness_mm == pytest.approx(2.0)
+    plan = selfsup.plan_for(thick.spacing, factor=4)
+    profile = selfsup.resolve_profile(thick, plan)
+    assert (profile.kind, profile.thickness_mm) == ("box", 2.0) and "SliceThickness" in profile.source
+    assert "gap 2 mm" in profile.describe(plan)
+
+
+def test_one_axis_api_upscales_only_that_axis(small_scan):
+    from sr3d import inference
+
+    scan = small_scan.replace(array=small_scan.array[:, :40, :40])
+    result = inference.upscale(scan, 2, mode="thick")
+    assert result.shape == (12, 40, 40) and result.report["mode"] == "d"
+    np.testing.assert_allclose(result.spacing, (THICK / 2, INPLANE, INPLANE), rtol=1e-9)
+    assert "(D, W) planes (6 x 40)" in result.report["self_check"]["skipped"]  # too few slices to score
+    # The same scan stored with the thick axis last, upscaled along W: the same voxels.
+    moved = sr3d_io.Volume(array=scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
+                           affine=scan.affine[:, [1, 2, 0, 3]])
+    along_w = inference.upscale(moved, 2, mode="w", self_check=False)
+    np.testing.assert_allclose(along_w.array.transpose(2, 0, 1), result.array, rtol=1e-5, atol=1e-3)
+
+
+def test_cli_axes_d_and_model_forms(tmp_path, small_scan, capsys):
+    scan = sr3d_io.save_volume(small_scan.replace(array=small_scan.array[:, :40, :40]), tmp_path / "thick.nii.gz")
+    out = tmp_path / "d.nii.gz"
+    assert cli.main(["upscale", str(scan), str(out), "--axes", "d", "--scale", "4"]) == 0
+    assert nib.load(out).shape == (40, 40, 24)
+    assert json.loads((tmp_path / "d.json").read_text())["mode"] == "d"
+    tall = sr3d_io.Volume(array=np.tile(small_scan.array[:, :40, :40], (3, 1, 1)), spacing=small_scan.spacing,
+                          affine=small_scan.affine)  # 18 slices: enough for the one-axis self-check
+    from sr3d import inference
+    check = inference.upscale(tall, 2, mode="d").report["self_check"]
+    assert check["mode"] == "d" and check["scale"] == 2
+    capsys.readouterr()
+    shipped = str(REPO / "sr3d" / "data_files" / "models" / "x2")
+    assert cli.main(["upscale", str(scan), str(tmp_path / "e.nii.gz"), "--self-supervised", "--model", shipped]) == 2
+    assert "bundle directory" in capsys.readouterr().err
+    assert cli.main(["upscale", str(scan), str(tmp_path / "f.nii.gz"), "--steps", "3"]) == 2
+    assert "--self-supervised" in capsys.readouterr().err
+    assert not (tmp_path / "e.nii.gz").exists() and not (tmp_path / "f.nii.gz").exists()
+
+
+def test_cli_steps_make_two_runs_identical(tmp_path, small_scan):
+    scan = sr3d_io.save_volume(small_scan, tmp_path / "thick.nii.gz")
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.nii.gz"
+        assert cli.main(["upscale", str(scan), str(out), "--self-supervised", "--scale", "2", "--steps", "4",
+                         "--seed", "3", "--slice-thickness", "5", "--save-model", str(tmp_path / f"model_{name}.keras")]) == 0
+        outs.append(out)
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["training"]["steps"] == 4 and report["training"]["seed"] == 3
+        assert report["training"]["slice_profile"]["thickness_mm"] == 5.0
+    np.testing.assert_array_equal(nib.load(outs[0]).get_fdata(), nib.load(outs[1]).get_fdata())
+    # A saved .keras file is told apart from a bundle by what is on disk: no --self-supervised needed.
+    assert cli.main(["upscale", str(scan), str(tmp_path / "c.nii.gz"), "--model", str(tmp_path / "model_a.keras")]) == 0
+    np.testing.assert_allclose(nib.load(tmp_path / "c.nii.gz").get_fdata(), nib.load(outs[0]).get_fdata(),
+                               rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind, width", [("box", 4.0), ("gaussian", 3.0)])
+def test_estimated_profile_on_an_isotropic_volume(kind, width):
+    from scipy import ndimage
+
+    # Statistically isotropic texture (the estimator's assumption), 1 mm voxels, slices every 4 mm.
+    field = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((96, 96, 96)).astype(np.float32), 1.0)
+    fine = sr3d_io.Volume(array=np.abs(ndimage.gaussian_filter(field, 0.7)) * 100 + 50, spacing=(1.0, 1.0, 1.0),
+                          affine=np.eye(4))
+    _, thick = selfsup.simulate_thick_slices(fine, 4, profile=kind, thickness=width)
+    estimate = selfsup.estimate_profile(thick, selfsup.plan_for(thick.spacing, factor=4))
+    assert estimate.kind == kind
+    assert estimate.thickness_mm == pytest.approx(width, abs=0.2)
