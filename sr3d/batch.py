@@ -8,6 +8,10 @@ a half-written scan under its final name; the temporary file of a scan whose
 writer was killed is deleted when the scan is redone. A bad scan is recorded with its reason and the batch goes
 on; the caller gets the list of failures at the end.
 
+One scan is upscaled by `load_scan`, `upscale_loaded` and `write_scan` (with `ScanOptions`), the
+steps that `sr3d.beam` runs as separate pipeline stages on many machines: the two paths share
+them so they cannot drift.
+
 Concurrent runs on one OUT_DIR split the work: a scan is taken under an flock on
 `OUT_DIR/.<output>.lock` and the manifest is updated entry by entry under
 `OUT_DIR/.manifest.json.lock` (lock files are removed on release; the kernel drops
@@ -43,8 +47,85 @@ class BatchResult:
     ignored: list[str] = dataclasses.field(default_factory=list)  # sr3d outputs found among the inputs
 
 
-def output_name(scan: pathlib.Path, scale: int) -> str:
-    return f"{sr3d_io.volume_stem(scan.name)}_x{scale}.nii.gz"
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+    """How every scan of a batch is upscaled (`upscale-batch` and `upscale-beam`).
+
+    precision: "auto", "float32" or "bfloat16" (`sr3d.precision`). self_check: score the CNN
+    against Lanczos on the scan (`sr3d.selfcheck`; its result goes in the report).
+    format: "nifti", or "dicom" for a new series directory per scan (`sr3d.dicom_out`).
+    tile_mb: memory budget of one band of rows; it changes memory, not the result.
+    """
+
+    scale: int = 2
+    mode: str = "3d"
+    ensemble: bool = False
+    regularize: bool = False
+    precision: str = "float32"
+    self_check: bool = False
+    format: str = "nifti"
+    tile_mb: float | None = 256
+
+    def __post_init__(self):
+        from sr3d import precision as sr3d_precision
+
+        if self.scale < 2:
+            raise ValueError(f"--scale must be an integer >= 2, got {self.scale}")
+        if self.mode not in inference.MODES:
+            raise ValueError(f"mode must be one of {inference.MODES}, got {self.mode!r}")
+        sr3d_precision.check(self.precision)
+        if self.format not in ("nifti", "dicom"):
+            raise ValueError(f"format must be 'nifti' or 'dicom', got {self.format!r}")
+        if self.tile_mb is not None and not self.tile_mb > 0:
+            raise ValueError(f"--tile-mb must be a positive number of megabytes, got {self.tile_mb:g}")
+
+    def key(self) -> dict:
+        """The options that change an output: a scan made with another key is redone."""
+        return {"scale": self.scale, "mode": self.mode, "ensemble": self.ensemble,
+                "regularize": self.regularize, "precision": self.precision, "self_check": self.self_check,
+                "format": self.format}
+
+
+def output_name(scan: pathlib.Path, scale: int, format: str = "nifti") -> str:
+    """scan.nii.gz (or a series directory `scan`) -> scan_x2.nii.gz; with format "dicom" the
+    series directory scan_x2."""
+    stem = f"{sr3d_io.volume_stem(scan.name)}_x{scale}"
+    return stem if format == "dicom" else f"{stem}.nii.gz"
+
+
+def load_scan(scan, options: ScanOptions) -> sr3d_io.Volume:
+    """Step 1 of a scan: read it (a local file or DICOM series directory)."""
+    return sr3d_io.load_volume(scan, regularize=options.regularize)
+
+
+def upscale_loaded(volume: sr3d_io.Volume, bundle: inference.ModelBundle, options: ScanOptions) -> sr3d_io.Volume:
+    """Step 2: upscale with `bundle` (tiled, `options.tile_mb`); the result's `report` says how
+    (and holds the self-check when `options.self_check`)."""
+    if bundle.scale != options.scale:
+        raise ValueError(f"the model upscales by {bundle.scale}, not by {options.scale}")
+    result, _ = inference.upscale_checked(volume, bundle, mode=options.mode, ensemble=options.ensemble,
+                                          self_check=options.self_check, tile_mb=options.tile_mb,
+                                          precision=options.precision)
+    if volume.assumptions:
+        result.report["assumptions"] = list(volume.assumptions)
+    return result
+
+
+def write_scan(result: sr3d_io.Volume, target, options: ScanOptions) -> pathlib.Path:
+    """Step 3: write atomically to `target` (a local NIfTI file, or a new series directory)."""
+    report = result.report or {}
+    note = f"sr3d x{report.get('scale', options.scale)} {report.get('mode', options.mode)}: {report.get('method', 'cnn')}"
+    return sr3d_io.save_volume(result, target, format=options.format, note=note)
+
+
+def error_line(error: BaseException) -> str:
+    """One line for a scan that failed: the message of a bad-input error (it names the file), or
+    the type, message and place of any other."""
+    if isinstance(error, (ValueError, OSError)):
+        return str(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 @contextlib.contextmanager
@@ -119,7 +200,7 @@ def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble: bool = False,
                   mode: str = "3d", log: Callable[[str], None] = print, overwrite: bool = False,
-                  regularize: bool = False, **options) -> BatchResult:
+                  regularize: bool = False, precision: str = "float32", tile_mb: float | None = 256) -> BatchResult:
     """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`.
 
     OUT_DIR may be IN_DIR or inside it: sr3d's own outputs there (and OUT_DIR itself) are not
@@ -128,7 +209,10 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     the manifest (not made by this batch) is replaced only with `overwrite`; otherwise that
     scan fails with a message saying so.
     regularize: resample DICOM series with missing slices or irregular spacing (see `load_volume`).
+    precision: "auto", "float32" or "bfloat16" (`sr3d.precision`).
     """
+    options = ScanOptions(scale=scale, mode=mode, ensemble=ensemble, regularize=regularize, precision=precision,
+                          tile_mb=tile_mb)
     out = pathlib.Path(output_dir)
     scans = [s for s in sr3d_io.scans_in(input_dir) if not _same_dir(s, out)]
     if not scans:
@@ -140,6 +224,8 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
                 "model": str(pathlib.Path(model).resolve()) if isinstance(model, (str, os.PathLike)) else "shipped"}
     if regularize:  # only when set, so manifests written before the option still match
         settings["regularize"] = True
+    if precision != "float32":  # likewise
+        settings["precision"] = precision
     manifest = _Manifest(out / MANIFEST, settings)
     bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
     if bundle.scale != scale:
@@ -178,13 +264,9 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             manifest.set(key, {"status": "running", "output": target.name, "started": time.time()})
             start = time.perf_counter()
             try:
-                volume = sr3d_io.load_volume(scan, regularize=regularize)
-                result = inference.upscale_volume(volume, bundle, mode=mode, ensemble=ensemble, **options)
-                sr3d_io.save_volume(result, target)
-            except (ValueError, OSError) as error:
-                reason = str(error)
+                write_scan(upscale_loaded(load_scan(scan, options), bundle, options), target, options)
             except Exception as error:  # noqa: BLE001  (one bad scan must not stop the batch)
-                reason = f"{type(error).__name__}: {error} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
+                reason = error_line(error)
             else:
                 reason = None
             seconds = time.perf_counter() - start

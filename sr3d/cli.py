@@ -9,6 +9,8 @@
                                 on disk: a directory is a model bundle, a .keras file a self-supervised one)
   sr3d demo [--out DIR]         upscale the bundled real scan, write the result and a comparison PNG
   sr3d upscale-batch IN_DIR OUT_DIR [--scale 2] ...   every scan of a directory, resumable
+  sr3d upscale-beam --input 'scans/**' --output OUT/ [--runner R] [Beam options]   many scans on
+                                Apache Beam (pip install "sr3d[beam]"; docs/beam.md)
   sr3d bundle --hw M --d M --scale R --out DIR   assemble two trained stages into a model bundle
   sr3d study make --scans S... --methods cnn,lanczos --scale 2 --n 100 --seed 0 --out DIR
                                 write a blinded reader-study web page (Table 7) into DIR
@@ -419,7 +421,7 @@ def cmd_upscale_batch(args) -> int:
         raise ValueError(f"{args.output_dir}: is a file: the output must be a directory")
     result = batch.upscale_batch(args.input_dir, args.output_dir, args.scale, args.model, ensemble=args.ensemble,
                                  mode=args.axes, tile_mb=args.tile_mb, overwrite=getattr(args, "overwrite", False),
-                                 regularize=getattr(args, "regularize", False),
+                                 regularize=getattr(args, "regularize", False), precision=args.precision,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"{len(result.done)} upscaled, {len(result.skipped)} skipped (done before), "
           + (f"{len(result.busy)} left to another run, " if result.busy else "")
@@ -428,6 +430,28 @@ def cmd_upscale_batch(args) -> int:
     for name, reason in result.failed.items():
         print(f"failed: {name}: {reason}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def cmd_upscale_beam(args) -> int:
+    from sr3d import batch
+
+    try:
+        from sr3d import beam as sr3d_beam
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("apache_beam"):
+            raise
+        raise ValueError('upscale-beam needs Apache Beam: pip install "sr3d[beam]"') from None
+    options = batch.ScanOptions(scale=args.scale, mode=args.axes, ensemble=args.ensemble, regularize=args.regularize,
+                                precision=args.precision, self_check=not args.no_self_check, format=args.format,
+                                tile_mb=args.tile_mb)
+    job = sr3d_beam.BeamJob(output=args.output, options=options, input=args.input, manifest=args.manifest,
+                            model=args.model, overwrite=args.overwrite)
+    summary = sr3d_beam.run(job, ["--runner", args.runner, *args.beam_args])
+    print(f"{len(summary.done)} upscaled, {len(summary.skipped)} skipped (done before), {len(summary.failed)} "
+          f"failed; records: {summary.run_log}; dead letters: {summary.errors}", file=sys.stderr)
+    for record in summary.failed:
+        print(f"failed: {record['input']}: {record['error']}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -590,7 +614,33 @@ def parser() -> argparse.ArgumentParser:
                       help="replace outputs in OUT_DIR that this batch's manifest does not list as its own")
     many.add_argument("--regularize", action="store_true",
                       help="resample DICOM series with missing slices or irregular spacing onto a regular grid")
+    many.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32",
+                      help="network precision; auto: bfloat16 where the CPU has native bf16 (default float32)")
     many.set_defaults(func=cmd_upscale_batch)
+
+    on_beam = sub.add_parser("upscale-beam", help="upscale many scans on Apache Beam (RunInference; docs/beam.md)",
+                             epilog="Other options are passed to Beam (e.g. --direct_num_workers=2, --project, "
+                                    "--flink_master).")
+    scans = on_beam.add_mutually_exclusive_group(required=True)
+    scans.add_argument("--input", help="glob of scans on any Beam filesystem, quoted ('scans/**'): NIfTI/NRRD "
+                                       "files; a DICOM file stands for its folder (one series)")
+    scans.add_argument("--manifest", help="text file of scan paths (files or DICOM series folders), one a line")
+    on_beam.add_argument("--output", required=True, help="output folder: outputs mirror the inputs' folders, each "
+                                                         "with a .json record; _sr3d_run.jsonl, _sr3d_errors.txt")
+    on_beam.add_argument("--runner", default="DirectRunner",
+                         help="DirectRunner (default), PrismRunner, DataflowRunner, FlinkRunner, SparkRunner")
+    on_beam.add_argument("--scale", type=int, default=2)
+    on_beam.add_argument("--model", default=None, help="model bundle directory or URL (default: the shipped model)")
+    on_beam.add_argument("--axes", choices=["3d", "2d"], default="3d")
+    on_beam.add_argument("--ensemble", action="store_true")
+    on_beam.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
+    on_beam.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32")
+    on_beam.add_argument("--tile-mb", dest="tile_mb", type=float, default=256)
+    on_beam.add_argument("--regularize", action="store_true")
+    on_beam.add_argument("--no-self-check", dest="no_self_check", action="store_true",
+                         help="skip the per-scan self-check (CNN vs Lanczos; its result goes in the record)")
+    on_beam.add_argument("--overwrite", action="store_true", help="replace outputs that have no sr3d record")
+    on_beam.set_defaults(func=cmd_upscale_beam)
 
     bundle = sub.add_parser("bundle", help="assemble a model bundle from two trained stages")
     bundle.add_argument("--hw", required=True, help="model.keras of the stage-hw run")
@@ -649,7 +699,11 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import warnings
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and args.command != "upscale-beam":  # only upscale-beam passes options on (to Beam)
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.beam_args = rest
     name = f"sr3d {args.command}"
     previous = _handle_signals(_raise_terminated)
     try:
