@@ -48,6 +48,8 @@ setuptools.setup(
         "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix", *_ONNX],
         # export.py --format onnx (sr3d/onnx_export.py); tested with tf2onnx 1.17.0, onnxruntime 1.32.0.
         "onnx": _ONNX,
+        # sr3d upscale-beam (sr3d/beam.py); checked by hand with apache-beam 2.77.0 (not yet in CI).
+        "beam": ["apache-beam>=2.60,<2.78"],
         # CUDA GPUs on Linux. pip cannot swap tensorflow-cpu for it, so on x86-64 both end up installed
         # (one `tensorflow` module): README, "Install", says how to keep only the GPU build.
         "gpu": [f"tensorflow[and-cuda]{_TF}; platform_system == \"Linux\""],

@@ -10,7 +10,7 @@
   sr3d demo [--out DIR]         upscale the bundled real scan, write the result and a comparison PNG
   sr3d upscale-batch IN_DIR OUT_DIR [--scale 2] ...   every scan of a directory, resumable
   sr3d upscale-beam --input 'scans/**' --output OUT/ [--runner R] [Beam options]   many scans on
-                                Apache Beam (pip install "sr3d[beam]"; docs/beam.md)
+                                Apache Beam (pip install "sr3d[beam]"; sr3d/beam.py)
   sr3d bundle --hw M --d M --scale R --out DIR   assemble two trained stages into a model bundle
   sr3d study make --scans S... --methods cnn,lanczos --scale 2 --n 100 --seed 0 --out DIR
                                 write a blinded reader-study web page (Table 7) into DIR
@@ -618,7 +618,7 @@ def parser() -> argparse.ArgumentParser:
                       help="network precision; auto: bfloat16 where the CPU has native bf16 (default float32)")
     many.set_defaults(func=cmd_upscale_batch)
 
-    on_beam = sub.add_parser("upscale-beam", help="upscale many scans on Apache Beam (RunInference; docs/beam.md)",
+    on_beam = sub.add_parser("upscale-beam", help="upscale many scans on Apache Beam (RunInference; sr3d/beam.py)",
                              epilog="Other options are passed to Beam (e.g. --direct_num_workers=2, --project, "
                                     "--flink_master).")
     scans = on_beam.add_mutually_exclusive_group(required=True)
