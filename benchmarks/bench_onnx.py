@@ -51,7 +51,7 @@ def main() -> None:
     for stage in onnx_export.STAGES:
         session = onnxruntime.InferenceSession(str(exported / f"{stage}.onnx"), options,
                                                providers=["CPUExecutionProvider"])
-        function = onnx_export.stage_function(getattr(bundle, stage))
+        function = onnx_export.stage_function(getattr(bundle, stage), stage, bundle.scale)
         runtimes.setdefault("onnxruntime", {})[stage] = (
             lambda x, s=session: s.run(["final"], {"planes": x[..., None]})[0][..., 0])
         runtimes.setdefault("tensorflow", {})[stage] = (

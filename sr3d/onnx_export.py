@@ -19,7 +19,7 @@ import os
 import pathlib
 import time
 
-from sr3d import intensity, models
+from sr3d import intensity
 from sr3d import io as sr3d_io
 
 OPSET = 17
@@ -28,27 +28,18 @@ STAGES = ("hw", "d")
 INPUT_NAME = "planes"
 
 
-def _output_factors(model) -> tuple[int, int]:
-    """How the stage scales the two plane axes: hw (r, r), d (r, 1)."""
-    r = models.stage_scale(model, "hw")
-    if r is not None:
-        return r, r
-    r = models.stage_scale(model, "d")
-    if r is None:
-        raise ValueError(f"{model.name}: not an sr3d stage network (no upsampling factor found)")
-    return r, 1
+def stage_function(model, stage: str, scale: int):
+    """Stage `stage` ("hw" or "d", factor `scale`) as a tf.function [N, h, w, 1] -> "final", as
+    `sr3d.inference` runs it.
 
-
-def stage_function(model):
-    """The stage as a tf.function [N, h, w, 1] -> "final", as `sr3d.inference` runs it.
-
-    The output is reshaped to its contract, [N, fh h, fw w, 1], from the input's runtime shape:
-    tf2onnx's layout optimizer rewrites the NHWC <-> NCHW transposes of 1-channel tensors into
-    Unsqueeze/Reshape/Squeeze chains, and on one CI machine such a chain came out with an extra
-    leading axis ([1, N, ...]); the explicit reshape makes the output shape independent of it."""
+    The output is reshaped to its contract ([N, r h, r w, 1] for hw, [N, r h, w, 1] for d) from
+    the input's runtime shape: tf2onnx's layout optimizer rewrites the NHWC <-> NCHW transposes
+    of 1-channel tensors into Unsqueeze/Reshape/Squeeze chains, and it does so
+    nondeterministically: about 1 conversion of stage hw in 8 came out with an extra leading axis
+    ([1, N, ...]; it failed CI once). The explicit reshape makes the output shape independent of it."""
     import tensorflow as tf
 
-    fh, fw = _output_factors(model)
+    fh, fw = (scale, scale) if stage == "hw" else (scale, 1)
 
     def run(planes):
         final = model(planes, training=False)["final"]
@@ -60,7 +51,7 @@ def stage_function(model):
 
 def check_stage(model, onnx_bytes: bytes, where: str) -> None:
     """Runs the ONNX stage (onnxruntime) and the Keras stage on the same probe planes and raises
-    ValueError naming `where` unless the shapes agree and the values within 1e-4."""
+    ValueError naming `where` unless the shapes agree and the values within PARITY_ATOL."""
     import numpy as np
     import onnxruntime
 
@@ -77,13 +68,13 @@ def check_stage(model, onnx_bytes: bytes, where: str) -> None:
                          f"(limit {PARITY_ATOL}); nothing was written")
 
 
-def stage_to_onnx(model, opset: int = OPSET) -> bytes:
+def stage_to_onnx(model, stage: str, scale: int, opset: int = OPSET) -> bytes:
     """One stage network as a serialised ONNX model."""
     try:
         import tf2onnx
     except ImportError as error:
         raise ValueError("ONNX export needs tf2onnx and onnxruntime: pip install \"sr3d[onnx]\"") from error
-    function = stage_function(model)
+    function = stage_function(model, stage, scale)
     proto, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature, opset=opset)
     return proto.SerializeToString()
 
@@ -95,7 +86,7 @@ def export_onnx(bundle, out_dir: str | os.PathLike, opset: int = OPSET) -> pathl
     out = pathlib.Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out}: ONNX export needs a new (or empty) directory: it exists and is not empty")
-    files = {stage: stage_to_onnx(getattr(bundle, stage), opset) for stage in STAGES}
+    files = {stage: stage_to_onnx(getattr(bundle, stage), stage, bundle.scale, opset) for stage in STAGES}
     for stage, data in files.items():
         check_stage(getattr(bundle, stage), data, str(out / f"{stage}.onnx"))
     import tf2onnx
