@@ -43,6 +43,12 @@ _FLIP_ROTATE = flags.DEFINE_bool("flip_rotate", False, "Flip and rotate training
                                   "transforms for stage hw, the 4 depth-keeping flips for d; not in the paper).")
 _FLAT_FRACTION = flags.DEFINE_float("flat_fraction", 0.0, "Share of each batch made of flat (background) "
                                     "patches, which are otherwise redrawn; 0.1 teaches that flat stays flat.")
+_NOISE_P = flags.DEFINE_float("noise_probability", 0.0, "Share of the contrast patches given white noise "
+                               "at HR and its degraded copy at LR (noise augmentation, sr3d/data.py).")
+_MAX_NOISE = flags.DEFINE_float("max_noise", 0.0, "Noise sigma ~ U(0, max_noise), in normalised units "
+                                "(the scan's 0.5-99.5 percentile window is 0..1).")
+_INIT_MODEL = flags.DEFINE_string("init_model", None, "Start from this trained model.keras's weights "
+                                  "(fine-tuning); a resumed run continues from its own checkpoint.")
 _HW_MODEL = flags.DEFINE_string("hw_model", None, "Stage d only: a trained stage-hw model.keras; stage d "
                                 "then learns from its outputs on scans degraded in 3D (cascade training) "
                                 "instead of from planes degraded along depth only.")
@@ -72,6 +78,7 @@ def main(argv):
             patch_size=_PATCH.value, filters=_FILTERS.value, second_block=_SECOND_BLOCK.value,
             short_skips=_SHORT_SKIPS.value, long_skip=_LONG_SKIP.value,
             intermediate_weight=_LAMBDA.value, blur=_BLUR.value, flip_rotate=_FLIP_ROTATE.value, flat_fraction=settings["flat_fraction"],
+            noise_probability=_NOISE_P.value, max_noise=_MAX_NOISE.value, init_model=_INIT_MODEL.value,
             hw_model=settings["hw_model"], seed=settings["seed"],
             save_every_steps=_SAVE_EVERY.value, strategy=_STRATEGY.value)
         print(f"saved {training.train(config)}")

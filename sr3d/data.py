@@ -24,6 +24,15 @@ feeds the network orientations it never saw (docs/results.md).
 Every batch is drawn from its own generator seeded by (seed, epoch, step), so
 the same seed gives the same batches, and training resumed at any step sees
 exactly the batches an uninterrupted run would have seen.
+
+With `noise_probability`, that share of the patches with contrast gets white Gaussian noise of
+sigma ~ U(0, max_noise) (normalised units) added to its HR, and the LR gets exactly the
+degraded copy of that noise, as if the noisy scan had been degraded: the noise is drawn on an HR
+region `NOISE_MARGIN` LR pixels wider than the LR patch and its halo on every side, downscaled
+with the training degradation, and cut. The target is then the noisy HR: the noise the LR still
+shows (its low-pass part) is to be kept, its fine part cannot be predicted, so the network learns
+not to sharpen noise. The 1 mm training scans are 2-7x cleaner than 1 mm scans of other sites
+(docs/model_card.md, "Noise augmentation"). Flat patches stay exact (see `flat_fraction`).
 """
 from __future__ import annotations
 
@@ -38,6 +47,9 @@ from sr3d import degrade, transforms
 
 STAGES = ("hw", "d")
 BLUR_MODES = ("random", "fixed", "none")
+# LR pixels of noise drawn beyond the patch's halo on each side, so that the degraded noise in the
+# patch is what the whole noisy plane would give: the degradation's kernel reaches 2 LR pixels.
+NOISE_MARGIN = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +66,8 @@ class PatchConfig:
     min_contrast: float = 0.02      # HR patches with max - min below this are redrawn...
     flat_fraction: float = 0.0      # ...except this fraction of each batch, kept flat on purpose
     flip_rotate: bool = False       # random flips/rotations of each pair (not in the paper)
+    noise_probability: float = 0.0  # share of the contrast patches given noise (HR) and its degraded copy (LR)
+    max_noise: float = 0.0          # their noise sigma ~ U(0, max_noise), normalised units
     seed: int = 0
 
     def __post_init__(self):
@@ -68,6 +82,12 @@ class PatchConfig:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
         if not 0.0 <= self.flat_fraction < 1.0:
             raise ValueError(f"flat_fraction must be in [0, 1), got {self.flat_fraction!r}")
+        if not 0.0 <= self.noise_probability <= 1.0:
+            raise ValueError(f"noise_probability must be in [0, 1], got {self.noise_probability!r}")
+        if not self.max_noise >= 0.0:
+            raise ValueError(f"max_noise must be >= 0, got {self.max_noise!r}")
+        if self.noise_probability > 0 and self.max_noise == 0:
+            raise ValueError("noise_probability > 0 needs max_noise > 0 (the noise sigma's upper bound)")
 
     @property
     def hr_patch_shape(self) -> tuple[int, int]:
@@ -121,6 +141,32 @@ def blur_patches(halo_patches: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
             + k[:, 2, None, None] * halo_patches[:, 2:, :])
     return (k[:, 0, None, None] * rows[:, :, :-2] + k[:, 1, None, None] * rows[:, :, 1:-1]
             + k[:, 2, None, None] * rows[:, :, 2:]).astype(np.float32)
+
+
+def degraded_noise(count: int, sigmas: np.ndarray, stage: str, scale: int, patch_size: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """White noise for `count` HR patches and its degraded copy for their LR patches with halo.
+
+    Returns (lr_noise (count, p+2, p+2), hr_noise (count, p*ry, p*rx)), float32, patch k with
+    standard deviation sigmas[k] at HR. The noise is drawn on an HR region NOISE_MARGIN LR pixels
+    wider than the LR halo patch on each side and degraded (`sr3d.degrade.downscale`, on H and W
+    for stage hw, along the first axis for stage d), so the LR part is exactly what degrading the
+    whole noisy plane would put there.
+    """
+    p, r, m = patch_size, scale, NOISE_MARGIN
+    side = p + 2 + 2 * m                                   # LR pixels of the region
+    if stage == "hw":
+        region = rng.standard_normal((count, side * r, side * r))
+        low = degrade.downscale(region, r, axes=(1, 2))
+        lr = low[:, m:m + p + 2, m:m + p + 2]
+        hr = region[:, (m + 1) * r:(m + 1 + p) * r, (m + 1) * r:(m + 1 + p) * r]
+    else:  # stage d: degraded along the plane's first axis only; the second is at full resolution
+        region = rng.standard_normal((count, side * r, p + 2))
+        low = degrade.downscale_axis(region, r, axis=1)
+        lr = low[:, m:m + p + 2, :]
+        hr = region[:, (m + 1) * r:(m + 1 + p) * r, 1:1 + p]
+    scale_by = np.asarray(sigmas, np.float64)[:, None, None]
+    return (lr * scale_by).astype(np.float32), (hr * scale_by).astype(np.float32)
 
 
 def random_transforms(lr: np.ndarray, hr: np.ndarray, stage: str,
@@ -234,6 +280,20 @@ class PatchSampler:
             drawn = (rng.uniform(0.0, cfg.max_sigma, cfg.batch_size) if cfg.blur == "random"
                      else np.full(cfg.batch_size, cfg.max_sigma))
             sigmas = np.where(blurred, drawn, 0.0)
+        if cfg.noise_probability > 0:
+            # Own stream: the patches and sigmas stay those of a run without noise. Noise goes
+            # in before the blur: the blur augments the LR's point-spread function, which acts
+            # on the noisy scan's degraded copy.
+            noise_rng = np.random.default_rng([cfg.seed, epoch, step, 2])
+            n_contrast = cfg.batch_size - n_flat        # `chosen` puts the contrast patches first
+            noisy = noise_rng.random(n_contrast) < cfg.noise_probability
+            levels = noise_rng.uniform(0.0, cfg.max_noise, n_contrast)[noisy]
+            picked = np.flatnonzero(noisy)
+            if picked.size:
+                lr_noise, hr_noise = degraded_noise(picked.size, levels, cfg.stage, cfg.scale,
+                                                    cfg.patch_size, noise_rng)
+                lr[picked] += lr_noise
+                hr[picked] += hr_noise
         lr = blur_patches(lr, sigmas)
         if cfg.flip_rotate:
             # Own stream: the patches and sigmas stay those of a run without flip_rotate.

@@ -95,6 +95,9 @@ class TrainConfig:
     min_contrast: float = 0.02
     flat_fraction: float = 0.0             # share of each batch that is flat (background) patches
     flip_rotate: bool = False              # random flips/rotations of the patches (not in the paper)
+    noise_probability: float = 0.0         # share of the contrast patches given noise (sr3d.data)
+    max_noise: float = 0.0                 # their noise sigma ~ U(0, max_noise), normalised units
+    init_model: str | None = None          # start from this trained model.keras's weights (fine-tuning)
     hw_model: str | None = None            # stage d only: cascade training on this stage-hw model's outputs
     seed: int = 0
     save_every_steps: int = 50
@@ -122,14 +125,18 @@ class TrainConfig:
                 raise ValueError(f"hw_model (cascade training) is for stage 'd', not {self.stage!r}")
             if not pathlib.Path(self.hw_model).is_file():
                 raise FileNotFoundError(f"{self.hw_model}: stage-hw model not found (hw_model)")
-        self.patch_config()  # validates stage, scale, sizes, blur
+        if self.init_model is not None:
+            object.__setattr__(self, "init_model", str(self.init_model))
+            if not pathlib.Path(self.init_model).is_file():
+                raise FileNotFoundError(f"{self.init_model}: model to start from not found (init_model)")
+        self.patch_config()  # validates stage, scale, sizes, blur, noise
 
     def patch_config(self) -> data.PatchConfig:
         return data.PatchConfig(stage=self.stage, scale=self.scale, patch_size=self.patch_size,
                                 batch_size=self.batch_size, blur=self.blur,
                                 min_contrast=self.min_contrast, flat_fraction=self.flat_fraction,
-                                flip_rotate=self.flip_rotate,
-                                seed=self.seed)
+                                flip_rotate=self.flip_rotate, noise_probability=self.noise_probability,
+                                max_noise=self.max_noise, seed=self.seed)
 
     def learning_rate_at(self, epoch: int) -> float:
         drop = self.epochs // 2 if self.lr_drop_epoch is None else self.lr_drop_epoch
@@ -212,8 +219,11 @@ def _check_same_run(model_dir: pathlib.Path, config: TrainConfig) -> None:
         return
     old = json.loads(path.read_text())
     new = json.loads(json.dumps(config.to_json()))
+    # A field added to TrainConfig after the run started was, for that run, at its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
     changed = sorted(k for k in set(old) | set(new)
-                     if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+                     if k not in _RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new.get(k))
     if changed:
         raise ValueError(f"{model_dir} holds a run made with other settings ({', '.join(changed)} "
                          "differ): use a new --model_dir or the same settings to resume it")
@@ -296,6 +306,19 @@ def build_model(config: TrainConfig):
     return models.build(config.stage, config.scale, filters=config.filters,
                         second_block=config.second_block, short_skips=config.short_skips,
                         long_skip=config.long_skip)
+
+
+def _start_from(model, path: str) -> None:
+    """Copy a trained model's weights into `model` (fine-tuning); ValueError if they do not fit."""
+    from sr3d import models
+
+    trained = models.load(path)
+    mine = [tuple(w.shape) for w in model.weights]
+    theirs = [tuple(w.shape) for w in trained.weights]
+    if mine != theirs:
+        raise ValueError(f"{path}: its network does not match this run's (stage, scale, filters, "
+                         f"blocks): weight shapes {theirs[:2]}... against {mine[:2]}...")
+    model.set_weights(trained.get_weights())
 
 
 def _read_state(model_dir: pathlib.Path) -> tuple[int, int] | None:
@@ -510,6 +533,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
 
     state = _read_state(model_dir)
     start = (0, 0)
+    if state is None and config.init_model is not None:
+        _start_from(model, config.init_model)
     if state is not None:
         with strategy.scope():  # the optimizer's slots are replicated variables under mirrored
             model.optimizer.build(model.trainable_variables)

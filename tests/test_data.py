@@ -171,7 +171,9 @@ def test_epoch_size_covers_each_lr_voxel_once():
     assert sampler.steps_per_epoch() == 10
 
 
-@pytest.mark.parametrize("bad", [dict(stage="xy"), dict(scale=1), dict(blur="sometimes"), dict(patch_size=0)])
+@pytest.mark.parametrize("bad", [dict(stage="xy"), dict(scale=1), dict(blur="sometimes"), dict(patch_size=0),
+                                 dict(noise_probability=1.5, max_noise=0.1), dict(max_noise=-0.1),
+                                 dict(noise_probability=0.5)])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         data.PatchConfig(**{"stage": "hw", "scale": 2, **bad})
@@ -180,3 +182,69 @@ def test_bad_config_is_rejected(bad):
 def test_planes_too_small_for_patches():
     with pytest.raises(ValueError, match="large enough"):
         data.PatchSampler([_volume((4, 6, 6))], data.PatchConfig(stage="hw", scale=2, patch_size=7))
+
+
+def _keys_weights(scale: int) -> np.ndarray:
+    """Interior taps of MATLAB's imresize(1/scale, 'bicubic') from first principles: Keys' cubic
+    (a = -0.5) stretched by `scale`, at integer offsets from an output centre that falls halfway
+    between input pixels for even scales, normalised to sum 1."""
+    def keys(t):
+        t = np.abs(t)
+        return np.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1, np.where(t <= 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0))
+    offsets = np.arange(-2 * scale - 1, 2 * scale + 2) - (0.5 * scale - 0.5) % 1
+    weights = keys(offsets / scale)
+    return weights / weights.sum()
+
+
+@pytest.mark.parametrize("stage,scale", [("hw", 2), ("hw", 4), ("d", 2), ("d", 4)])
+def test_degraded_noise_is_the_degraded_copy_of_a_whole_noisy_plane(stage, scale):
+    # Embed the HR noise region the function drew in a large plane of zeros, degrade the whole
+    # plane, and cut the LR patch's place: the margin must make the two the same.
+    p, m, count = 5, data.NOISE_MARGIN, 3
+    lr, hr = data.degraded_noise(count, np.ones(count), stage, scale, p, np.random.default_rng(7))
+    side = p + 2 + 2 * m
+    if stage == "hw":
+        region = np.random.default_rng(7).standard_normal((count, side * scale, side * scale))
+        plane = np.zeros((count, (side + 8) * scale, (side + 8) * scale))
+        plane[:, 4 * scale:(4 + side) * scale, 4 * scale:(4 + side) * scale] = region
+        low = degrade.downscale(plane, scale, axes=(1, 2))[:, 4 + m:4 + m + p + 2, 4 + m:4 + m + p + 2]
+        hr_place = region[:, (m + 1) * scale:(m + 1 + p) * scale, (m + 1) * scale:(m + 1 + p) * scale]
+    else:
+        region = np.random.default_rng(7).standard_normal((count, side * scale, p + 2))
+        plane = np.zeros((count, (side + 8) * scale, p + 2))
+        plane[:, 4 * scale:(4 + side) * scale] = region
+        low = degrade.downscale_axis(plane, scale, axis=1)[:, 4 + m:4 + m + p + 2]
+        hr_place = region[:, (m + 1) * scale:(m + 1 + p) * scale, 1:1 + p]
+    np.testing.assert_allclose(lr, low, atol=1e-5)
+    np.testing.assert_array_equal(hr, hr_place.astype(np.float32))
+
+
+@pytest.mark.parametrize("stage,scale", [("hw", 2), ("d", 2), ("hw", 4)])
+def test_degraded_noise_has_the_level_that_degrading_white_noise_gives(stage, scale):
+    sigma = 0.03
+    lr, hr = data.degraded_noise(4000, np.full(4000, sigma), stage, scale, 5, np.random.default_rng(0))
+    gain = np.sqrt(np.sum(_keys_weights(scale) ** 2))     # one degraded axis
+    expected_lr = sigma * gain ** (2 if stage == "hw" else 1)
+    assert abs(hr.std() / sigma - 1) < 0.01
+    assert abs(lr.std() / expected_lr - 1) < 0.02
+
+
+def test_noise_goes_to_contrast_patches_only_and_leaves_the_rest_of_the_batch_as_it_was():
+    vol = _volume((6, 40, 40), seed=3)
+    vol[:, :, :16] = 0.25   # a flat region, so the batch has flat patches
+    base = dict(stage="hw", scale=2, patch_size=5, batch_size=64, flat_fraction=0.25, blur="none", seed=1)
+    clean = data.PatchSampler([vol], data.PatchConfig(**base))
+    noisy = data.PatchSampler([vol], data.PatchConfig(**base, noise_probability=1.0, max_noise=0.05))
+    lr0, hr0 = clean.batch(2, 3)
+    lr1, hr1 = noisy.batch(2, 3)
+    n_flat = 16
+    np.testing.assert_array_equal(lr1[-n_flat:], lr0[-n_flat:])
+    np.testing.assert_array_equal(hr1[-n_flat:], hr0[-n_flat:])
+    added = (hr1 - hr0)[:-n_flat].reshape(64 - n_flat, -1)
+    assert np.all(added.std(axis=1) > 0) and np.all(added.std(axis=1) < 0.05 * 1.5)
+    # The LR change is the degraded HR change: its level is the degradation's gain times sigma.
+    lr_added = (lr1 - lr0)[:-n_flat].reshape(64 - n_flat, -1)
+    ratio = lr_added.std() / added.std()
+    assert abs(ratio / np.sum(_keys_weights(2) ** 2) - 1) < 0.1
+    # Seeded: the same batch again.
+    np.testing.assert_array_equal(noisy.batch(2, 3)[1], hr1)

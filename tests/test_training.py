@@ -319,3 +319,31 @@ def test_recipe_flags_given_explicitly_win_and_paper_keeps_the_defaults():
     assert settings == {"epochs": 3, "steps_per_epoch": 250, "flat_fraction": 0.0, "seed": 0, "hw_model": None}
     with pytest.raises(ValueError, match="--hw_model"):
         training.resolve_recipe("shipped", "d", 2, defaults, {})
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, small_scans):
+    first = training.train(_config(small_scans, tmp_path / "first", epochs=1, steps_per_epoch=2))
+    # With a zero learning rate, Adam leaves the weights where they started: those of init_model.
+    tuned = training.train(_config(small_scans, tmp_path / "tuned", epochs=1, steps_per_epoch=2,
+                                   learning_rate=0.0, learning_rate_after_drop=0.0, init_model=str(first),
+                                   noise_probability=0.5, max_noise=0.03))
+    from sr3d import models
+    for a, b in zip(models.load(first).get_weights(), models.load(tuned).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="does not match"):
+        training.train(_config(small_scans, tmp_path / "wide", epochs=1, steps_per_epoch=1, filters=8,
+                               init_model=str(first)))
+    with pytest.raises(FileNotFoundError, match="init_model"):
+        _config(small_scans, tmp_path / "x", init_model=str(tmp_path / "missing.keras"))
+
+
+def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path, small_scans):
+    (tmp_path / "run").mkdir()
+    old = _config(small_scans, tmp_path / "run").to_json()
+    for added in ("noise_probability", "max_noise", "init_model"):
+        del old[added]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    training._check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run"))
+    with pytest.raises(ValueError, match="noise_probability"):
+        training._check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run",
+                                                           noise_probability=0.5, max_noise=0.02))

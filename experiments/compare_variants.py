@@ -1,0 +1,93 @@
+"""Quick paired comparison of network variants against Lanczos on the test scans of the corpus.
+
+Each variant is `HW:D` (two .keras files; `ship` for the shipped stage) or `shipped`. Every test
+scan of experiments/corpus.py is cut to a central slab (at most --max_depth slices, at most 256 x
+256 in-plane), degraded as in evaluate.py (2d: H and W; 3d: D, H and W), and upscaled by each
+variant and by Lanczos; PSNR peak = the slab's HR range. Faster than experiments/generalization.py
+(which scores whole scans per domain with SSIM and statistics) and meant for deciding between
+training variants before running that.
+
+    python experiments/compare_variants.py --mode 2d --scale 2 shipped runs/x/hw.keras:ship
+
+--perturb changes each HR slab before it is degraded, to see what in a scan limits the margin:
+`noise:S` adds white Gaussian noise of S times the slab's 0.5-99.5 percentile window to its
+non-background voxels, `blur:S` blurs it in-plane with a Gaussian of S pixels. The last column is
+the slab's fine-scale noise sigma (sr3d.selfcheck.noise_sigma) in units of that window.
+"""
+import argparse
+import glob
+import pathlib
+import sys
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from sr3d import baselines, degrade, inference, intensity, models, selfcheck  # noqa: E402
+from sr3d import io as sr3d_io  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help="HW:D .keras pairs ('ship' = the shipped stage) or 'shipped'")
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--mode", choices=("2d", "3d"), default="2d")
+    parser.add_argument("--max_depth", type=int, default=64)
+    parser.add_argument("--test", default="runs/corpus/test", help="folder of test scans (experiments/corpus.py)")
+    parser.add_argument("--only", default="", help="comma-separated parts of scan names to keep")
+    parser.add_argument("--perturb", default="none", help="none, noise:S or blur:S (see above)")
+    args = parser.parse_args()
+    r = args.scale
+    shipped = inference.load_models(None, r)
+    bundles = []
+    for variant in args.variants:
+        if variant == "shipped":
+            bundles.append(shipped)
+            continue
+        hw, d = variant.split(":")
+        bundles.append(inference.ModelBundle(hw=shipped.hw if hw == "ship" else models.load(hw),
+                                             d=shipped.d if d == "ship" else models.load(d), scale=r))
+    axes = (0, 1, 2) if args.mode == "3d" else (1, 2)
+    margins = []
+    print(f"{'scan':24s} {'slab':16s} Lanczos  " + "  ".join(f"v{i}" for i in range(len(bundles))) + "   (CNN - Lanczos, dB; noise sigma / window)")
+    for path in sorted(glob.glob(f"{args.test}/*.nii.gz")):
+        name = pathlib.Path(path).name.split(".")[0]
+        if args.only and not any(part in name for part in args.only.split(",")):
+            continue
+        x = np.asarray(sr3d_io.load_volume(path).array, np.float32)
+        if x.shape[0] > args.max_depth:
+            c = x.shape[0] // 2
+            x = x[c - args.max_depth // 2:c + args.max_depth // 2]
+        for axis in (1, 2):
+            if x.shape[axis] > 256:
+                c = x.shape[axis] // 2
+                x = np.take(x, np.arange(c - 128, c + 128), axis=axis)
+        low_p, high_p = np.percentile(x, [0.5, 99.5])
+        kind, _, amount = args.perturb.partition(":")
+        if kind == "noise":
+            noise = np.random.default_rng(0).normal(0.0, float(amount) * (high_p - low_p), x.shape)
+            x = (x + noise * (x > x.min())).astype(np.float32)
+        elif kind == "blur":
+            x = ndimage.gaussian_filter(x, (0, float(amount), float(amount))).astype(np.float32)
+        elif kind != "none":
+            parser.error(f"--perturb {args.perturb!r}: expected none, noise:S or blur:S")
+        sigma = selfcheck.noise_sigma(x) / (high_p - low_p)
+        hr = degrade.crop_to_multiple(x, r, axes=axes)
+        lr = degrade.downscale(hr, r, axes=axes)
+        lo, hi = float(hr.min()), float(hr.max())
+
+        def psnr(y):
+            return 10 * np.log10((hi - lo) ** 2 / np.mean((np.clip(y, lo, hi) - hr) ** 2))
+
+        lanczos = psnr(baselines.upscale(lr, r, "lanczos", args.mode))
+        window = intensity.window(lr)
+        row = [psnr(window.denormalise(inference.upscale_normalised(window.normalise(lr), b, mode=args.mode)))
+               - lanczos for b in bundles]
+        margins.append(row)
+        print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.2f}" for m in row)
+              + f"   noise {sigma:.4f}", flush=True)
+    print(f"{'mean':24s} {'':16s} {'':6s}  " + "  ".join(f"{m:+.3f}" for m in np.mean(margins, axis=0)))
+
+
+if __name__ == "__main__":
+    main()
