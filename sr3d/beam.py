@@ -425,7 +425,8 @@ def build(pipeline: beam.Pipeline, job: BeamJob, model_hash: str) -> None:
     else:
         paths = (pipeline
                  | "Globs" >> beam.Create(match_patterns(job.input))
-                 | "Match scans" >> fileio.MatchAll()
+                 # A variant may match nothing ("a/**/b.nii" -> "a/b.nii"); run() checks that one matched.
+                 | "Match scans" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
                  | "Paths" >> beam.Map(lambda metadata: metadata.path))
         root = glob_root(os.path.abspath(job.input) if _is_local(job.input) else job.input)
     out = job.output.rstrip("/")
