@@ -4,8 +4,9 @@ The pipeline is `scans -> plan -> load -> upscale (RunInference) -> write`:
 
 - scans: the files matched by a glob (`FileSystems` syntax: local paths, gs://, s3://, hdfs://
   ...; `**/` is zero or more folders, as in a shell with globstar, and a relative local glob
-  such as `**/*.nii.gz` is relative to the working directory), or the lines of a manifest file. A NIfTI/NRRD file is one scan; a DICOM file stands for
-  its folder, one series (so `scans/**` finds both kinds).
+  such as `**/*.nii.gz` is relative to the working directory), or the lines of a manifest
+  file. A NIfTI/NRRD file is one scan; a DICOM file stands for its folder, one series (so
+  `scans/**` finds both kinds).
 - plan: the output is named from the input's path below the glob's fixed prefix (or the
   manifest's folder), `p1/t1.nii.gz -> OUT/p1/t1_x2.nii.gz`, with its record
   `OUT/p1/t1_x2.json`. A scan whose record says done with the same model hash and options, and

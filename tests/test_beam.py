@@ -154,9 +154,10 @@ def test_stale_dicom_series_of_a_dead_writer_are_removed(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, timeout=60)
     target = tmp_path / "scan0_x2"
-    dead = [tmp_path / f".scan0_x2.tmp-{int(gone.stdout)}-0badc0de", tmp_path / f".scan0_x2.old-{int(gone.stdout)}-00c0ffee"]
+    pid = int(gone.stdout)
+    dead = [tmp_path / f".scan0_x2.tmp-{pid}-0badc0de", tmp_path / f".scan0_x2.old-{pid}-00c0ffee"]
     live = tmp_path / f".scan0_x2.tmp-{os.getpid()}-12345678"
-    other = tmp_path / f".scan0_x2b.tmp-{int(gone.stdout)}-0badc0de"
+    other = tmp_path / f".scan0_x2b.tmp-{pid}-0badc0de"  # another output's
     for folder in (*dead, live, other):
         folder.mkdir()
         (folder / "000001.dcm").write_bytes(b"half")
@@ -165,7 +166,8 @@ def test_stale_dicom_series_of_a_dead_writer_are_removed(tmp_path):
 
 
 def test_import_sr3d_does_not_import_beam():
-    code = "import sys, sr3d, sr3d.cli, sr3d.batch; print(sorted(m for m in sys.modules if m.startswith('apache_beam')))"
+    code = ("import sys, sr3d, sr3d.cli, sr3d.batch; "
+            "print(sorted(m for m in sys.modules if m.startswith('apache_beam')))")
     result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
