@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--scans", type=int, default=6)
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 24], help="crop (x, y, z) of each scan")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     load_before = os.getloadavg()
