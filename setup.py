@@ -9,6 +9,8 @@ _TF = ">=2.16,<2.22"
 _X86_64_LINUX_OR_WINDOWS = ('(platform_system == "Linux" or platform_system == "Windows") and '
                             '(platform_machine == "x86_64" or platform_machine == "AMD64")')
 _ONNX = ["tf2onnx>=1.17,<1.18", "onnxruntime"]
+# Beam 2.77 pins protobuf < 7 (pip then installs 6.33.x, which TensorFlow 2.21 imports fine).
+_BEAM = "apache-beam>=2.60,<2.78"
 _ANY_OTHER_PLATFORM = ('(platform_system != "Linux" and platform_system != "Windows") or '
                        '(platform_machine != "x86_64" and platform_machine != "AMD64")')
 
@@ -45,11 +47,12 @@ setuptools.setup(
         # playwright drives Debian's chromium in tests/test_study.py (its own browsers are never downloaded).
         # SimpleITK and dcm2niix re-read the DICOM series sr3d writes (tests/test_dicom_out.py);
         # the onnx extra is tested by tests/test_onnx_export.py.
-        "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix", *_ONNX],
+        # apache-beam too: tests/test_beam.py runs the upscale-beam pipeline on the DirectRunner in CI.
+        "test": ["pytest", "scikit-image", "playwright", "SimpleITK", "dcm2niix", *_ONNX, _BEAM],
         # export.py --format onnx (sr3d/onnx_export.py); tested with tf2onnx 1.17.0, onnxruntime 1.32.0.
         "onnx": _ONNX,
-        # sr3d upscale-beam (sr3d/beam.py); checked by hand with apache-beam 2.77.0 (not yet in CI).
-        "beam": ["apache-beam>=2.60,<2.78"],
+        # sr3d upscale-beam (sr3d/beam.py); tested with apache-beam 2.77.0 (tests/test_beam.py).
+        "beam": [_BEAM],
         # CUDA GPUs on Linux. pip cannot swap tensorflow-cpu for it, so on x86-64 both end up installed
         # (one `tensorflow` module): README, "Install", says how to keep only the GPU build.
         "gpu": [f"tensorflow[and-cuda]{_TF}; platform_system == \"Linux\""],

@@ -3,8 +3,10 @@
 The pipeline is `scans -> plan -> load -> upscale (RunInference) -> write`:
 
 - scans: the files matched by a glob (`FileSystems` syntax: local paths, gs://, s3://, hdfs://
-  ...), or the lines of a manifest file. A NIfTI/NRRD file is one scan; a DICOM file stands for
-  its folder, one series (so `scans/**` finds both kinds).
+  ...; `**/` is zero or more folders, as in a shell with globstar, and a relative local glob
+  such as `**/*.nii.gz` is relative to the working directory), or the lines of a manifest
+  file. A NIfTI/NRRD file is one scan; a DICOM file stands for its folder, one series (so
+  `scans/**` finds both kinds).
 - plan: the output is named from the input's path below the glob's fixed prefix (or the
   manifest's folder), `p1/t1.nii.gz -> OUT/p1/t1_x2.nii.gz`, with its record
   `OUT/p1/t1_x2.json`. A scan whose record says done with the same model hash and options, and
@@ -27,11 +29,13 @@ file `OUT/_sr3d_errors.txt` ("input: reason", like the CLI's errors). Both files
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import pathlib
 import posixpath
+import re
 import shutil
 import sys
 import tempfile
@@ -90,13 +94,33 @@ def _join(*parts: str) -> str:
 
 def scan_of(path: str) -> str | None:
     """The scan a matched file belongs to: a NIfTI/NRRD file itself, a DICOM file (.dcm, or no
-    suffix) its folder; None for other files (.json, .txt, a detached header's data)."""
+    suffix) its folder; None for other files (.json, .txt, a detached header's data, hidden files)."""
     name = posixpath.basename(path.rstrip("/")).lower()
+    if name.startswith("."):  # hidden: a temporary being written (.x.tmp-PID-...), never a scan
+        return None
     if name.endswith(sr3d_io.VOLUME_SUFFIXES):
         return path
     if name.endswith(DICOM_SUFFIXES) or ("." not in name and not name.startswith(".")):
         return posixpath.dirname(path) if not _is_local(path) else os.path.dirname(path)
     return None
+
+
+def match_patterns(pattern: str) -> list[str]:
+    """The Beam globs that match what `pattern` means in a shell with globstar: `**/` stands for
+    zero or more folders (Beam's `**` needs at least one), and a local pattern is made absolute
+    (Beam's local filesystem matches nothing for a pattern without a folder, e.g. `**/*.nii.gz`)."""
+    if _is_local(pattern):
+        pattern = os.path.abspath(pattern)
+    return sorted(set(_globstar_variants(pattern)))
+
+
+def _globstar_variants(pattern: str) -> list[str]:
+    """`pattern` with each `/**/` kept or replaced by `/` (2**n patterns for n of them)."""
+    head, globstar, tail = pattern.partition("/**/")
+    if not globstar:
+        return [pattern]
+    rests = _globstar_variants(tail)
+    return [f"{head}/**/{rest}" for rest in rests] + [f"{head}/{rest}" for rest in rests]
 
 
 def glob_root(pattern: str) -> str:
@@ -345,8 +369,10 @@ class WriteScans(beam.DoFn):
             return
         target = pathlib.Path(scan.output)
         target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in sr3d_io.remove_stale_temporaries(target) if options.format == "nifti" else ():
-            print(f"{scan.input}: removed {stale.name}, left by an interrupted run", file=sys.stderr)
+        stale = (sr3d_io.remove_stale_temporaries(target) if options.format == "nifti"
+                 else remove_stale_series(target))
+        for path in [*stale, *sr3d_io.remove_stale_temporaries(scan.record)]:
+            print(f"{scan.input}: removed {path.name}, left by an interrupted run", file=sys.stderr)
         if options.format == "dicom" and target.exists():
             # Ours (a record exists, else the plan refused it): a retry or rerun replaces it whole.
             old = target.with_name(f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
@@ -359,6 +385,22 @@ class WriteScans(beam.DoFn):
             shutil.rmtree(old, ignore_errors=True)
             return
         batch.write_scan(result, target, options)
+
+
+def remove_stale_series(target: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the folders a killed writer of the DICOM series `target` left beside it: the
+    series being written (`.NAME.tmp-PID-HEX`, `sr3d.dicom_out.save_series`) and the previous
+    output set aside while it was (`.NAME.old-PID-HEX`); a live process's are kept. The pid is
+    this machine's: on a shared filesystem, workers of other machines must not share an output."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or not candidate.is_dir() or sr3d_io._pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
 
 
 def _error_line(record: dict) -> str:
@@ -383,9 +425,11 @@ def build(pipeline: beam.Pipeline, job: BeamJob, model_hash: str) -> None:
         root = folder
     else:
         paths = (pipeline
-                 | "Match scans" >> fileio.MatchFiles(job.input)
+                 | "Globs" >> beam.Create(match_patterns(job.input))
+                 # A variant may match nothing ("a/**/b.nii" -> "a/b.nii"); run() checks that one matched.
+                 | "Match scans" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
                  | "Paths" >> beam.Map(lambda metadata: metadata.path))
-        root = glob_root(job.input)
+        root = glob_root(os.path.abspath(job.input) if _is_local(job.input) else job.input)
     out = job.output.rstrip("/")
     scans = (paths
              | "Scan of each file" >> beam.Map(scan_of)
@@ -437,7 +481,8 @@ def run(job: BeamJob, pipeline_args: Sequence[str] = ()) -> RunSummary:
             raise ValueError(f"{out}: output directory is not writable")
     if job.manifest is not None and not FileSystems.exists(job.manifest):
         raise FileNotFoundError(2, "No such manifest file", job.manifest)
-    if job.input is not None and not FileSystems.match([job.input])[0].metadata_list:
+    if job.input is not None and not any(result.metadata_list for result in FileSystems.match(
+            match_patterns(job.input))):
         raise ValueError(f"{job.input}: no files match (quote the glob so that the shell does not expand it)")
     if job.model is not None and _is_local(job.model) and not os.path.isdir(job.model):
         raise FileNotFoundError(2, "model directory not found", job.model)

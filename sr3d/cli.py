@@ -622,8 +622,9 @@ def parser() -> argparse.ArgumentParser:
                              epilog="Other options are passed to Beam (e.g. --direct_num_workers=2, --project, "
                                     "--flink_master).")
     scans = on_beam.add_mutually_exclusive_group(required=True)
-    scans.add_argument("--input", help="glob of scans on any Beam filesystem, quoted ('scans/**'): NIfTI/NRRD "
-                                       "files; a DICOM file stands for its folder (one series)")
+    scans.add_argument("--input", help="glob of scans on any Beam filesystem, quoted ('scans/**/*.nii.gz'; **/ is "
+                                       "zero or more folders): NIfTI/NRRD files; a DICOM file stands for its "
+                                       "folder (one series)")
     scans.add_argument("--manifest", help="text file of scan paths (files or DICOM series folders), one a line")
     on_beam.add_argument("--output", required=True, help="output folder: outputs mirror the inputs' folders, each "
                                                          "with a .json record; _sr3d_run.jsonl, _sr3d_errors.txt")
