@@ -3,6 +3,7 @@
   python experiments/thick_slice.py --part=simulate --scans=stroke-t1 --factors=3,4   (one run ~4 min)
   python experiments/thick_slice.py --part=real --scans=brain1                        (one run ~4 min)
   python experiments/thick_slice.py --part=supervised   (adds the shipped models' rows to the simulate runs)
+  python experiments/thick_slice.py --part=gaps --steps=1200   (gaps with ground truth: 4 scans x 2 configs)
   python experiments/thick_slice.py --part=report
 
 simulate: a real isotropic scan is the ground truth; thick slices along D are
@@ -22,7 +23,19 @@ reported: data consistency (the result, degraded again by the box profile,
 against the acquired slices) and the training task itself (the scan's own
 in-plane slices degraded along one axis, reconstructed).
 
-Every run adds its entry to docs/thick_slice/{simulated,real}.json (reruns
+gaps: slices thinner than their spacing (a gap between them), simulated from
+real ~1 mm scans of two subjects and two contrasts (GAP_SCANS) along D, with
+the configurations of GAP_CONFIGS; the thick scan is brought back to the truth's
+grid by Lanczos and cubic along D, the shipped stage d alone (`sr3d.upscale(...,
+mode="d")`, as `sr3d upscale --axes d`; only where a model of the factor is
+shipped) and three self-supervised networks trained for exactly --steps steps,
+seed 0 (reproducible, whatever the load): gap-aware (told the true kind and
+thickness), no-gap (told thickness = spacing, the kind right) and estimated
+(`--slice-profile estimate`). When the estimate equals a profile already
+trained, that network is reused: training is deterministic, so it would be the
+same network.
+
+Every run adds its entry to docs/thick_slice/{simulated,real,gaps}.json (reruns
 replace it); --part=report writes docs/thick_slice/results.md from them.
 """
 import json
@@ -53,11 +66,31 @@ REAL_SCANS = {
     "brain2": "thick-slice-brain-mr/brain2_image.nrrd",
 }
 REAL_TARGET_MM = 1.3
+# Real ~1 mm scans for the gap experiment: two subjects of one T1 study, two other contrasts.
+GAP_SCANS = {
+    "sub-34-t1": "ds002748-t1-1mm/sub-34_T1w.nii.gz",
+    "sub-40-t1": "ds002748-t1-1mm/sub-40_T1w.nii.gz",
+    "stroke-t2": "stroke-t1-t2-flair/T2.nii.gz",
+    "stroke-flair": "stroke-t1-t2-flair/FLAIR.nii.gz",
+}
+# (name, profile kind, slice thickness in mm, slice spacing = factor x the scan's D spacing of ~1 mm).
+GAP_CONFIGS = {
+    "box4-every5": ("box", 4.0, 5),
+    "gauss2.5-every4": ("gaussian", 2.5, 4),
+}
+GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "no_gap", "estimated", "estimated_per_axis")
+# Profile-estimation bias: simulated slices every BIAS_SPACING_MM of these kinds and widths (mm).
+BIAS_SPACING_MM = 5
+BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
+BIAS_MATCHES = ("per-axis", "shape")
 
-_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "report"], "What to run.")
+_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "bias", "report"], "What to run.")
 _SCANS = flags.DEFINE_list("scans", None, "Scan names (default: all of the part).")
 _FACTORS = flags.DEFINE_list("factors", ["3", "4"], "Simulated slice-thickness factors.")
 _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "Training budget in seconds.")
+_CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
+_METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
+_STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
 _OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
 _NIFTI_DIR = flags.DEFINE_string("nifti_dir", "/tmp/sr3d_thick_slice", "Where upscaled real scans are written "
                                  "(not in docs: the thick-slice scans may not be redistributed).")
@@ -205,6 +238,117 @@ def run_real(name: str, budget: float, out_dir: pathlib.Path, nifti_dir: pathlib
             "figure": figure.name}
 
 
+def _gap_case(name: str, config_name: str):
+    """(truth, thick scan, profile kind, thickness mm, factor) of one gap case; deterministic."""
+    kind, thickness_mm, factor = GAP_CONFIGS[config_name]
+    volume = sr3d_io.load_volume(SHARED / GAP_SCANS[name])
+    truth, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind,
+                                                 thickness=thickness_mm / volume.spacing[0])
+    return truth, thick, kind, thickness_mm, factor
+
+
+def _score(truth: np.ndarray, array: np.ndarray, data_range) -> dict:
+    score = metrics.score_volume(truth, array, metrics.float_protocol(data_range, with_ifc=False))
+    return {"psnr": score["psnr"], "ssim": score["ssim"]}
+
+
+def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Path) -> dict:
+    """Scores `methods` on one gap case and stores each in gaps.json as soon as it is done."""
+    import sr3d
+
+    truth, thick, kind, thickness_mm, factor = _gap_case(name, config_name)
+    key = f"{name}|{config_name}"
+    entry = json.loads(path.read_text()).get(key, {}) if path.exists() else {}
+    data_range = (float(truth.array.min()), float(truth.array.max()))
+    entry.update({"scan": _rel(SHARED / GAP_SCANS[name]), "profile": kind, "thickness_mm": thickness_mm,
+                  "factor": factor, "spacing_mm": list(thick.spacing), "truth_shape": list(truth.shape),
+                  "data_range": list(data_range), "steps": steps,
+                  "protocol": metrics.float_protocol(data_range, with_ifc=False).describe()})
+    entry.setdefault("scores", {})
+    entry.setdefault("runs", {})
+    _log(f"{key}: {truth.shape} truth, thick {thick.shape} at {_mm(thick.spacing)} mm, {kind} {thickness_mm:g} mm "
+         f"slices every {thick.spacing[0]:.3g} mm")
+    trained = {}  # profile (kind, thickness rounded) -> network output, to reuse identical trainings
+
+    def selfsup_run(method: str, match: str = "shape", **profile) -> None:
+        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, **profile)
+        started = time.perf_counter()
+        plan = selfsup.plan_for(thick.spacing, factor=factor)
+        resolved = (selfsup.estimate_profile(thick, plan, match=match) if config.profile == "estimate" else
+                    selfsup.resolve_profile(thick, plan, config.profile, config.slice_thickness))
+        resolve_seconds = time.perf_counter() - started
+        same = (resolved.kind, round(resolved.thickness_mm, 3))
+        run = {"slice_profile": resolved.to_json(), "profile_seconds": round(resolve_seconds, 2)}
+        if same in trained:
+            array, run["reused_network_of"] = trained[same]
+        else:
+            result = selfsup.train(thick, config, _log, profile=resolved)
+            run.update({"train_steps": result.steps, "train_seconds": round(result.seconds, 1)})
+            started = time.perf_counter()
+            array = selfsup.upscale_thick(thick, result.model).array
+            run["infer_seconds"] = round(time.perf_counter() - started, 1)
+            trained[same] = (array, method)
+        entry["runs"][method] = run
+        finish(method, array)
+
+    def finish(method: str, array: np.ndarray) -> None:
+        entry["scores"][method] = _score(truth.array, array, data_range)
+        _log(f"  {method:11s} PSNR {entry['scores'][method]['psnr']:.2f} dB  SSIM {entry['scores'][method]['ssim']:.4f}")
+        _update_json(path, key, entry)
+
+    for method in methods:
+        if method in ("lanczos", "cubic"):
+            up = baselines.upscale_axes(thick.array, factor, "lanczos" if method == "lanczos" else "bicubic", axes=(0,))
+            finish(method, np.clip(up, thick.array.min(), thick.array.max()))
+        elif method == "supervised":
+            if not (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists():
+                _log(f"  supervised: no shipped x{factor} model")
+                continue
+            started = time.perf_counter()
+            array = sr3d.upscale(thick, factor, mode="d", self_check=False).array
+            entry["runs"]["supervised"] = {"model": _rel(inference.shipped_model_dir(factor)),
+                                           "infer_seconds": round(time.perf_counter() - started, 1)}
+            finish(method, array)
+        elif method == "gap_aware":
+            selfsup_run(method, profile=kind, slice_thickness=thickness_mm)
+        elif method == "no_gap":
+            selfsup_run(method, profile=kind, slice_thickness=thick.spacing[0])
+        elif method == "estimated":
+            selfsup_run(method, profile="estimate")
+        elif method == "estimated_per_axis":
+            selfsup_run(method, match="per-axis", profile="estimate")
+        else:
+            raise app.UsageError(f"--methods: {method!r} is not one of {GAP_METHODS}")
+    return entry
+
+
+def run_bias(name: str, path: pathlib.Path) -> dict:
+    """`selfsup.estimate_profile` (both spectral matches) on slices simulated from one real scan
+    every BIAS_SPACING_MM mm, box and Gaussian, BIAS_WIDTHS_MM; the golden value is the
+    simulated width. Stored in bias.json."""
+    volume = sr3d_io.load_volume(SHARED / GAP_SCANS[name])
+    factor = round(BIAS_SPACING_MM / volume.spacing[0])
+    cases = []
+    for kind in selfsup.PROFILES:
+        for width in BIAS_WIDTHS_MM:
+            _, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind,
+                                                     thickness=width / volume.spacing[0])
+            plan = selfsup.plan_for(thick.spacing, factor=factor)
+            case = {"kind": kind, "thickness_mm": width}
+            for match in BIAS_MATCHES:
+                started = time.perf_counter()
+                estimate = selfsup.estimate_profile(thick, plan, match=match)
+                case[match] = {"kind": estimate.kind, "thickness_mm": round(estimate.thickness_mm, 3),
+                               "error_mm": round(estimate.thickness_mm - width, 3),
+                               "seconds": round(time.perf_counter() - started, 1)}
+            _log(f"{name}: {kind} {width:g} mm every {thick.spacing[0]:.3g} mm -> " + ", ".join(
+                f"{m}: {case[m]['kind']} {case[m]['thickness_mm']:.2f}" for m in BIAS_MATCHES))
+            cases.append(case)
+    entry = {"scan": _rel(SHARED / GAP_SCANS[name]), "spacing_mm": volume.spacing[0] * factor, "cases": cases}
+    _update_json(path, name, entry)
+    return entry
+
+
 def _figure(path: pathlib.Path, columns: list, grid: sr3d_io.Volume, title: str,
             error_of: np.ndarray | None = None, window: tuple[float, float] = (0.5, 99.5)) -> None:
     """Coronal ((D, W) plane) and sagittal ((D, H) plane) reformats of each column at the grid's
@@ -312,6 +456,13 @@ def main(argv):
             if add_supervised(entry):
                 _update_json(path, key, entry)
                 _log(f"{key}: supervised {entry['scores']['supervised']}")
+    elif _PART.value == "gaps":
+        for name in _SCANS.value or list(GAP_SCANS):
+            for config_name in _CONFIGS.value or list(GAP_CONFIGS):
+                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / "gaps.json")
+    elif _PART.value == "bias":
+        for name in _SCANS.value or list(GAP_SCANS):
+            run_bias(name, out_dir / "bias.json")
     elif _PART.value == "real":
         for name in _SCANS.value or list(REAL_SCANS):
             entry = run_real(name, _BUDGET.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
