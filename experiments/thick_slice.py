@@ -66,6 +66,9 @@ REAL_SCANS = {
     "brain2": "thick-slice-brain-mr/brain2_image.nrrd",
 }
 REAL_TARGET_MM = 1.3
+# Real thick-slice scans shown before and after in the three radiological planes (x5 along the slices).
+FIGURE_SCANS = {**REAL_SCANS, "oblique-pd": "oblique-pd-dicom"}
+FIGURE_FACTOR = 5
 # Real ~1 mm scans for the gap experiment: two subjects of one T1 study, two other contrasts.
 GAP_SCANS = {
     "sub-34-t1": "ds002748-t1-1mm/sub-34_T1w.nii.gz",
@@ -84,13 +87,15 @@ BIAS_SPACING_MM = 5
 BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
 BIAS_MATCHES = ("per-axis", "shape")
 
-_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "bias", "report"], "What to run.")
+_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "bias", "figures", "report"], "What to run.")
 _SCANS = flags.DEFINE_list("scans", None, "Scan names (default: all of the part).")
 _FACTORS = flags.DEFINE_list("factors", ["3", "4"], "Simulated slice-thickness factors.")
 _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "Training budget in seconds.")
 _CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
 _METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
 _STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
+_GAPS_FILE = flags.DEFINE_string("gaps_file", "gaps.json", "gaps: results file in --out_dir (runs in parallel "
+                                 "write to different files; the report merges gaps*.json).")
 _OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
 _NIFTI_DIR = flags.DEFINE_string("nifti_dir", "/tmp/sr3d_thick_slice", "Where upscaled real scans are written "
                                  "(not in docs: the thick-slice scans may not be redistributed).")
@@ -349,6 +354,71 @@ def run_bias(name: str, path: pathlib.Path) -> dict:
     return entry
 
 
+def _plane_aspect(volume: sr3d_io.Volume, normal_axis: int) -> float:
+    """Height / width of one pixel of `planes.show(volume, normal_axis)`, from the spacing (the
+    vertical axis chosen as sr3d.planes.display chooses it)."""
+    from sr3d import planes
+
+    axes = [a for a in range(3) if a != normal_axis]
+    vertical_world = 1 if planes.plane_name(volume.affine, normal_axis) == "axial" else 2
+    vertical = next((a for a in axes if planes.world_axis(volume.affine, a)[0] == vertical_world), axes[0])
+    horizontal = axes[1] if vertical == axes[0] else axes[0]
+    return volume.spacing[vertical] / volume.spacing[horizontal]
+
+
+def run_figure(name: str, steps: int, out_dir: pathlib.Path, nifti_dir: pathlib.Path) -> dict:
+    """A real thick-slice scan before and after `--self-supervised` (x FIGURE_FACTOR along the
+    slices, `steps` steps, seed 0), in the three planes named and oriented the radiological way
+    (`sr3d.planes`); the middle acquired slice and the planes through the middle of the others."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sr3d import planes
+
+    thick = sr3d_io.load_volume(SHARED / FIGURE_SCANS[name])
+    config = selfsup.SelfSupConfig(factor=FIGURE_FACTOR, time_budget_s=None, max_steps=steps, seed=0)
+    trained = selfsup.train(thick, config, _log)
+    started = time.perf_counter()
+    result = selfsup.upscale_thick(thick, trained.model)
+    infer_seconds = time.perf_counter() - started
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    sr3d_io.save_volume(result, nifti_dir / f"{name}_selfsup_x{FIGURE_FACTOR}.nii.gz", note=trained.plan.describe())
+    axis = trained.plan.axis
+    middle = thick.shape[axis] // 2
+    # Thick voxel i covers output voxels i*r .. i*r + r - 1 (sr3d.io.upscaled_affine): its centre is i*r + (r-1)/2.
+    index = {"acquired": [thick.shape[a] // 2 if a != axis else middle for a in range(3)],
+             "self-supervised": [result.shape[a] // 2 if a != axis else middle * FIGURE_FACTOR + FIGURE_FACTOR // 2
+                                 for a in range(3)]}
+    vmin, vmax = np.percentile(thick.array, (1, 99.5))
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.4))
+    for row, (label, volume) in enumerate((("acquired", thick), ("self-supervised", result))):
+        for col, normal in enumerate(sorted(range(3), key=lambda a: ["axial", "coronal", "sagittal"].index(
+                planes.plane_name(thick.affine, a)))):
+            shown = planes.show(volume.array, volume.affine, normal, index[label][normal])
+            ax = axes[row, col]
+            ax.imshow(shown.image, cmap="gray", vmin=vmin, vmax=vmax, aspect=_plane_aspect(volume, normal),
+                      interpolation="nearest")
+            planes.label_edges(ax, shown)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(shown.name, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"{label}\n{_mm(volume.spacing)} mm", fontsize=9)
+    fig.suptitle(f"{name}: {thick.shape[axis]} slices of {trained.profile.thickness_mm:.3g} mm every "
+                 f"{thick.spacing[axis]:.3g} mm -> x{FIGURE_FACTOR} self-supervised ({trained.steps} steps, seed 0; "
+                 f"{trained.profile.source})", fontsize=10)
+    fig.tight_layout()
+    figure = out_dir / f"planes_{name}.png"
+    fig.savefig(figure, dpi=80)
+    plt.close(fig)
+    _log(f"wrote {figure}")
+    return {"scan": _rel(SHARED / FIGURE_SCANS[name]), "shape": list(thick.shape), "spacing_mm": list(thick.spacing),
+            "factor": FIGURE_FACTOR, "training": trained.to_json(), "infer_seconds": round(infer_seconds, 1),
+            "figure": figure.name}
+
+
 def _figure(path: pathlib.Path, columns: list, grid: sr3d_io.Volume, title: str,
             error_of: np.ndarray | None = None, window: tuple[float, float] = (0.5, 99.5)) -> None:
     """Coronal ((D, W) plane) and sagittal ((D, H) plane) reformats of each column at the grid's
@@ -459,10 +529,14 @@ def main(argv):
     elif _PART.value == "gaps":
         for name in _SCANS.value or list(GAP_SCANS):
             for config_name in _CONFIGS.value or list(GAP_CONFIGS):
-                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / "gaps.json")
+                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / _GAPS_FILE.value)
     elif _PART.value == "bias":
         for name in _SCANS.value or list(GAP_SCANS):
             run_bias(name, out_dir / "bias.json")
+    elif _PART.value == "figures":
+        for name in _SCANS.value or list(FIGURE_SCANS):
+            entry = run_figure(name, _STEPS.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
+            _update_json(out_dir / "figures.json", name, entry)
     elif _PART.value == "real":
         for name in _SCANS.value or list(REAL_SCANS):
             entry = run_real(name, _BUDGET.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
