@@ -23,7 +23,8 @@ Degradation model (`degrade_along`): thick voxel i covers fine voxels
 i*r .. i*r + r - 1 (the grid convention of `sr3d.io.upscaled_affine`); its
 value is the slice profile (`slice_profile`: a box of width r, or a Gaussian
 with FWHM r, in fine voxels) centred on that span, with mirrored borders.
-Slice thickness is taken equal to the slice spacing (no gaps, no overlap).
+The slice thickness (box width or FWHM) may differ from the spacing: thinner is a gap
+between slices, thicker an overlap (`SliceProfile`, `resolve_profile`).
 
 Training (`train_on_scan`): both in-plane directions give pairs (rotating the
 degradation direction is the augmentation), drawn as 7x7 LR patches by
