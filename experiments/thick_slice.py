@@ -3,6 +3,7 @@
   python experiments/thick_slice.py --part=simulate --scans=stroke-t1 --factors=3,4   (one run ~4 min)
   python experiments/thick_slice.py --part=real --scans=brain1                        (one run ~4 min)
   python experiments/thick_slice.py --part=supervised   (adds the shipped models' rows to the simulate runs)
+  python experiments/thick_slice.py --part=gaps --steps=1200   (gaps with ground truth: 4 scans x 2 configs)
   python experiments/thick_slice.py --part=report
 
 simulate: a real isotropic scan is the ground truth; thick slices along D are
@@ -22,7 +23,19 @@ reported: data consistency (the result, degraded again by the box profile,
 against the acquired slices) and the training task itself (the scan's own
 in-plane slices degraded along one axis, reconstructed).
 
-Every run adds its entry to docs/thick_slice/{simulated,real}.json (reruns
+gaps: slices thinner than their spacing (a gap between them), simulated from
+real ~1 mm scans of two subjects and two contrasts (GAP_SCANS) along D, with
+the configurations of GAP_CONFIGS; the thick scan is brought back to the truth's
+grid by Lanczos and cubic along D, the shipped stage d alone (`sr3d.upscale(...,
+mode="d")`, as `sr3d upscale --axes d`; only where a model of the factor is
+shipped) and three self-supervised networks trained for exactly --steps steps,
+seed 0 (reproducible, whatever the load): gap-aware (told the true kind and
+thickness), no-gap (told thickness = spacing, the kind right) and estimated
+(`--slice-profile estimate`). When the estimate equals a profile already
+trained, that network is reused: training is deterministic, so it would be the
+same network.
+
+Every run adds its entry to docs/thick_slice/{simulated,real,gaps}.json (reruns
 replace it); --part=report writes docs/thick_slice/results.md from them.
 """
 import json
@@ -53,11 +66,36 @@ REAL_SCANS = {
     "brain2": "thick-slice-brain-mr/brain2_image.nrrd",
 }
 REAL_TARGET_MM = 1.3
+# Real thick-slice scans shown before and after in the three radiological planes (x5 along the slices).
+FIGURE_SCANS = {**REAL_SCANS, "oblique-pd": "oblique-pd-dicom"}
+FIGURE_FACTOR = 5
+# Real ~1 mm scans for the gap experiment: two subjects of one T1 study, two other contrasts.
+GAP_SCANS = {
+    "sub-34-t1": "ds002748-t1-1mm/sub-34_T1w.nii.gz",
+    "sub-40-t1": "ds002748-t1-1mm/sub-40_T1w.nii.gz",
+    "stroke-t2": "stroke-t1-t2-flair/T2.nii.gz",
+    "stroke-flair": "stroke-t1-t2-flair/FLAIR.nii.gz",
+}
+# (name, profile kind, slice thickness in mm, slice spacing = factor x the scan's D spacing of ~1 mm).
+GAP_CONFIGS = {
+    "box4-every5": ("box", 4.0, 5),
+    "gauss2.5-every4": ("gaussian", 2.5, 4),
+}
+GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "no_gap", "estimated", "estimated_per_axis")
+# Profile-estimation bias: simulated slices every BIAS_SPACING_MM of these kinds and widths (mm).
+BIAS_SPACING_MM = 5
+BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
+BIAS_MATCHES = ("per-axis", "shape")
 
-_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "report"], "What to run.")
+_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "bias", "figures", "report"], "What to run.")
 _SCANS = flags.DEFINE_list("scans", None, "Scan names (default: all of the part).")
 _FACTORS = flags.DEFINE_list("factors", ["3", "4"], "Simulated slice-thickness factors.")
 _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "Training budget in seconds.")
+_CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
+_METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
+_STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
+_GAPS_FILE = flags.DEFINE_string("gaps_file", "gaps.json", "gaps: results file in --out_dir (runs in parallel "
+                                 "write to different files; the report merges gaps*.json).")
 _OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
 _NIFTI_DIR = flags.DEFINE_string("nifti_dir", "/tmp/sr3d_thick_slice", "Where upscaled real scans are written "
                                  "(not in docs: the thick-slice scans may not be redistributed).")
@@ -205,6 +243,213 @@ def run_real(name: str, budget: float, out_dir: pathlib.Path, nifti_dir: pathlib
             "figure": figure.name}
 
 
+def _gap_case(name: str, config_name: str):
+    """(truth, thick scan, profile kind, thickness mm, factor) of one gap case; deterministic."""
+    kind, thickness_mm, factor = GAP_CONFIGS[config_name]
+    volume = sr3d_io.load_volume(SHARED / GAP_SCANS[name])
+    truth, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind,
+                                                 thickness=thickness_mm / volume.spacing[0])
+    return truth, thick, kind, thickness_mm, factor
+
+
+def _score(truth: np.ndarray, array: np.ndarray, data_range) -> dict:
+    score = metrics.score_volume(truth, array, metrics.float_protocol(data_range, with_ifc=False))
+    return {"psnr": score["psnr"], "ssim": score["ssim"]}
+
+
+def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Path) -> dict:
+    """Scores `methods` on one gap case and stores each in gaps.json as soon as it is done."""
+    import sr3d
+
+    truth, thick, kind, thickness_mm, factor = _gap_case(name, config_name)
+    key = f"{name}|{config_name}"
+    entry = json.loads(path.read_text()).get(key, {}) if path.exists() else {}
+    data_range = (float(truth.array.min()), float(truth.array.max()))
+    entry.update({"scan": _rel(SHARED / GAP_SCANS[name]), "profile": kind, "thickness_mm": thickness_mm,
+                  "factor": factor, "spacing_mm": list(thick.spacing), "truth_shape": list(truth.shape),
+                  "data_range": list(data_range), "steps": steps,
+                  "protocol": metrics.float_protocol(data_range, with_ifc=False).describe()})
+    entry.setdefault("scores", {})
+    entry.setdefault("runs", {})
+    _log(f"{key}: {truth.shape} truth, thick {thick.shape} at {_mm(thick.spacing)} mm, {kind} {thickness_mm:g} mm "
+         f"slices every {thick.spacing[0]:.3g} mm")
+    trained = {}  # profile (kind, thickness rounded) -> network output, to reuse identical trainings
+
+    def selfsup_run(method: str, match: str = "shape", **profile) -> None:
+        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, **profile)
+        started = time.perf_counter()
+        plan = selfsup.plan_for(thick.spacing, factor=factor)
+        resolved = (selfsup.estimate_profile(thick, plan, match=match) if config.profile == "estimate" else
+                    selfsup.resolve_profile(thick, plan, config.profile, config.slice_thickness))
+        resolve_seconds = time.perf_counter() - started
+        same = (resolved.kind, round(resolved.thickness_mm, 3))
+        run = {"slice_profile": resolved.to_json(), "profile_seconds": round(resolve_seconds, 2)}
+        if same in trained:
+            array, run["reused_network_of"] = trained[same]
+        else:
+            result = selfsup.train(thick, config, _log, profile=resolved)
+            run.update({"train_steps": result.steps, "train_seconds": round(result.seconds, 1)})
+            started = time.perf_counter()
+            array = selfsup.upscale_thick(thick, result.model).array
+            run["infer_seconds"] = round(time.perf_counter() - started, 1)
+            trained[same] = (array, method)
+        entry["runs"][method] = run
+        finish(method, array)
+
+    def finish(method: str, array: np.ndarray) -> None:
+        entry["scores"][method] = _score(truth.array, array, data_range)
+        _log(f"  {method:11s} PSNR {entry['scores'][method]['psnr']:.2f} dB  SSIM {entry['scores'][method]['ssim']:.4f}")
+        _update_json(path, key, entry)
+
+    for method in methods:
+        if method in ("lanczos", "cubic"):
+            up = baselines.upscale_axes(thick.array, factor, "lanczos" if method == "lanczos" else "bicubic", axes=(0,))
+            finish(method, np.clip(up, thick.array.min(), thick.array.max()))
+        elif method == "supervised":
+            if not (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists():
+                _log(f"  supervised: no shipped x{factor} model")
+                continue
+            started = time.perf_counter()
+            array = sr3d.upscale(thick, factor, mode="d", self_check=False).array
+            entry["runs"]["supervised"] = {"model": _rel(inference.shipped_model_dir(factor)),
+                                           "infer_seconds": round(time.perf_counter() - started, 1)}
+            finish(method, array)
+        elif method == "gap_aware":
+            selfsup_run(method, profile=kind, slice_thickness=thickness_mm)
+        elif method == "no_gap":
+            selfsup_run(method, profile=kind, slice_thickness=thick.spacing[0])
+        elif method == "estimated":
+            selfsup_run(method, profile="estimate")
+        elif method == "estimated_per_axis":
+            selfsup_run(method, match="per-axis", profile="estimate")
+        else:
+            raise app.UsageError(f"--methods: {method!r} is not one of {GAP_METHODS}")
+    return entry
+
+
+# A statistically isotropic 1 mm volume (power spectrum |k|^-3, seed 0): the estimator's assumption holds.
+ISOTROPIC_FIELD = "isotropic-field"
+AXIS_POWER_PERIODS_MM = (16.0, 8.0, 4.0, 2.0)
+
+
+def _isotropic_field(n: int = 120) -> sr3d_io.Volume:
+    k = np.fft.fftfreq(n)
+    radius = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    radius[0, 0, 0] = 1.0
+    noise = np.random.default_rng(0).standard_normal((n, n, n))
+    field = np.fft.ifftn(np.fft.fftn(noise) * radius ** -1.5).real
+    array = (field - field.min()) / (field.max() - field.min()) * 100 + 50
+    return sr3d_io.Volume(array=array.astype(np.float32), spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
+
+
+def _axis_power(volume: sr3d_io.Volume) -> dict:
+    """log10 power (normalised units) of the 1 mm scan's lines along D, H and W at AXIS_POWER_PERIODS_MM:
+    how alike the anatomy is along the axes (the estimator's assumption)."""
+    from sr3d import intensity
+
+    normalised = intensity.window(volume.array).normalise(volume.array)
+    out = {}
+    for axis, label in enumerate("DHW"):
+        lines = np.moveaxis(normalised, axis, -1).reshape(-1, normalised.shape[axis])
+        spectrum = selfsup._line_spectrum(lines[lines.std(axis=1) > 0.05], 32)
+        out[label] = {f"{p:g}": round(float(np.log10(spectrum[round(32 * volume.spacing[axis] / p)])), 3)
+                      for p in AXIS_POWER_PERIODS_MM}
+    return out
+
+
+def run_bias(name: str, path: pathlib.Path) -> dict:
+    """`selfsup.estimate_profile` (both spectral matches) on slices simulated from one real scan
+    every BIAS_SPACING_MM mm, box and Gaussian, BIAS_WIDTHS_MM; the golden value is the
+    simulated width. Stored in bias.json."""
+    volume = _isotropic_field() if name == ISOTROPIC_FIELD else sr3d_io.load_volume(SHARED / GAP_SCANS[name])
+    factor = round(BIAS_SPACING_MM / volume.spacing[0])
+    cases = []
+    for kind in selfsup.PROFILES:
+        for width in BIAS_WIDTHS_MM:
+            _, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind,
+                                                     thickness=width / volume.spacing[0])
+            plan = selfsup.plan_for(thick.spacing, factor=factor)
+            case = {"kind": kind, "thickness_mm": width}
+            for match in BIAS_MATCHES:
+                started = time.perf_counter()
+                estimate = selfsup.estimate_profile(thick, plan, match=match)
+                case[match] = {"kind": estimate.kind, "thickness_mm": round(estimate.thickness_mm, 3),
+                               "error_mm": round(estimate.thickness_mm - width, 3),
+                               "seconds": round(time.perf_counter() - started, 1)}
+            _log(f"{name}: {kind} {width:g} mm every {thick.spacing[0]:.3g} mm -> " + ", ".join(
+                f"{m}: {case[m]['kind']} {case[m]['thickness_mm']:.2f}" for m in BIAS_MATCHES))
+            cases.append(case)
+    entry = {"scan": ISOTROPIC_FIELD if name == ISOTROPIC_FIELD else _rel(SHARED / GAP_SCANS[name]),
+             "spacing_mm": volume.spacing[0] * factor, "cases": cases, "axis_power": _axis_power(volume)}
+    _update_json(path, name, entry)
+    return entry
+
+
+def _plane_aspect(volume: sr3d_io.Volume, normal_axis: int) -> float:
+    """Height / width of one pixel of `planes.show(volume, normal_axis)`, from the spacing (the
+    vertical axis chosen as sr3d.planes.display chooses it)."""
+    from sr3d import planes
+
+    axes = [a for a in range(3) if a != normal_axis]
+    vertical_world = 1 if planes.plane_name(volume.affine, normal_axis) == "axial" else 2
+    vertical = next((a for a in axes if planes.world_axis(volume.affine, a)[0] == vertical_world), axes[0])
+    horizontal = axes[1] if vertical == axes[0] else axes[0]
+    return volume.spacing[vertical] / volume.spacing[horizontal]
+
+
+def run_figure(name: str, steps: int, out_dir: pathlib.Path, nifti_dir: pathlib.Path) -> dict:
+    """A real thick-slice scan before and after `--self-supervised` (x FIGURE_FACTOR along the
+    slices, `steps` steps, seed 0), in the three planes named and oriented the radiological way
+    (`sr3d.planes`); the middle acquired slice and the planes through the middle of the others."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sr3d import planes
+
+    thick = sr3d_io.load_volume(SHARED / FIGURE_SCANS[name])
+    config = selfsup.SelfSupConfig(factor=FIGURE_FACTOR, time_budget_s=None, max_steps=steps, seed=0)
+    trained = selfsup.train(thick, config, _log)
+    started = time.perf_counter()
+    result = selfsup.upscale_thick(thick, trained.model)
+    infer_seconds = time.perf_counter() - started
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    sr3d_io.save_volume(result, nifti_dir / f"{name}_selfsup_x{FIGURE_FACTOR}.nii.gz", note=trained.plan.describe())
+    axis = trained.plan.axis
+    middle = thick.shape[axis] // 2
+    # Thick voxel i covers output voxels i*r .. i*r + r - 1 (sr3d.io.upscaled_affine): its centre is i*r + (r-1)/2.
+    index = {"acquired": [thick.shape[a] // 2 if a != axis else middle for a in range(3)],
+             "self-supervised": [result.shape[a] // 2 if a != axis else middle * FIGURE_FACTOR + FIGURE_FACTOR // 2
+                                 for a in range(3)]}
+    vmin, vmax = np.percentile(thick.array, (1, 99.5))
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.4))
+    for row, (label, volume) in enumerate((("acquired", thick), ("self-supervised", result))):
+        for col, normal in enumerate(sorted(range(3), key=lambda a: ["axial", "coronal", "sagittal"].index(
+                planes.plane_name(thick.affine, a)))):
+            shown = planes.show(volume.array, volume.affine, normal, index[label][normal])
+            ax = axes[row, col]
+            ax.imshow(shown.image, cmap="gray", vmin=vmin, vmax=vmax, aspect=_plane_aspect(volume, normal),
+                      interpolation="nearest")
+            planes.label_edges(ax, shown)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(shown.name, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"{label}\n{_mm(volume.spacing)} mm", fontsize=9)
+    fig.suptitle(f"{name}: {thick.shape[axis]} slices of {trained.profile.thickness_mm:.3g} mm every "
+                 f"{thick.spacing[axis]:.3g} mm -> x{FIGURE_FACTOR} self-supervised ({trained.steps} steps, seed 0; "
+                 f"{trained.profile.source})", fontsize=10)
+    fig.tight_layout()
+    figure = out_dir / f"planes_{name}.png"
+    fig.savefig(figure, dpi=80)
+    plt.close(fig)
+    _log(f"wrote {figure}")
+    return {"scan": _rel(SHARED / FIGURE_SCANS[name]), "shape": list(thick.shape), "spacing_mm": list(thick.spacing),
+            "factor": FIGURE_FACTOR, "training": trained.to_json(), "infer_seconds": round(infer_seconds, 1),
+            "figure": figure.name}
+
+
 def _figure(path: pathlib.Path, columns: list, grid: sr3d_io.Volume, title: str,
             error_of: np.ndarray | None = None, window: tuple[float, float] = (0.5, 99.5)) -> None:
     """Coronal ((D, W) plane) and sagittal ((D, H) plane) reformats of each column at the grid's
@@ -291,9 +536,118 @@ def write_report(out_dir: pathlib.Path) -> pathlib.Path:
                          f"{e['train_seconds']:.0f} s |")
         lines += ["", f"Data consistency: {next(iter(real.values()))['data_consistency_note']}.",
                   f"In-plane task: {next(iter(real.values()))['in_plane_task_note']}.", ""]
+    lines += _gaps_report(out_dir) + _bias_report(out_dir) + _figures_report(out_dir)
     path = out_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _merged_gaps(out_dir: pathlib.Path) -> dict:
+    """gaps*.json merged: scores and runs of one case from all files (runs made in parallel)."""
+    merged = {}
+    for path in sorted(out_dir.glob("gaps*.json")):
+        for key, entry in json.loads(path.read_text()).items():
+            into = merged.setdefault(key, {**entry, "scores": {}, "runs": {}})
+            into["scores"].update(entry["scores"])
+            into["runs"].update(entry["runs"])
+    return merged
+
+
+def _gaps_report(out_dir: pathlib.Path) -> list[str]:
+    cases = _merged_gaps(out_dir)
+    if not cases:
+        return []
+    lines = ["## Slice gaps, simulated from real 1 mm scans (ground truth known)", "",
+             "PSNR (dB) / SSIM against the 1 mm truth on its grid. Self-supervised networks: "
+             f"{next(iter(cases.values()))['steps']} steps, seed 0.", "",
+             "| scan | slices | Lanczos | cubic | supervised stage d | self-sup. no-gap | self-sup. gap-aware "
+             "| self-sup. estimated (estimate) | estimated, per-axis match (estimate) | gap-aware - Lanczos "
+             "| gap-aware - no-gap | estimated - gap-aware |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(scores, method):
+        return f"{scores[method]['psnr']:.2f} / {scores[method]['ssim']:.4f}" if method in scores else "-"
+
+    def estimate(runs, method):
+        if method not in runs:
+            return ""
+        profile = runs[method]["slice_profile"]
+        return f" ({profile['kind']} {profile['thickness_mm']:.3g} mm)"
+
+    def delta(scores, a, b):
+        return f"{scores[a]['psnr'] - scores[b]['psnr']:+.2f}" if a in scores and b in scores else "-"
+
+    for key in sorted(cases):
+        e = cases[key]
+        s, runs = e["scores"], e["runs"]
+        supervised = cell(s, "supervised") if "supervised" in s else f"no shipped x{e['factor']}"
+        lines.append(f"| {key.split('|')[0]} | {e['profile']} {e['thickness_mm']:g} mm every "
+                     f"{e['spacing_mm'][0]:.3g} mm | {cell(s, 'lanczos')} | {cell(s, 'cubic')} | {supervised} | "
+                     f"{cell(s, 'no_gap')} | {cell(s, 'gap_aware')} | {cell(s, 'estimated')}"
+                     f"{estimate(runs, 'estimated')} | {cell(s, 'estimated_per_axis')}"
+                     f"{estimate(runs, 'estimated_per_axis')} | {delta(s, 'gap_aware', 'lanczos')} | "
+                     f"{delta(s, 'gap_aware', 'no_gap')} | {delta(s, 'estimated', 'gap_aware')} |")
+    times = [r["train_seconds"] for e in cases.values() for r in e["runs"].values() if "train_seconds" in r]
+    protocol = re.sub(r"the fixed window \[[^]]*\]", "the scan's own [min, max]",
+                      next(iter(cases.values()))["protocol"])
+    windows = sorted({(k.split("|")[0], tuple(e["data_range"])) for k, e in cases.items()})
+    lines += ["", f"Training wall time per network: {min(times):.0f}-{max(times):.0f} s "
+              f"({len(times)} networks, nice'd, sharing the 2 cores with other jobs). Scores: {protocol} Windows: "
+              + "; ".join(f"{n} [{lo:g}, {hi:g}]" for n, (lo, hi) in windows) + ".", ""]
+    return lines
+
+
+def _bias_report(out_dir: pathlib.Path) -> list[str]:
+    path = out_dir / "bias.json"
+    if not path.exists():
+        return []
+    bias = json.loads(path.read_text())
+    names = sorted(bias)
+    lines = ["## Slice-profile estimate on slices simulated from real scans", "",
+             f"Slices every {BIAS_SPACING_MM} mm along D; estimate per-axis match -> shape match (kind, mm).", "",
+             "| simulated | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    cases = {(c["kind"], c["thickness_mm"]) for n in names for c in bias[n]["cases"]}
+    for kind, width in sorted(cases):
+        row = [f"{kind} {width:g} mm"]
+        for n in names:
+            c = next(c for c in bias[n]["cases"] if (c["kind"], c["thickness_mm"]) == (kind, width))
+            row.append(" -> ".join(f"{c[m]['kind'][:3]} {c[m]['thickness_mm']:.2f}" for m in BIAS_MATCHES))
+        lines.append("| " + " | ".join(row) + " |")
+    for label, stat in (("mean error (mm)", np.mean), ("mean absolute error (mm)", lambda e: np.mean(np.abs(e))),
+                        ("largest absolute error (mm)", lambda e: np.max(np.abs(e)))):
+        row = [label]
+        for n in names:
+            row.append(" -> ".join(f"{stat([c[m]['error_mm'] for c in bias[n]['cases']]):+.2f}"
+                                   for m in BIAS_MATCHES))
+        lines.append("| " + " | ".join(row) + " |")
+    row = ["kind right"]
+    for n in names:
+        row.append(" -> ".join(f"{sum(c[m]['kind'] == c['kind'] for c in bias[n]['cases'])}/{len(bias[n]['cases'])}"
+                               for m in BIAS_MATCHES))
+    lines += ["| " + " | ".join(row) + " |", "",
+              "How alike the scans are along their axes: log10 power of the 1 mm lines along D / H / W "
+              "(normalised units) at periods of " + ", ".join(f"{p:g}" for p in AXIS_POWER_PERIODS_MM) + " mm.", "",
+              "| scan | " + " | ".join(f"{p:g} mm" for p in AXIS_POWER_PERIODS_MM) + " |",
+              "|---|" + "---|" * len(AXIS_POWER_PERIODS_MM)]
+    for n in names:
+        power = bias[n].get("axis_power")
+        if power:
+            lines.append(f"| {n} | " + " | ".join(" / ".join(f"{power[a][f'{p:g}']:.2f}" for a in "DHW")
+                                                  for p in AXIS_POWER_PERIODS_MM) + " |")
+    return lines + [""]
+
+
+def _figures_report(out_dir: pathlib.Path) -> list[str]:
+    path = out_dir / "figures.json"
+    if not path.exists():
+        return []
+    lines = ["## Real thick-slice scans before and after", "", "| scan | slices | profile used | steps | training s "
+             "| inference s | figure |", "|---|---|---|---|---|---|---|"]
+    for name, e in sorted(json.loads(path.read_text()).items()):
+        t = e["training"]
+        lines.append(f"| {name} | {e['shape'][0]} x {e['spacing_mm'][0]:.3g} mm | {t['slice_profile']['kind']} "
+                     f"{t['slice_profile']['thickness_mm']:.3g} mm ({t['slice_profile']['source']}) | {t['steps']} | "
+                     f"{t['wall_seconds']:.0f} | {e['infer_seconds']:.0f} | {e['figure']} |")
+    return lines + [""]
 
 
 def main(argv):
@@ -312,6 +666,17 @@ def main(argv):
             if add_supervised(entry):
                 _update_json(path, key, entry)
                 _log(f"{key}: supervised {entry['scores']['supervised']}")
+    elif _PART.value == "gaps":
+        for name in _SCANS.value or list(GAP_SCANS):
+            for config_name in _CONFIGS.value or list(GAP_CONFIGS):
+                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / _GAPS_FILE.value)
+    elif _PART.value == "bias":
+        for name in _SCANS.value or list(GAP_SCANS) + [ISOTROPIC_FIELD]:
+            run_bias(name, out_dir / "bias.json")
+    elif _PART.value == "figures":
+        for name in _SCANS.value or list(FIGURE_SCANS):
+            entry = run_figure(name, _STEPS.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
+            _update_json(out_dir / "figures.json", name, entry)
     elif _PART.value == "real":
         for name in _SCANS.value or list(REAL_SCANS):
             entry = run_real(name, _BUDGET.value, out_dir, pathlib.Path(_NIFTI_DIR.value))

@@ -608,7 +608,9 @@ def parser() -> argparse.ArgumentParser:
     many.add_argument("--scale", type=int, default=2)
     many.add_argument("--ensemble", action="store_true")
     many.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
-    many.add_argument("--axes", choices=["3d", "2d"], default="3d")
+    many.add_argument("--axes", choices=["3d", "2d", "d", "h", "w", "thick"], default="3d",
+                      help="as for upscale: d, h or w: the shipped stage d alone along that axis; thick: along "
+                           "each scan's axis with the largest spacing")
     many.add_argument("--tile-mb", dest="tile_mb", type=float, default=256)
     many.add_argument("--overwrite", action="store_true",
                       help="replace outputs in OUT_DIR that this batch's manifest does not list as its own")
