@@ -59,7 +59,8 @@ def _fov_corners(affine: np.ndarray, shape) -> np.ndarray:
 @pytest.mark.slow
 def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
     out = tmp_path / "crop_x2.nii.gz"
-    result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2")
+    # --precision float32: compared below with the library's float32 result (the CLI's default is auto).
+    result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2", "--precision", "float32")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     # The progress bar (stderr is not a terminal: plain lines) ends with the totals of a 6 x 24 x 20 scan.
@@ -198,7 +199,8 @@ def test_upscale_2d_in_process(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
 
 def test_upscale_planes_both_is_the_api_average(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
     out = tmp_path / "crop_both.nii.gz"
-    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", "both"])
+    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", "both",
+                       "--precision", "float32"])
     assert status == 0, capsys.readouterr().err
     volume = sr3d_io.load_volume(nifti_crop)
     bundle = inference.load_models(tiny_bundle_dir, 2)
@@ -286,3 +288,17 @@ def test_thick_slice_scan_in_3d_gets_a_note(tmp_path, nifti_crop, tiny_bundle_di
     assert len(notes) == 1 and "4.0x thicker along D" in notes[0], err
     assert "--axes 2d" in notes[0] and "--self-supervised" in notes[0]
     assert report["anisotropy_note"] == notes[0]
+
+
+def test_upscale_default_precision_is_auto(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
+    """Without --precision the command writes the library's precision="auto" result: bf16 on CPUs
+    with native bf16, float32 elsewhere (sr3d.precision.resolve)."""
+    out = tmp_path / "crop_auto.nii.gz"
+    assert cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir)]) == 0, \
+        capsys.readouterr().err
+    volume = sr3d_io.load_volume(nifti_crop)
+    bundle = inference.load_models(tiny_bundle_dir, 2)
+    expected = inference.upscale_volume(volume, bundle, precision="auto").array
+    written = sr3d_io.load_volume(out).array
+    np.testing.assert_allclose(written, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert cli.parser().parse_args(["upscale-batch", "a", "b"]).precision == "auto"

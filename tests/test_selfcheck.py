@@ -88,7 +88,8 @@ def test_fallback_writes_exactly_the_lanczos_result(tmp_path, t2_crop, tiny_bund
 
 def test_without_fallback_the_cnn_is_written_with_a_warning(tmp_path, t2_crop, tiny_bundle_dir, capsys):
     out = tmp_path / "cnn.nii.gz"
-    assert cli.main(["upscale", str(t2_crop), str(out), "--model", str(tiny_bundle_dir)]) == 0
+    # --precision float32: compared below with the library's float32 result (the CLI's default is auto).
+    assert cli.main(["upscale", str(t2_crop), str(out), "--model", str(tiny_bundle_dir), "--precision", "float32"]) == 0
     assert "warning: on this scan's self-check the CNN scores below Lanczos" in capsys.readouterr().err
     volume = sr3d_io.load_volume(t2_crop)
     bundle = inference.load_models(tiny_bundle_dir, 2)
