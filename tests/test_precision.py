@@ -66,7 +66,8 @@ def test_explicit_precisions_ignore_the_cpu(value):
 
 
 @pytest.mark.parametrize("value, scale, mode, expected", [
-    ("auto", 2, "3d", ("bfloat16", "bfloat16")), ("auto", 2, "2d", ("bfloat16", "bfloat16")),
+    ("auto", 2, "3d", ("bfloat16", "float32")),        # stage d lost 0.063 dB on the chest CT
+    ("auto", 2, "2d", ("bfloat16", "bfloat16")),
     ("auto", 4, "2d", ("bfloat16", "bfloat16")),
     ("auto", 4, "3d", ("bfloat16", "bfloat16")),       # within the guard since the x4 retrain
     ("bfloat16", 4, "3d", ("bfloat16", "bfloat16")),   # an explicit choice is obeyed
@@ -122,8 +123,9 @@ def test_auto_is_float32_without_native_bf16(monkeypatch, tiny_bundle, ixi_norma
 
 def test_auto_is_bf16_with_native_bf16(monkeypatch, tiny_bundle, ixi_normalised):
     monkeypatch.setattr(precision, "cpu_flags", lambda *args: frozenset({"avx512f", "avx512_bf16"}))
-    auto = inference.upscale_normalised(ixi_normalised, tiny_bundle, precision="auto")
-    np.testing.assert_array_equal(auto, inference.upscale_normalised(ixi_normalised, tiny_bundle,
+    # 2D: at 3D x2 auto keeps stage d in float32 (AUTO_FLOAT32_STAGES), in 2D both stages are bf16.
+    auto = inference.upscale_normalised(ixi_normalised, tiny_bundle, mode="2d", precision="auto")
+    np.testing.assert_array_equal(auto, inference.upscale_normalised(ixi_normalised, tiny_bundle, mode="2d",
                                                                      precision="bfloat16"))
 
 
