@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from sr3d import baselines, degrade, inference, intensity, models, selfcheck  # noqa: E402
+from sr3d import baselines, degrade, inference, intensity, metrics, models, selfcheck  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main() -> None:
         lo, hi = float(hr.min()), float(hr.max())
 
         def psnr(y):
-            return 10 * np.log10((hi - lo) ** 2 / np.mean((np.clip(y, lo, hi) - hr) ** 2))
+            return metrics.psnr(hr, np.clip(y, lo, hi), data_range=hi - lo)
 
         lanczos = psnr(baselines.upscale(lr, r, "lanczos", args.mode))
         window = intensity.window(lr)

@@ -71,8 +71,8 @@ class ScanOptions:
 
         if self.scale < 2:
             raise ValueError(f"--scale must be an integer >= 2, got {self.scale}")
-        if self.mode not in inference.MODES + ("thick",):  # "thick": each scan's own thickest axis
-            raise ValueError(f"mode must be one of {inference.MODES + ('thick',)}, got {self.mode!r}")
+        if self.mode not in inference.SCAN_MODES:
+            raise ValueError(f"mode must be one of {inference.SCAN_MODES}, got {self.mode!r}")
         sr3d_precision.check(self.precision)
         if self.format not in ("nifti", "dicom"):
             raise ValueError(f"format must be 'nifti' or 'dicom', got {self.format!r}")

@@ -109,9 +109,12 @@ def match_patterns(pattern: str) -> list[str]:
     """The Beam globs that match what `pattern` means in a shell with globstar: `**/` stands for
     zero or more folders (Beam's `**` needs at least one), and a local pattern is made absolute
     (Beam's local filesystem matches nothing for a pattern without a folder, e.g. `**/*.nii.gz`)."""
-    if _is_local(pattern):
-        pattern = os.path.abspath(pattern)
-    return sorted(set(_globstar_variants(pattern)))
+    return sorted(set(_globstar_variants(_absolute(pattern))))
+
+
+def _absolute(pattern: str) -> str:
+    """A local path or glob made absolute (relative to the working directory); others as they are."""
+    return os.path.abspath(pattern) if _is_local(pattern) else pattern
 
 
 def _globstar_variants(pattern: str) -> list[str]:
@@ -429,7 +432,7 @@ def build(pipeline: beam.Pipeline, job: BeamJob, model_hash: str) -> None:
                  # A variant may match nothing ("a/**/b.nii" -> "a/b.nii"); run() checks that one matched.
                  | "Match scans" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
                  | "Paths" >> beam.Map(lambda metadata: metadata.path))
-        root = glob_root(os.path.abspath(job.input) if _is_local(job.input) else job.input)
+        root = glob_root(_absolute(job.input))
     out = job.output.rstrip("/")
     scans = (paths
              | "Scan of each file" >> beam.Map(scan_of)

@@ -45,6 +45,7 @@ from sr3d import io as sr3d_io
 from sr3d import precision as sr3d_precision
 
 MODES = ("3d", "2d", "d", "h", "w")
+SCAN_MODES = MODES + ("thick",)            # what a scan may ask for: "thick" is resolved per scan (resolve_mode)
 AXIS_MODES = {"d": 0, "h": 1, "w": 2}     # one-axis modes: the axis stage d upsamples
 PLANES = ("dw", "both")
 MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
@@ -246,7 +247,7 @@ def resolve_mode(mode: str, spacing) -> str:
 
         return "dhw"[selfsup.thick_axis(spacing)]
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES + ('thick',)}, got {mode!r}")
+        raise ValueError(f"mode must be one of {SCAN_MODES}, got {mode!r}")
     return mode
 
 
