@@ -526,6 +526,8 @@ def time_lanczos(lr: np.ndarray, scale: int, rounds: int = 2) -> dict:
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                 "amx_int8")
 PRECISIONS = ("float32", "bfloat16")
+# End to end also times "auto", what `sr3d upscale` runs by default (its per-stage choice is recorded).
+PIPELINE_PRECISIONS = PRECISIONS + ("auto",)
 
 
 def cpu_features() -> dict:
@@ -622,15 +624,16 @@ def _gzip_level(level: int):
 
 def pipeline_runs(path: pathlib.Path, bundle, rounds: int, out_dir: pathlib.Path) -> dict:
     """`sr3d upscale`'s work in three timed parts (load the scan, upscale_volume, save_volume .nii.gz),
-    float32 and bfloat16 interleaved for `rounds` rounds; the fastest round of each is kept. The first
-    round also writes the output as .nii (uncompressed) and as .nii.gz at gzip level 6."""
+    float32, bfloat16 and auto interleaved for `rounds` rounds; the fastest round of each is kept. The
+    first round also writes the output as .nii (uncompressed) and as .nii.gz at gzip level 6."""
     from sr3d import inference
     from sr3d import io as sr3d_io
+    from sr3d import precision as sr3d_precision
 
     best: dict = {}
     writes = {}
     for index in range(rounds):
-        for precision in PRECISIONS:
+        for precision in PIPELINE_PRECISIONS:
             with Meter() as load:
                 volume = sr3d_io.load_volume(path)
             with Meter() as compute:
@@ -663,6 +666,9 @@ def pipeline_runs(path: pathlib.Path, bundle, rounds: int, out_dir: pathlib.Path
             "bf16_speedup_total": best["float32"]["total_seconds"] / best["bfloat16"]["total_seconds"],
             "bf16_speedup_compute_cpu": (best["float32"]["compute"]["cpu_seconds"]
                                          / best["bfloat16"]["compute"]["cpu_seconds"]),
+            "auto_stage_precisions": dict(zip(("hw", "d"), sr3d_precision.stage_precisions("auto", bundle.scale))),
+            "auto_speedup_total": best["float32"]["total_seconds"] / best["auto"]["total_seconds"],
+            "auto_speedup_total_cpu": best["float32"]["total_cpu_seconds"] / best["auto"]["total_cpu_seconds"],
             "writes": writes}
 
 
@@ -1001,11 +1007,13 @@ def _precision_lines(result: dict) -> list[str]:
                      f"| {_fmt(row['float32']['gflops'])} | {_fmt(row['bfloat16']['seconds'], 2)} "
                      f"| {_fmt(row['bfloat16']['gflops'])} | {row['bf16_speedup']:.2f}x |")
     lines += ["", f"End to end as `sr3d upscale` does it: load `{pipe['input']}` ({_fmt(pipe['input_mb'])} MiB, int16), "
-              "`upscale_volume` (2x 3D, batch 8, tile_mb 256), `save_volume` to .nii.gz; float32 and bfloat16 "
-              f"interleaved, fastest of {pipe['rounds']} rounds each:", "",
+              "`upscale_volume` (2x 3D, batch 8, tile_mb 256), `save_volume` to .nii.gz; float32, bfloat16 and "
+              f"auto interleaved, fastest of {pipe['rounds']} rounds each:", "",
               "| precision | load s | compute s | write s | total s | shares load / compute / write | compute CPU-s "
               "| CNN / Lanczos CPU | own cores | other cores |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in PRECISIONS:
+    for name in PIPELINE_PRECISIONS:
+        if name not in pipe["best"]:  # runs recorded before auto was timed
+            continue
         row = pipe["best"][name]
         lines.append(f"| {name} | {_fmt(row['load']['seconds'], 2)} | {_fmt(row['compute']['seconds'])} "
                      f"| {_fmt(row['write']['seconds'], 2)} | {_fmt(row['total_seconds'])} "
@@ -1015,8 +1023,13 @@ def _precision_lines(result: dict) -> list[str]:
                      f"| {row['compute']['own_cores']:.2f} | {row['compute']['other_cores']:.2f} |")
     lines += ["", f"**bfloat16 / float32: {pipe['bf16_speedup_total']:.2f}x end to end, "
               f"{pipe['bf16_speedup_compute']:.2f}x for the compute part ({pipe['bf16_speedup_compute_cpu']:.2f}x in "
-              "CPU-s)** (target: auto >= 1.6x end to end where the CPU has bf16).", "",
-              "Writing the float32 run's output another way (same volume):", "",
+              "CPU-s)** (target: auto >= 1.6x end to end where the CPU has bf16).", ""]
+    if "auto_speedup_total" in pipe:
+        stages = pipe["auto_stage_precisions"]
+        lines += [f"**auto / float32: {pipe['auto_speedup_total']:.2f}x end to end "
+                  f"({pipe['auto_speedup_total_cpu']:.2f}x in CPU-s)**; auto ran stage hw in {stages['hw']} and "
+                  f"stage d in {stages['d']}.", ""]
+    lines += ["Writing the float32 run's output another way (same volume):", "",
               "| format | s | CPU-s | file MiB |", "|---|---|---|---|"]
     for label, row in pipe["writes"].items():
         lines.append(f"| {label} | {_fmt(row['seconds'], 2)} | {_fmt(row['cpu_seconds'], 2)} | {_fmt(row['file_mb'])} |")

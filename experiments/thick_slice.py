@@ -69,10 +69,12 @@ REAL_TARGET_MM = 1.3
 # Real thick-slice scans shown before and after in the three radiological planes (x5 along the slices).
 FIGURE_SCANS = {**REAL_SCANS, "oblique-pd": "oblique-pd-dicom"}
 FIGURE_FACTOR = 5
-# Real ~1 mm scans for the gap experiment: two subjects of one T1 study, two other contrasts.
+# Real ~1 mm scans for the gap experiment: two subjects of one skull-stripped T1 study, a whole-head
+# T1 of another site (seg3d), and the T2 and FLAIR of a fourth subject.
 GAP_SCANS = {
     "sub-34-t1": "ds002748-t1-1mm/sub-34_T1w.nii.gz",
     "sub-40-t1": "ds002748-t1-1mm/sub-40_T1w.nii.gz",
+    "seg3d-t1": "seg3d-head-mr/head_MR.nii.gz",
     "stroke-t2": "stroke-t1-t2-flair/T2.nii.gz",
     "stroke-flair": "stroke-t1-t2-flair/FLAIR.nii.gz",
 }

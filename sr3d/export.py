@@ -66,9 +66,17 @@ def _serving_fns(hw_model, d_model, scale: int):
             return tf.identity(tensor)
 
     def run_planes(model, planes):
-        """(N, h, w) normalised planes -> (N, h', w'), one plane per network call."""
-        return tf.map_fn(lambda p: model(p[None, :, :, None], training=False)["final"][0, :, :, 0],
-                         planes, fn_output_signature=tf.TensorSpec([None, None], tf.float32))
+        """(N, h, w) normalised planes -> (N, h', w'), two planes per network call (an odd last
+        plane runs beside a copy of itself). oneDNN takes other kernels for a batch of one plane
+        (on Intel AMX a float32 layer then differs in its last bit, which a bf16 layer after it can
+        turn into a visible difference), so pairs keep the served numbers those of the Python path,
+        which never runs a batch of one (`sr3d.inference`)."""
+        count = tf.shape(planes)[0]
+        paired = tf.concat([planes, planes[count - count % 2:]], axis=0)
+        paired = tf.reshape(paired, tf.concat([[-1, 2], tf.shape(planes)[1:]], axis=0))
+        out = tf.map_fn(lambda pair: model(pair[..., None], training=False)["final"][..., 0],
+                        paired, fn_output_signature=tf.TensorSpec([2, None, None], tf.float32))
+        return tf.reshape(out, tf.concat([[-1], tf.shape(out)[2:]], axis=0))[:count]
 
     def upscale(volume, mode: str):
         volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)

@@ -5,9 +5,9 @@ include `avx512_bf16` (AVX-512 BF16, e.g. AMD Zen 4/5, Intel Cooper Lake) or
 `amx_bf16` (Intel AMX, Sapphire Rapids and later): there oneDNN, which
 TensorFlow uses for its CPU convolutions, runs bf16 convolutions at about
 twice the float32 rate (docs/benchmarks.md). Elsewhere bf16 would be emulated
-and slower, so "auto" is float32. "auto" would also keep float32 where bf16 failed the quality guard
-on the test scans (`AUTO_FLOAT32_STAGES`: stage d at 3D x2 with the shipped models); "bfloat16" is bf16
-everywhere.
+and slower, so "auto" is float32. "auto" would also keep a whole stage in float32 where bf16 failed
+the quality guard on the test scans (`AUTO_FLOAT32_STAGES`, empty since the thin layers stay float32,
+below); "bfloat16" is bf16 everywhere else.
 
 `network(model, "bfloat16")` is a copy of a stage network whose layers run
 under the Keras dtype policy "mixed_bfloat16" (float32 weights, cast to bf16
@@ -15,6 +15,16 @@ when used; bf16 activations). Its input and its "final" / "intermediate"
 outputs stay float32, so callers (normalisation, clipping, the self-check,
 exported graphs) see float32 only; oneDNN accumulates the convolutions in
 float32 either way. Layers named in `FLOAT32_LAYERS` keep float32.
+
+Which layers stay float32: conv1 and conv7, which read a one-channel intensity image (the input;
+the sub-pixel image), and conv10, which writes the output. bf16 keeps 8 significant bits, so an
+image stored in bf16 carries a relative error of up to 2^-9 of the intensity itself, which a
+network without a global residual passes to its output; the 32-channel feature maps between them
+tolerate it. With every conv in bf16, stage d at 3D x2 lost 0.063 dB on the chest CT test slab;
+with these three in float32, 0.012 dB, at 2.1x the float32 speed instead of 3.1x on an AMX CPU
+(docs/benchmarks/precision_layers.md). conv1 and conv7 cost no more in float32 (their work is
+moving one channel); conv10 does, as does conv6, which was left in bf16: float32 there gained
+0.009 dB for another 0.2x.
 """
 from __future__ import annotations
 
@@ -25,16 +35,16 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = pathlib.Path("/proc/cpuinfo")
 MIXED_POLICY = "mixed_bfloat16"
-# The outputs must come back as float32 (they go back to scanner units); every other layer runs in bf16.
-FLOAT32_LAYERS = ("intermediate", "final")
+# The layers that read or write a one-channel intensity image (see the module docstring) and the
+# outputs, which go back to scanner units; every other layer runs in bf16.
+FLOAT32_LAYERS = ("conv1", "conv7", "conv10", "intermediate", "final")
 
-# Where "auto" keeps float32 although the CPU has bf16: (scale, mode) -> stages that failed the
-# quality guard of benchmarks/precision_quality.py (0.05 dB PSNR, 0.001 SSIM on any test scan) with
-# the shipped models. With the bundles shipped on 2026-12-02 06:02, on all 14 test scans: 3D x2
-# stage d loses 0.063 dB on the chest CT (docs/benchmarks/precision_quality_x2_shipped; stage hw
-# in bf16 there -0.028, within), so it stays float32; x4 passes (precision_quality_x4_retrained,
-# worst 3D x4 -0.0004 SSIM). The x4 bundle before them lost 0.0011 SSIM on the stroke FLAIR in 3D.
-AUTO_FLOAT32_STAGES: dict[tuple[int, str], tuple[str, ...]] = {(2, "3d"): ("d",)}
+# Where "auto" keeps a whole stage in float32 although the CPU has bf16: (scale, mode) -> stages
+# that failed the quality guard of benchmarks/precision_quality.py (0.05 dB PSNR, 0.001 SSIM on any
+# test scan) with the shipped models. Empty: with the thin layers in float32 every stage passes on
+# all 14 test scans at x2 and x4, 2D and 3D (docs/benchmarks/precision_quality.md). Before that,
+# stage d at 3D x2 lost 0.063 dB on the chest CT and was kept in float32 here.
+AUTO_FLOAT32_STAGES: dict[tuple[int, str], tuple[str, ...]] = {}
 
 # One bf16 copy per model, kept as long as the model lives (building one costs a model clone).
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -82,12 +92,14 @@ def stage_precisions(precision: str, scale: int, mode: str = "3d",
     return tuple("float32" if stage in kept else resolved for stage in ("hw", "d"))
 
 
-def _bf16_copy(model):
+def bf16_copy(model, float32_layers=FLOAT32_LAYERS):
+    """A copy of `model` (same weights) whose layers run under "mixed_bfloat16", except the input
+    and the layers named in `float32_layers` (benchmarks/precision_layers.py tries other sets)."""
     import keras
 
     def clone_layer(layer):
         config = layer.get_config()
-        if layer.name not in FLOAT32_LAYERS and not isinstance(layer, keras.layers.InputLayer):
+        if layer.name not in float32_layers and not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = MIXED_POLICY
         return layer.__class__.from_config(config)
 
@@ -105,5 +117,5 @@ def network(model, precision: str):
         return model
     copy = _COPIES.get(model)
     if copy is None:
-        copy = _COPIES[model] = _bf16_copy(model)
+        copy = _COPIES[model] = bf16_copy(model)
     return copy
