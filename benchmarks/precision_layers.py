@@ -35,7 +35,7 @@ TEST = REPO / "runs" / "corpus" / "test"
 DEFAULT_SCANS = ("lidc_slices000-105.nii.gz", "ds002748_sub-40.nii.gz", "stroke_T1.nii.gz")
 OUTPUTS = ("intermediate", "final")
 # Candidate float32 sets besides the outputs: none, each thin (one-channel in or out) layer, and
-# the set sr3d uses (precision.FLOAT32_LAYERS).
+# combinations; the one sr3d uses (precision.FLOAT32_LAYERS) is marked in the report.
 CANDIDATES = {
     "none": (),
     "conv1": ("conv1",),
@@ -45,8 +45,8 @@ CANDIDATES = {
     "conv1+conv10": ("conv1", "conv10"),
     "conv1+conv7+conv10": ("conv1", "conv7", "conv10"),
     "all thin layers (conv1, conv6, subpixel, conv7, conv10)": ("conv1", "conv6", "subpixel", "conv7", "conv10"),
-    "sr3d (precision.FLOAT32_LAYERS)": tuple(name for name in precision.FLOAT32_LAYERS if name not in OUTPUTS),
 }
+SR3D_SET = tuple(name for name in precision.FLOAT32_LAYERS if name not in OUTPUTS)
 SPEED_PLANES = {"hw": (256, 256), "d": (176, 512)}
 
 
@@ -119,6 +119,8 @@ def markdown(result: dict) -> list[str]:
         values = " | ".join(f"{c['runs'][run]['delta_psnr_db']:+.4f} dB / {c['runs'][run]['delta_ssim']:+.5f}"
                             for c in cells)
         speed = result["speed"][first["stage"]][first["layers"]]
+        if CANDIDATES[first["layers"]] == SR3D_SET:
+            run = f"**{run}** (sr3d)"
         lines.append(f"| {run} | {values} | {speed['cpu_s']:.2f} | {speed['speedup_over_float32']:.2f}x |")
     lines += ["", "float32 scores: " + ", ".join(f"{c['scan']} {c['float32']['psnr']:.3f} dB / "
                                                  f"{c['float32']['ssim']:.4f}" for c in cells)]

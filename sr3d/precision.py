@@ -16,15 +16,14 @@ outputs stay float32, so callers (normalisation, clipping, the self-check,
 exported graphs) see float32 only; oneDNN accumulates the convolutions in
 float32 either way. Layers named in `FLOAT32_LAYERS` keep float32.
 
-Which layers stay float32: conv1 and conv7, which read a one-channel intensity image (the input;
-the sub-pixel image), and conv10, which writes the output. bf16 keeps 8 significant bits, so an
-image stored in bf16 carries a relative error of up to 2^-9 of the intensity itself, which a
-network without a global residual passes to its output; the 32-channel feature maps between them
-tolerate it. With every conv in bf16, stage d at 3D x2 lost 0.063 dB on the chest CT test slab;
-with these three in float32, 0.012 dB, at 2.1x the float32 speed instead of 3.1x on an AMX CPU
-(docs/benchmarks/precision_layers.md). conv1 and conv7 cost no more in float32 (their work is
-moving one channel); conv10 does, as does conv6, which was left in bf16: float32 there gained
-0.009 dB for another 0.2x.
+Which layers stay float32: conv1, which reads the input image, and conv10, which writes the
+output. bf16 keeps 8 significant bits, so an image stored in bf16 carries a relative error of up to
+2^-9 of the intensity itself, which a network without a global residual passes to its output; the
+32-channel feature maps in between tolerate it. With every conv in bf16, stage d at 3D x2 lost
+0.063 dB on the chest CT test slab; with these two in float32, 0.016 dB, at 2.1x the float32 speed
+instead of 2.9x (Intel AMX; docs/benchmarks/precision_layers.md). The two layers around the
+sub-pixel image, conv6 and conv7, stay bf16: float32 there gained 0.004-0.009 dB more for 10-20%
+of the speed.
 """
 from __future__ import annotations
 
@@ -35,9 +34,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = pathlib.Path("/proc/cpuinfo")
 MIXED_POLICY = "mixed_bfloat16"
-# The layers that read or write a one-channel intensity image (see the module docstring) and the
+# The layers that read the input image or write the output (see the module docstring) and the
 # outputs, which go back to scanner units; every other layer runs in bf16.
-FLOAT32_LAYERS = ("conv1", "conv7", "conv10", "intermediate", "final")
+FLOAT32_LAYERS = ("conv1", "conv10", "intermediate", "final")
 
 # Where "auto" keeps a whole stage in float32 although the CPU has bf16: (scale, mode) -> stages
 # that failed the quality guard of benchmarks/precision_quality.py (0.05 dB PSNR, 0.001 SSIM on any

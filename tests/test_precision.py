@@ -99,9 +99,9 @@ def test_bf16_network_is_bf16_inside_and_float32_outside(tiny_bundle):
     assert precision.network(tiny_bundle.hw, "bfloat16") is net, "one copy per model"
     assert precision.network(tiny_bundle.hw, "float32") is tiny_bundle.hw
     assert net.get_layer("conv5").compute_dtype == "bfloat16"
-    # The layers that read or write a one-channel intensity image stay float32.
+    # The layers that read the input image or write the output stay float32.
     assert {name: net.get_layer(name).compute_dtype for name in ("conv1", "conv6", "conv7", "conv10")} == {
-        "conv1": "float32", "conv6": "bfloat16", "conv7": "float32", "conv10": "float32"}
+        "conv1": "float32", "conv6": "bfloat16", "conv7": "bfloat16", "conv10": "float32"}
     outputs = net(np.zeros((1, 9, 9, 1), np.float32), training=False)
     assert {name: value.dtype for name, value in outputs.items()} == {"intermediate": tf.float32,
                                                                      "final": tf.float32}
