@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--test", default="runs/corpus/test", help="folder of test scans (experiments/corpus.py)")
     parser.add_argument("--only", default="", help="comma-separated parts of scan names to keep")
     parser.add_argument("--perturb", default="none", help="none, noise:S or blur:S (see above)")
+    parser.add_argument("--decimals", type=int, default=2, help="decimals of the per-scan margins")
     args = parser.parse_args()
     r = args.scale
     shipped = inference.load_models(None, r)
@@ -84,7 +85,7 @@ def main() -> None:
         row = [psnr(window.denormalise(inference.upscale_normalised(window.normalise(lr), b, mode=args.mode)))
                - lanczos for b in bundles]
         margins.append(row)
-        print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.2f}" for m in row)
+        print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.{args.decimals}f}" for m in row)
               + f"   noise {sigma:.4f}", flush=True)
     print(f"{'mean':24s} {'':16s} {'':6s}  " + "  ".join(f"{m:+.3f}" for m in np.mean(margins, axis=0)))
 
