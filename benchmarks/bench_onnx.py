@@ -37,7 +37,7 @@ def main() -> None:
 
     from sr3d import inference, intensity, onnx_export
     from sr3d import io as sr3d_io
-    from sr3d.cli import BUNDLED_SCAN
+    from sr3d.demo import BUNDLED_SCAN
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     bundle = inference.load_models(None, scale=2)

@@ -43,7 +43,6 @@ from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E40
 from sr3d import io as sr3d_io  # noqa: E402
 
 PARTS = ("table2", "table1", "main")
-MODES = ("2d", "3d")
 SEED = 0
 DISCUSSION = pathlib.Path(__file__).with_name("results_discussion.md")
 # A 2x stage-hw model turns a 128 x 128 LR slice into a 256 x 256 one: the slice of Table 1's timing.
@@ -652,7 +651,7 @@ def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
     datasets = evaluation_sets(shared, pathlib.Path(args.runs_dir) / "data", budget.datasets)
     fingerprints = {f"x{s}": _bundle_fingerprint(s) for s in scales}
     payloads = {}
-    for mode in MODES:
+    for mode in degrade.MODES:
         tables = {}
         for name, dataset in datasets.items():
             config = evaluation.EvalConfig(scans=dataset["scans"], scales=scales, mode=mode,
@@ -1005,7 +1004,7 @@ def thick_slice_section(docs: pathlib.Path) -> list[str]:
 def summary_section(out: pathlib.Path) -> list[str]:
     """Headline numbers computed from the table JSON (so the page never quotes stale values)."""
     lines = ["## Summary (computed from the tables below)", ""]
-    for mode in MODES:
+    for mode in degrade.MODES:
         path = out / f"tables_{mode}.json"
         if not path.exists():
             continue

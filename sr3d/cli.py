@@ -31,9 +31,6 @@ import time
 _TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # the user's choice wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
-
-
 class _ProgressBar:
     """Progress on stderr for `progress(unit, done, total)` callbacks: one updating line on a
     terminal, else plain lines; throttled either way, the last state always shown.
@@ -521,6 +518,8 @@ def _add_study_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from sr3d.degrade import MODES
+
     p = argparse.ArgumentParser(prog="sr3d", description="3D super-resolution of CT and MRI scans.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -637,7 +636,7 @@ def parser() -> argparse.ArgumentParser:
                          help="DirectRunner (default), PrismRunner, DataflowRunner, FlinkRunner, SparkRunner")
     on_beam.add_argument("--scale", type=int, default=2)
     on_beam.add_argument("--model", default=None, help="model bundle directory or URL (default: the shipped model)")
-    on_beam.add_argument("--axes", choices=["3d", "2d"], default="3d")
+    on_beam.add_argument("--axes", choices=list(MODES), default="3d")
     on_beam.add_argument("--ensemble", action="store_true")
     on_beam.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     on_beam.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32")

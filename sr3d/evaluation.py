@@ -34,8 +34,8 @@ import numpy as np
 import sr3d
 from sr3d import baselines, degrade, metrics, planes
 from sr3d import io as sr3d_io
+from sr3d.degrade import MODES
 
-MODES = ("2d", "3d")
 PROTOCOLS = ("float", "paper")
 REFERENCE_METHOD = "lanczos"
 # The paper's significance level (Table 2).
@@ -111,7 +111,7 @@ class EvalConfig:
         if not scans:
             raise ValueError("EvalConfig: scans is empty: give at least one scan")
         object.__setattr__(self, "scans", tuple(os.fspath(s) for s in scans))
-        scales = tuple(degrade._check_scale(s, minimum=2, where="EvalConfig") for s in _as_tuple(self.scales))
+        scales = tuple(degrade.check_scale(s, minimum=2, where="EvalConfig") for s in _as_tuple(self.scales))
         if not scales or len(set(scales)) != len(scales):
             raise ValueError(f"EvalConfig: scales must be distinct integers >= 2, got {self.scales!r}")
         object.__setattr__(self, "scales", scales)
@@ -543,12 +543,6 @@ def _json_ready(value):
     return value
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """Writes through a temporary file in the same directory, then renames it over `path`."""
-    with sr3d_io.atomic_path(path) as temporary:
-        write(temporary)
-
-
 def _zoom_region(error: np.ndarray) -> tuple[int, int, int]:
     """(row, col, side) of the square where `error` sums highest: the region to magnify."""
     from scipy import ndimage
@@ -640,11 +634,11 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, pathlib
         title = (f"{pathlib.Path(info['scan']).name}, slice {info['slice_index']} (D), x{key[1:]} "
                  f"{results['mode']}; PSNR: {info['psnr_protocol']} protocol")
         paths[f"figure_{key}"] = out / info["file"]
-        _write_atomic(paths[f"figure_{key}"],
-                      lambda p: _draw_figure(p, slices, info, results["method_labels"], title))
+        with sr3d_io.atomic_path(paths[f"figure_{key}"]) as temporary:
+            _draw_figure(temporary, slices, info, results["method_labels"], title)
     serialisable = _json_ready({k: v for k, v in results.items() if k != "figure_slices"})
     text = json.dumps(serialisable, indent=1, allow_nan=False)
-    _write_atomic(paths["json"], lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    sr3d_io.write_text(paths["json"], text + "\n")
     markdown = format_markdown(results)
-    _write_atomic(paths["markdown"], lambda p: p.write_text(markdown, encoding="utf-8"))
+    sr3d_io.write_text(paths["markdown"], markdown)
     return paths

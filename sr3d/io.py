@@ -304,10 +304,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | os.PathLike, payload) -> None:
     """Writes `payload` as indented JSON with sorted keys, atomically."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _volume_files(directory: pathlib.Path) -> list[pathlib.Path]:

@@ -162,11 +162,6 @@ def lr_halo(stage: str, scale: int) -> tuple[int, int]:
     return (upsampled_axis, _CONVS_BEFORE_UPSAMPLING + _CONVS_AFTER_UPSAMPLING)
 
 
-def receptive_field(stage: str, scale: int) -> tuple[int, int]:
-    """Same as `lr_halo`: the receptive-field radius per side in LR pixels (rows, cols)."""
-    return lr_halo(stage, scale)
-
-
 def load(path) -> keras.Model:
     """A saved stage network (.keras, custom layers registered), without optimizer state;
     ValueError naming the file and what is wrong with it if it cannot be read."""

@@ -157,7 +157,7 @@ def plan_for(spacing, factor: int | None = None, target_spacing: float | None = 
         raise ValueError(f"give a factor or a target spacing, not both: got factor {factor} and "
                          f"target spacing {target_spacing} mm")
     if factor is not None:
-        factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.plan_for")
+        factor = degrade.check_scale(factor, minimum=2, where="sr3d.selfsup.plan_for")
         return ThickSlicePlan(axis, thick, inplane, thick / factor, factor)
     target = max(inplane) if target_spacing is None else float(target_spacing)
     if not (math.isfinite(target) and target > 0):
@@ -193,7 +193,7 @@ def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) ->
     ratio = float(ratio)
     if not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"slice profile width must be a positive number of fine voxels, got {ratio!r}")
-    factor = max(1, round(ratio)) if factor is None else degrade._check_scale(factor, where="sr3d.selfsup")
+    factor = max(1, round(ratio)) if factor is None else degrade.check_scale(factor, where="sr3d.selfsup")
     half_width = ratio / 2 if kind == "box" else _GAUSSIAN_TRUNCATE * ratio / (2 * math.sqrt(2 * math.log(2)))
     # Smallest length with the factor's parity whose taps cover [-half_width, half_width].
     n = max(1, math.ceil(2 * half_width - 1e-9))
@@ -220,9 +220,9 @@ def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.
     or an explicit kernel whose length has the parity of `factor`. Returns float32
     (float64 for float64 input) with length n // factor along `axis`.
     """
-    factor = degrade._check_scale(factor, where="sr3d.selfsup.degrade_along")
+    factor = degrade.check_scale(factor, where="sr3d.selfsup.degrade_along")
     planes = np.asarray(planes)
-    (axis,) = degrade._check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
+    (axis,) = degrade.check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
     kernel = slice_profile(factor, profile, factor) if isinstance(profile, str) else np.asarray(profile, np.float64)
     if kernel.ndim != 1 or kernel.size == 0 or kernel.size % 2 != factor % 2:
         raise ValueError(f"slice profile must be a 1D kernel whose length has the parity of the factor "
@@ -257,7 +257,7 @@ def simulate_thick_slices(volume: sr3d_io.Volume, factor: int, axis: int = 0, pr
     slices every 4 mm from a 1 mm scan). When D is the axis, the thick scan's
     `slice_thickness_mm` says it, as a DICOM series would.
     """
-    factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
+    factor = degrade.check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
     hr = np.ascontiguousarray(degrade.crop_to_multiple(volume.array, factor, axes=(axis,)))
     width = factor if thickness is None else float(thickness)
     lr = degrade_along(hr, factor, axis, slice_profile(width, profile, factor))
@@ -472,7 +472,7 @@ class SelfSupConfig:
             raise ValueError(f"SelfSupConfig: give factor or target_spacing, not both: got {self.factor} "
                              f"and {self.target_spacing} mm")
         if self.factor is not None:
-            degrade._check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
+            degrade.check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
         if self.target_spacing is not None and not (math.isfinite(self.target_spacing) and self.target_spacing > 0):
             raise ValueError(f"SelfSupConfig: target_spacing must be > 0 mm, got {self.target_spacing!r}")
         if self.profile not in PROFILES + ("estimate",):

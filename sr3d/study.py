@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from sr3d import baselines, degrade, intensity
+from sr3d import baselines, degrade, intensity, planes
 from sr3d import io as sr3d_io
 
 CNN = "cnn"
@@ -125,13 +125,6 @@ def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
         else:
             results[method] = baselines.upscale(lr, scale, method, "3d")
     return hr, results
-
-
-def _rows_point_up(affine: np.ndarray) -> bool:
-    """Whether increasing h moves anterior or superior in the world (such slices are shown flipped)."""
-    column = np.asarray(affine, np.float64)[:3, 1]
-    axis = int(np.argmax(np.abs(column)))
-    return axis in (1, 2) and column[axis] > 0
 
 
 def to_uint8(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -230,7 +223,7 @@ def make_study(config: StudyConfig, out_dir: str | os.PathLike,
         for done, scan_index in enumerate(scans_used):
             volume = sr3d_io.load_volume(config.scans[scan_index])
             hr, results = reconstruct(volume, config.scale, config.methods, bundle)
-            flip = _rows_point_up(volume.affine)
+            flip = planes.rows_point_up(volume.affine, 1)
             for case_index, (scan, slice_index) in enumerate(cases):
                 if scan != scan_index:
                     continue
@@ -394,11 +387,6 @@ def tally_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    with sr3d_io.atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes tally.md and tally.json into out_dir (each atomically); returns their paths."""
     out = pathlib.Path(out_dir)
@@ -406,7 +394,7 @@ def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path,
         raise ValueError(f"{out}: output directory does not exist")
     md, js = out / TALLY_MD, out / TALLY_JSON
     stamped = {**result, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(md, tally_markdown(result))
-    _write_atomic(js, json.dumps(stamped, indent=2) + "\n")
+    sr3d_io.write_text(md, tally_markdown(result))
+    sr3d_io.write_text(js, json.dumps(stamped, indent=2) + "\n")
     return md, js
 

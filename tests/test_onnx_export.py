@@ -13,7 +13,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the o
 from sr3d import inference, intensity  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 from sr3d import onnx_export  # noqa: E402
-from sr3d.cli import BUNDLED_SCAN  # noqa: E402
+from sr3d.demo import BUNDLED_SCAN  # noqa: E402
 
 
 @pytest.fixture(scope="module")
