@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sr3d import adapt, degrade, inference, metrics  # noqa: E402
+from sr3d import adapt, degrade, inference, metrics, models  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DEFAULT_CELLS = ("lidc_slices000-105:2:2d", "lidc_slices000-105:2:3d", "totalseg_lower40:2:2d",
@@ -47,7 +47,7 @@ def main() -> None:
         volume = sr3d_io.load_volume(paths[name])
         hr, lr = degrade.simulate_lr(volume.array, scale, mode)
         lr_volume = volume.replace(array=lr, source=None)
-        bundle = inference.load_models(pathlib.Path(args.model) / f"x{scale}", scale)
+        bundle = models.load_models(pathlib.Path(args.model) / f"x{scale}", scale)
         peak = float(hr.max() - hr.min())
 
         def score(array):

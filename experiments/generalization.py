@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sr3d import degrade, evaluation, inference, selfcheck  # noqa: E402
+from sr3d import degrade, evaluation, inference, models, selfcheck  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DOMAIN_ORDER = ("T1 1 mm (ds002748)", "T1 1 mm (other sites)", "T1 0.7 mm", "T1 2 mm", "T2 1 mm", "FLAIR 1 mm", "chest CT 1 mm",
@@ -74,7 +74,7 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
     path = out / "selfcheck.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     for scale in scales:
-        bundle = inference.load_models(pathlib.Path(model) / f"x{scale}", scale)
+        bundle = models.load_models(pathlib.Path(model) / f"x{scale}", scale)
         for domain, records in groups.items():
             for record in records:
                 volume = sr3d_io.load_volume(record["path"])

@@ -38,7 +38,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sr3d  # noqa: E402
-from sr3d import evaluation, inference, training  # noqa: E402
+from sr3d import evaluation, inference, models, training  # noqa: E402
 from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
@@ -270,17 +270,16 @@ def _stage_config(data, val_data, model_dir: pathlib.Path, epochs: int, steps: i
                                 lr_drop_epoch=None if epochs > 1 else 1, seed=seed, verbose=2, **changes)
 
 
-def _load_hw_bundle(model_path: pathlib.Path) -> inference.ModelBundle:
+def _load_hw_bundle(model_path: pathlib.Path) -> models.ModelBundle:
     """A 2x bundle of one trained stage-hw network. 2D evaluation never runs stage d, so its
     place is held by an untrained 1-filter stage-d network."""
     import keras
 
     from sr3d import layers  # noqa: F401  (registers the custom layers)
-    from sr3d import models
 
     model = keras.saving.load_model(model_path, compile=False)
-    return inference.ModelBundle(hw=model, d=models.build("d", 2, filters=1), scale=2,
-                                 info={"model": str(model_path), "d": "placeholder, unused in 2D"})
+    return models.ModelBundle(hw=model, d=models.build("d", 2, filters=1), scale=2,
+                              info={"model": str(model_path), "d": "placeholder, unused in 2D"})
 
 
 def _training_facts(summary: dict) -> dict:
@@ -633,9 +632,9 @@ def table1_markdown(payload: dict) -> str:
 # ---------------------------------------------------------------------------- Tables 3-6
 
 def _bundle_fingerprint(scale: int) -> dict:
-    directory = inference.shipped_model_dir(scale)
-    info = json.loads((directory / inference.BUNDLE_JSON).read_text())
-    return {"bundle": info, "mtime": {f: (directory / f).stat().st_mtime for f in inference.MODEL_FILES.values()}}
+    directory = models.shipped_model_dir(scale)
+    info = json.loads((directory / models.BUNDLE_JSON).read_text())
+    return {"bundle": info, "mtime": {f: (directory / f).stat().st_mtime for f in models.MODEL_FILES.values()}}
 
 
 def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
@@ -643,9 +642,9 @@ def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
         subprocess.run(["bash", str(REPO / "experiments" / "train_shipped.sh"), args.shipped_runs], check=True,
                        env={**os.environ, "SR3D_SHARED_DATA": str(args.shared_data)})
     scales = budget.scales
-    missing = [s for s in scales if not (inference.shipped_model_dir(s) / inference.BUNDLE_JSON).exists()]
+    missing = [s for s in scales if not (models.shipped_model_dir(s) / models.BUNDLE_JSON).exists()]
     if missing:
-        raise ValueError(f"no shipped bundle for scales {missing} in {inference.SHIPPED_DIR}: the main tables "
+        raise ValueError(f"no shipped bundle for scales {missing} in {models.SHIPPED_DIR}: the main tables "
                          "need them; run bash experiments/train_shipped.sh (or add --train_shipped)")
     shared = pathlib.Path(args.shared_data)
     datasets = evaluation_sets(shared, pathlib.Path(args.runs_dir) / "data", budget.datasets)
@@ -706,7 +705,7 @@ def ensemble_transforms(entry: dict, scales: tuple[int, ...]) -> dict:
     protocols = _protocols_for(entry)
     out = {}
     for scale in scales:
-        stage = inference._Stage(inference.load_models(None, scale).hw, 8, False, "hw")
+        stage = inference._Stage(models.load_models(None, scale).hw, 8, False, "hw")
         per_scan = {name: [] for name in [f"transform {k}" for k in range(8)] + ["median (ensemble)", "mean"]}
         for path in entry["scans"]:
             volume = sr3d_io.load_volume(path)
@@ -732,7 +731,7 @@ def stage_attribution(entry: dict, scales: tuple[int, ...]) -> dict:
     protocols = _protocols_for(entry)
     out = {}
     for scale in scales:
-        bundle = inference.load_models(None, scale)
+        bundle = models.load_models(None, scale)
         steps = {
             "hw": {"cnn": lambda x: inference.upscale_normalised(x, bundle, mode="2d"),
                    "lanczos": lambda x: baselines.upscale_axes(x, scale, "lanczos", axes=(1, 2))},

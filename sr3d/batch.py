@@ -29,10 +29,13 @@ import pathlib
 import time
 import traceback
 from collections.abc import Iterator
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sr3d import inference
 from sr3d import io as sr3d_io
+
+if TYPE_CHECKING:  # sr3d.models imports Keras
+    from sr3d.models import ModelBundle
 
 MANIFEST = "manifest.json"
 
@@ -98,7 +101,7 @@ def load_scan(scan, options: ScanOptions) -> sr3d_io.Volume:
     return sr3d_io.load_volume(scan, regularize=options.regularize)
 
 
-def upscale_loaded(volume: sr3d_io.Volume, bundle: inference.ModelBundle, options: ScanOptions) -> sr3d_io.Volume:
+def upscale_loaded(volume: sr3d_io.Volume, bundle: ModelBundle, options: ScanOptions) -> sr3d_io.Volume:
     """Step 2: upscale with `bundle` (tiled, `options.tile_mb`); the result's `report` says how
     (and holds the self-check when `options.self_check`)."""
     if bundle.scale != options.scale:
@@ -227,7 +230,9 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     if precision != "float32":  # likewise
         settings["precision"] = precision
     manifest = _Manifest(out / MANIFEST, settings)
-    bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = model if isinstance(model, sr3d_models.ModelBundle) else sr3d_models.load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
 

@@ -49,6 +49,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from sr3d import batch, inference
+from sr3d import models as sr3d_models
 from sr3d import io as sr3d_io
 
 RUN_LOG = "_sr3d_run.jsonl"
@@ -155,12 +156,12 @@ def plan_scan(scan: str, root: str, output: str, options: batch.ScanOptions) -> 
 
 def model_sha256(model: str | None, scale: int) -> str:
     """sha256 of the bundle's files (hw.keras, d.keras, bundle.json when present), in that order."""
-    directory = model if model is not None else str(inference.shipped_model_dir(scale))
+    directory = model if model is not None else str(sr3d_models.shipped_model_dir(scale))
     digest = hashlib.sha256()
-    for name in (*inference.MODEL_FILES.values(), inference.BUNDLE_JSON):
+    for name in (*sr3d_models.MODEL_FILES.values(), sr3d_models.BUNDLE_JSON):
         path = _join(directory, name)
         if not FileSystems.exists(path):
-            if name == inference.BUNDLE_JSON:
+            if name == sr3d_models.BUNDLE_JSON:
                 continue
             raise ValueError(f"{directory}: not an sr3d model bundle, missing {name}")
         digest.update(name.encode())
@@ -296,16 +297,16 @@ class BundleModelHandler(ModelHandler):
         super().__init__(min_batch_size=1, max_batch_size=1)
         self.model, self.options = model, options
 
-    def load_model(self) -> inference.ModelBundle:
+    def load_model(self) -> sr3d_models.ModelBundle:
         if self.model is None or _is_local(self.model):
-            return inference.load_models(self.model, self.options.scale)
+            return sr3d_models.load_models(self.model, self.options.scale)
         local = tempfile.mkdtemp(prefix="sr3d-model-")  # kept for the worker's life: Keras reads it once
-        for name in (*inference.MODEL_FILES.values(), inference.BUNDLE_JSON):
+        for name in (*sr3d_models.MODEL_FILES.values(), sr3d_models.BUNDLE_JSON):
             if FileSystems.exists(FileSystems.join(self.model, name)):
                 _download(FileSystems.join(self.model, name), os.path.join(local, name))
-        return inference.load_models(local, self.options.scale)
+        return sr3d_models.load_models(local, self.options.scale)
 
-    def run_inference(self, batch_of_scans: Sequence, model: inference.ModelBundle,
+    def run_inference(self, batch_of_scans: Sequence, model: sr3d_models.ModelBundle,
                       inference_args=None) -> Iterable[PredictionResult]:
         for element in batch_of_scans:
             _, volume, _ = element

@@ -245,7 +245,9 @@ def cmd_upscale(args) -> int:
         raise ValueError(f"--tile-mb must be a positive number of megabytes, got {args.tile_mb:g}")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
     _import_tensorflow(args)
-    bundle = inference.load_models(args.model, args.scale)
+    from sr3d import models as sr3d_models
+
+    bundle = sr3d_models.load_models(args.model, args.scale)
     mode = args.axes
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
@@ -275,7 +277,7 @@ def cmd_upscale(args) -> int:
         if used is bundle:
             log(f"not writing {save_model}: the adapted networks were not kept")
         else:
-            inference.save_bundle(used, save_model)
+            sr3d_models.save_bundle(used, save_model)
             log(f"wrote the adapted model bundle {save_model} (reuse it with --model)")
     return 0
 
@@ -460,10 +462,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from sr3d import inference
+    from sr3d import models as sr3d_models
 
-    out = inference.make_bundle(args.hw, args.d, args.out, args.scale,
-                                info={"note": args.note} if args.note else None)
+    out = sr3d_models.make_bundle(args.hw, args.d, args.out, args.scale,
+                                  info={"note": args.note} if args.note else None)
     print(f"wrote model bundle {out}", file=sys.stderr)
     return 0
 

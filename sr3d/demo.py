@@ -61,7 +61,9 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
     """Runs the demo; returns a short text report."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = inference.load_models(None, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = sr3d_models.load_models(None, scale)
     volume = sr3d_io.load_volume(scan)
 
     start = time.perf_counter()

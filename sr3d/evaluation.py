@@ -81,7 +81,7 @@ class EvalConfig:
     methods: interpolation baselines, a subset of `sr3d.baselines.METHODS`.
     cnn: extra rows, name -> model bundle directory (a directory holding the bundle, or
         holding one bundle per scale in subdirectories x2, x4, ...), None for the shipped
-        model of each scale, or an in-memory `sr3d.inference.ModelBundle`.
+        model of each scale, or an in-memory `sr3d.models.ModelBundle`.
     protocols: scoring protocols, among "float" and "paper" (see `sr3d.metrics.Protocol`).
     data_range: (lo, hi) window of the float protocol in scanner units; None = the global
         min and max over the HR volumes of all `scans` (stated in the report).
@@ -211,17 +211,17 @@ def _make_protocols(config: EvalConfig, data_range: tuple[float, float]) -> dict
 
 def _load_bundle(spec, scale: int):
     """The model bundle of one CNN row for `scale` (see EvalConfig.cnn)."""
-    from sr3d import inference
+    from sr3d import models as sr3d_models
 
-    if isinstance(spec, inference.ModelBundle):
+    if isinstance(spec, sr3d_models.ModelBundle):
         if spec.scale != scale:
             raise ValueError(f"EvalConfig: the in-memory model bundle upscales by {spec.scale}, not by {scale}")
         return spec
     if spec is None:
-        return inference.load_models(None, scale)
+        return sr3d_models.load_models(None, scale)
     directory = pathlib.Path(spec)
     per_scale = directory / f"x{scale}"
-    return inference.load_models(per_scale if per_scale.is_dir() else directory, scale)
+    return sr3d_models.load_models(per_scale if per_scale.is_dir() else directory, scale)
 
 
 def _lr_volume(volume: sr3d_io.Volume, lr: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:

@@ -31,12 +31,9 @@ Tiling, ensemble and planes work the same in either.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import numbers
-import pathlib
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -44,101 +41,15 @@ from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
 from sr3d import precision as sr3d_precision
 
+if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
+    from sr3d.models import ModelBundle
+
 MODES = ("3d", "2d", "d", "h", "w")
 SCAN_MODES = MODES + ("thick",)            # what a scan may ask for: "thick" is resolved per scan (resolve_mode)
 AXIS_MODES = {"d": 0, "h": 1, "w": 2}     # one-axis modes: the axis stage d upsamples
 PLANES = ("dw", "both")
-MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
-BUNDLE_JSON = "bundle.json"
-SHIPPED_DIR = pathlib.Path(__file__).resolve().parent / "data_files" / "models"
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclasses.dataclass
-class ModelBundle:
-    """The two stage networks for one scale factor (Keras models)."""
-
-    hw: object
-    d: object
-    scale: int
-    info: dict = dataclasses.field(default_factory=dict)
-
-
-def shipped_model_dir(scale: int) -> pathlib.Path:
-    return SHIPPED_DIR / f"x{scale}"
-
-
-def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> ModelBundle:
-    """Loads a model bundle directory (hw.keras, d.keras, bundle.json); None = the shipped one."""
-    directory = pathlib.Path(model_dir) if model_dir is not None else shipped_model_dir(scale)
-    # Checks that need no TensorFlow come first, so a wrong path fails fast and quietly.
-    if not directory.is_dir():
-        if model_dir is None:
-            raise ValueError(f"no shipped model for scale {scale}: available scales are "
-                             f"{available_scales()}; pass --model DIR for others")
-        raise FileNotFoundError(f"{directory}: model directory not found")
-    missing = [name for name in MODEL_FILES.values() if not (directory / name).is_file()]
-    if missing:
-        raise ValueError(f"{directory}: not an sr3d model bundle, missing {', '.join(missing)} "
-                         "(make one with sr3d.inference.make_bundle)")
-    info = {}
-    if (directory / BUNDLE_JSON).exists():
-        try:
-            info = json.loads((directory / BUNDLE_JSON).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{directory / BUNDLE_JSON}: not valid JSON ({error}); rewrite or remove it") from None
-        if not isinstance(info, dict):
-            raise ValueError(f"{directory / BUNDLE_JSON}: not a bundle description (a JSON object is expected)")
-    if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
-        raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
-    from sr3d import models as sr3d_models
-
-    hw, d = (sr3d_models.load(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
-    bundle_scale = _bundle_scale(hw, d, directory, info.get("scale"))
-    if model_dir is not None and scale != bundle_scale:
-        raise ValueError(f"{directory}: the model upscales by {bundle_scale}, not by {scale}")
-    return ModelBundle(hw=hw, d=d, scale=bundle_scale, info=info)
-
-
-def _bundle_scale(hw_model, d_model, where, declared=None) -> int:
-    """The common scale of the two stage models; ValueError naming `where` if they do not fit."""
-    from sr3d import models as sr3d_models
-
-    r_hw, r_d = sr3d_models.stage_scale(hw_model, "hw"), sr3d_models.stage_scale(d_model, "d")
-    if r_hw is None or r_d is None:
-        wrong = "hw" if r_hw is None else "d"
-        raise ValueError(f"{where}: the {wrong} model is not an sr3d stage-{wrong} network "
-                         f"(built by sr3d.models.build('{wrong}', r))")
-    if r_hw != r_d or (declared is not None and int(declared) != r_hw):
-        raise ValueError(f"{where}: the stages upscale by {r_hw} (hw) and {r_d} (d)"
-                         + (f", the bundle says {declared}" if declared is not None else ""))
-    return r_hw
-
-
-def available_scales() -> list[int]:
-    return sorted(int(p.name[1:]) for p in SHIPPED_DIR.glob("x*") if (p / MODEL_FILES["hw"]).exists())
-
-
-def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | None = None) -> pathlib.Path:
-    """Assembles a bundle directory from the `model.keras` of two training runs (compile=False copies)."""
-    from sr3d import models as sr3d_models
-
-    hw, d = sr3d_models.load(hw_model_path), sr3d_models.load(d_model_path)
-    _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
-    return save_bundle(ModelBundle(hw=hw, d=d, scale=scale, info=dict(info or {})), out_dir)
-
-
-def save_bundle(bundle: ModelBundle, out_dir) -> pathlib.Path:
-    """Writes an in-memory bundle (e.g. adapted by `sr3d.adapt`) as a bundle directory."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in ("hw", "d"):
-        with sr3d_io.atomic_path(out / MODEL_FILES[stage]) as tmp:
-            getattr(bundle, stage).save(tmp)
-    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
-                                                                      if k != "scale"}})
-    return out
 
 
 # One traced function per model, kept as long as the model lives: upscaling many scans with the
@@ -534,7 +445,9 @@ def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, 
     import warnings
 
     volume = as_volume(volume_or_path, spacing)
-    bundle = model if isinstance(model, ModelBundle) else load_models(model, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = model if isinstance(model, sr3d_models.ModelBundle) else sr3d_models.load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
     if adapt is True:
@@ -571,3 +484,18 @@ def conv_flops(shape: tuple[int, int, int], scale: int, filters: int = 32, mode:
     if mode == "3d":
         total += stage(d * h * scale * w * scale, d * scale * h * scale * w * scale, scale)
     return total
+
+
+# Model bundles live in `sr3d.models` (issue 16). These names are still found here for the
+# benchmarks and experiments that say `inference.load_models` until they are edited; imported
+# on first use, so `import sr3d.inference` stays free of TensorFlow.
+_MOVED_TO_MODELS = ("ModelBundle", "load_models", "make_bundle", "save_bundle", "available_scales",
+                    "shipped_model_dir", "SHIPPED_DIR", "MODEL_FILES", "BUNDLE_JSON")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_MODELS:
+        from sr3d import models as sr3d_models
+
+        return getattr(sr3d_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

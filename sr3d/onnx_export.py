@@ -81,7 +81,7 @@ def stage_to_onnx(model, stage: str, scale: int, opset: int = OPSET) -> bytes:
 
 def export_onnx(bundle, out_dir: str | os.PathLike, opset: int = OPSET) -> pathlib.Path:
     """Writes `hw.onnx`, `d.onnx` and `onnx.json` (scale, opset, inputs and outputs, intensity
-    window) for `bundle` (a `sr3d.inference.ModelBundle`) into `out_dir`; returns `out_dir`.
+    window) for `bundle` (a `sr3d.models.ModelBundle`) into `out_dir`; returns `out_dir`.
     Each file is written under a temporary name and renamed."""
     out = pathlib.Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):

@@ -731,9 +731,7 @@ def _info_path(path: pathlib.Path) -> pathlib.Path:
 
 def load_model(path: str | os.PathLike):
     """(keras.Model, info dict) of a model written by `save_model`."""
-    import keras
-
-    from sr3d import layers  # noqa: F401  (registers the custom layers)
+    from sr3d import models
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -745,7 +743,7 @@ def load_model(path: str | os.PathLike):
     info = json.loads(info_path.read_text())
     if info.get("format") != MODEL_JSON_FORMAT:
         raise ValueError(f"{info_path}: format {info.get('format')!r} is not {MODEL_JSON_FORMAT!r}")
-    return keras.saving.load_model(path, compile=False), info
+    return models.load(path), info
 
 
 def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> ThickSlicePlan:
@@ -770,14 +768,6 @@ def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> 
 
 
 # ---------------------------------------------------------------------------- inference
-
-def _model_factor(model) -> int:
-    probe = np.zeros((1, 4, 4, 1), np.float32)
-    out = model(probe, training=False)["final"]
-    if out.shape[2] != 4:
-        raise ValueError(f"not a stage-d network: it maps a 4x4 plane to {tuple(out.shape[1:3])}")
-    return int(out.shape[1]) // 4
-
 
 def _resampled_along_d(volume: sr3d_io.Volume, fine: np.ndarray, factor: int, target_mm: float) -> sr3d_io.Volume:
     """`fine` (factor * D, H, W), the network output on `volume`'s grid, resampled along D to
@@ -813,7 +803,7 @@ def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacin
     spacing target_spacing along the thick axis, the same field of view.
     planes: "dw" (the (thick, W) planes) or "both" (also (thick, H), averaged).
     """
-    from sr3d import inference
+    from sr3d import inference, models
 
     if model_or_config is None or isinstance(model_or_config, SelfSupConfig):
         config = model_or_config or SelfSupConfig()
@@ -826,7 +816,10 @@ def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacin
         plan = plan_for_model(volume.spacing, info, target_spacing)
     else:
         model = model_or_config
-        factor = _model_factor(model)
+        factor = models.stage_scale(model, "d")
+        if factor is None:
+            raise ValueError("not a stage-d network (sr3d.models.build('d', r)): it does not upsample "
+                             "a 4x4 plane along its first axis only")
         plan = (plan_for(volume.spacing, factor=factor) if target_spacing is None
                 else plan_for(volume.spacing, target_spacing=target_spacing))
         if plan.factor != factor:

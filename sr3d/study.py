@@ -110,7 +110,7 @@ def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
 
     Returns (hr, {method: sr}): hr is the ground truth cropped to multiples of
     `scale`, float32 (D, H, W) in scanner units; every sr has hr's shape.
-    bundle: `sr3d.inference.ModelBundle`, needed only for "cnn".
+    bundle: `sr3d.models.ModelBundle`, needed only for "cnn".
     """
     hr, lr = degrade.simulate_lr(volume.array, scale, "3d")
     results = {}
@@ -119,7 +119,7 @@ def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
             from sr3d import inference
 
             if bundle is None:
-                raise ValueError("method 'cnn' needs a model bundle (sr3d.inference.load_models)")
+                raise ValueError("method 'cnn' needs a model bundle (sr3d.models.load_models)")
             lr_volume = sr3d_io.Volume(lr, tuple(s * scale for s in volume.spacing), volume.affine)
             results[method] = inference.upscale_volume(lr_volume, bundle).array
         else:
@@ -209,9 +209,9 @@ def make_study(config: StudyConfig, out_dir: str | os.PathLike,
     first_left = _sides(config.n, rng)
     bundle = None
     if CNN in config.methods:
-        from sr3d import inference
+        from sr3d import models as sr3d_models
 
-        bundle = inference.load_models(config.model_dir, config.scale)
+        bundle = sr3d_models.load_models(config.model_dir, config.scale)
 
     ids = _case_ids(config.n)
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
