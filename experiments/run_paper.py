@@ -41,6 +41,7 @@ import sr3d  # noqa: E402
 from sr3d import evaluation, inference, models, training  # noqa: E402
 from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import volume as sr3d_volume  # noqa: E402
 
 PARTS = ("table2", "table1", "main")
 SEED = 0
@@ -191,8 +192,8 @@ def studyforrest_scan(shared: pathlib.Path, data_dir: pathlib.Path) -> str:
     index_map = np.diag([factor, factor, factor, 1.0])
     index_map[:3, 3] = (factor - 1) / 2.0
     affine = volume.affine @ index_map
-    shrunk = sr3d_io.Volume(array=lr.astype(np.float32), spacing=tuple(s * factor for s in volume.spacing),
-                            affine=affine, modality=volume.modality, source_dtype="int16")
+    shrunk = sr3d_volume.Volume(array=lr.astype(np.float32), spacing=tuple(s * factor for s in volume.spacing),
+                                affine=affine, modality=volume.modality, source_dtype="int16")
     data_dir.mkdir(parents=True, exist_ok=True)
     sr3d_io.save_volume(shrunk, out)
     log(f"wrote {out}: {lr.shape} voxels at {shrunk.spacing} mm")

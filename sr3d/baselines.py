@@ -12,7 +12,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from sr3d.degrade import MODES, check_axes, check_scale
+from sr3d.degrade import check_axes, check_scale
 
 METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
 _WHERE = "sr3d.baselines"

@@ -48,9 +48,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from sr3d import batch, inference
+from sr3d import batch
 from sr3d import models as sr3d_models
-from sr3d import io as sr3d_io
+from sr3d import files as sr3d_files
+from sr3d import volume as sr3d_volume
 
 RUN_LOG = "_sr3d_run.jsonl"
 ERRORS = "_sr3d_errors.txt"
@@ -99,7 +100,7 @@ def scan_of(path: str) -> str | None:
     name = posixpath.basename(path.rstrip("/")).lower()
     if name.startswith("."):  # hidden: a temporary being written (.x.tmp-PID-...), never a scan
         return None
-    if name.endswith(sr3d_io.VOLUME_SUFFIXES):
+    if name.endswith(sr3d_files.VOLUME_SUFFIXES):
         return path
     if name.endswith(DICOM_SUFFIXES) or ("." not in name and not name.startswith(".")):
         return posixpath.dirname(path) if not _is_local(path) else os.path.dirname(path)
@@ -149,7 +150,7 @@ def plan_scan(scan: str, root: str, output: str, options: batch.ScanOptions) -> 
     relative = relative_name(scan, root)
     folder, name = posixpath.split(relative)
     out_name = batch.output_name(pathlib.PurePosixPath(name), options.scale, options.format)
-    record_name = f"{sr3d_io.volume_stem(out_name)}.json"
+    record_name = f"{sr3d_files.volume_stem(out_name)}.json"
     where = _join(output, folder) if folder else output
     return Scan(input=scan, output=_join(where, out_name), record=_join(where, record_name))
 
@@ -187,7 +188,7 @@ def _write_bytes(path: str, payload: bytes) -> None:
     object store (gs://, s3://) an upload appears whole when it is closed."""
     if _is_local(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with sr3d_io.atomic_path(path) as temporary:
+        with sr3d_files.atomic_path(path) as temporary:
             temporary.write_bytes(payload)
         return
     with FileSystems.create(path, mime_type="application/octet-stream", compression_type="uncompressed") as stream:
@@ -363,7 +364,7 @@ class WriteScans(beam.DoFn):
             record = {**record, "status": "failed", "error": batch.error_line(caught)}
         return record
 
-    def _write_output(self, result: sr3d_io.Volume, scan: Scan) -> None:
+    def _write_output(self, result: sr3d_volume.Volume, scan: Scan) -> None:
         options = self.job.options
         if not _is_local(scan.output):
             with tempfile.TemporaryDirectory(prefix="sr3d-out-") as directory:
@@ -373,9 +374,9 @@ class WriteScans(beam.DoFn):
             return
         target = pathlib.Path(scan.output)
         target.parent.mkdir(parents=True, exist_ok=True)
-        stale = (sr3d_io.remove_stale_temporaries(target) if options.format == "nifti"
+        stale = (sr3d_files.remove_stale_temporaries(target) if options.format == "nifti"
                  else remove_stale_series(target))
-        for path in [*stale, *sr3d_io.remove_stale_temporaries(scan.record)]:
+        for path in [*stale, *sr3d_files.remove_stale_temporaries(scan.record)]:
             print(f"{scan.input}: removed {path.name}, left by an interrupted run", file=sys.stderr)
         if options.format == "dicom" and target.exists():
             # Ours (a record exists, else the plan refused it): a retry or rerun replaces it whole.
@@ -400,7 +401,7 @@ def remove_stale_series(target: pathlib.Path) -> list[pathlib.Path]:
     removed = []
     for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
         match = pattern.fullmatch(candidate.name)
-        if match is None or not candidate.is_dir() or sr3d_io._pid_alive(int(match.group(1))):
+        if match is None or not candidate.is_dir() or sr3d_files.pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)

@@ -174,7 +174,7 @@ def _check_not_input(input_path, out: pathlib.Path) -> None:
 def _check_upscale_paths(args) -> None:
     """`upscale`'s IN and OUT before anything is loaded: IN exists, OUT is not IN, an existing OUT
     is replaced only with --overwrite, and temporaries of killed runs for OUT are removed."""
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
 
     if not os.path.exists(args.input):
         raise FileNotFoundError(2, "No such file or directory", args.input)
@@ -184,12 +184,13 @@ def _check_upscale_paths(args) -> None:
     out = _check_output_path(args.output)
     if (out.exists() or out.is_symlink()) and not getattr(args, "overwrite", False):
         raise ValueError(f"{out}: exists already: pass --overwrite to replace it, or choose another name")
-    for stale in sr3d_io.remove_stale_temporaries(out) + sr3d_io.remove_stale_temporaries(sidecar_path(out)):
+    for stale in sr3d_files.remove_stale_temporaries(out) + sr3d_files.remove_stale_temporaries(sidecar_path(out)):
         print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
 
 def cmd_upscale(args) -> int:
     from sr3d import inference
+    from sr3d import files as sr3d_files
     from sr3d import io as sr3d_io
 
     _check_upscale_paths(args)
@@ -270,7 +271,7 @@ def cmd_upscale(args) -> int:
         report["anisotropy_note"] = anisotropy
     note = _report_note(report)
     sr3d_io.save_volume(result, out, format=args.format, note=note)
-    sr3d_io.write_json(sidecar, report)
+    sr3d_files.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
     if save_model is not None:
@@ -301,10 +302,10 @@ def _model_kind(path) -> str | None:
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
     """The JSON report beside an output: scan_x2.nii.gz -> scan_x2.json (BIDS-style); a DICOM
     output directory OUT -> OUT.json."""
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
 
     nifti = out.name.lower().endswith((".nii", ".nii.gz"))
-    return out.with_name((sr3d_io.volume_stem(out.name) if nifti else out.name) + ".json")
+    return out.with_name((sr3d_files.volume_stem(out.name) if nifti else out.name) + ".json")
 
 
 def _report_note(report: dict) -> str:
@@ -324,6 +325,7 @@ def cmd_upscale_self_supervised(args) -> int:
     in-plane spacing rounded up (one rule: `sr3d.selfsup.plan_for`); --model is a .keras file
     written by --save-model, reused instead of training. Writes OUT's .json report: plan,
     slice profile, training steps, seed and wall time."""
+    from sr3d import files as sr3d_files
     from sr3d import io as sr3d_io
     from sr3d import selfsup
 
@@ -403,7 +405,7 @@ def cmd_upscale_self_supervised(args) -> int:
         report["assumptions"] = list(volume.assumptions)
     note = plan.describe() + ("" if reusing else "; " + trained.profile.describe(plan))
     sr3d_io.save_volume(result, out, note=note, format=args.format)
-    sr3d_io.write_json(sidecar, report)
+    sr3d_files.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
     return 0
@@ -471,12 +473,12 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_study_make(args) -> int:
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
     from sr3d import study
 
     methods = tuple(m.strip() for m in args.methods.split(","))
     # The rule of train.py and evaluate.py: a directory of NIfTI/NRRD files gives each file.
-    config = study.StudyConfig(scans=sr3d_io.expand_scans(args.scans), methods=methods, scale=args.scale, n=args.n,
+    config = study.StudyConfig(scans=sr3d_files.expand_scans(args.scans), methods=methods, scale=args.scale, n=args.n,
                                seed=args.seed, model_dir=args.model)
     out = study.make_study(config, args.out, progress=_ProgressBar("study"))
     print(f"wrote reader study {out}: open {out / 'index.html'} in a browser; send readers the "

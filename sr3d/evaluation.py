@@ -33,7 +33,9 @@ import numpy as np
 
 import sr3d
 from sr3d import baselines, degrade, metrics, planes
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 from sr3d.degrade import MODES
 
 PROTOCOLS = ("float", "paper")
@@ -224,21 +226,16 @@ def _load_bundle(spec, scale: int):
     return sr3d_models.load_models(per_scale if per_scale.is_dir() else directory, scale)
 
 
-def _lr_volume(volume: sr3d_io.Volume, lr: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:
+def _lr_volume(volume: sr3d_volume.Volume, lr: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
     """The simulated LR as a Volume on the grid the cropped HR came from.
 
     LR voxel l covers HR voxels l*r .. l*r + r - 1, i.e. sits at HR index (l + 0.5) r - 0.5,
-    so `sr3d.io.upscaled_affine` of this affine is the HR affine again.
+    so `sr3d.volume.upscaled_affine` of this affine is the HR affine again.
     """
-    factors = np.array([scale if mode == "3d" else 1, scale, scale], dtype=np.float64)
-    affine = volume.affine.copy()
-    affine[:3, 3] += volume.affine[:3, :3] @ (0.5 * factors - 0.5)
-    affine[:3, :3] = volume.affine[:3, :3] * factors
-    return volume.replace(array=lr, affine=affine,
-                          spacing=tuple(s * f for s, f in zip(volume.spacing, factors)), source=None)
+    return sr3d_volume.downscaled_volume(volume, lr, scale, degrade.MODE_AXES[mode])
 
 
-def _upscale(method: str, volume: sr3d_io.Volume, lr: np.ndarray, scale: int, config: EvalConfig,
+def _upscale(method: str, volume: sr3d_volume.Volume, lr: np.ndarray, scale: int, config: EvalConfig,
              bundles: Mapping[str, object]) -> np.ndarray:
     if method in baselines.METHODS:
         return baselines.upscale(lr, scale, method, config.mode)
@@ -634,11 +631,11 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, pathlib
         title = (f"{pathlib.Path(info['scan']).name}, slice {info['slice_index']} (D), x{key[1:]} "
                  f"{results['mode']}; PSNR: {info['psnr_protocol']} protocol")
         paths[f"figure_{key}"] = out / info["file"]
-        with sr3d_io.atomic_path(paths[f"figure_{key}"]) as temporary:
+        with sr3d_files.atomic_path(paths[f"figure_{key}"]) as temporary:
             _draw_figure(temporary, slices, info, results["method_labels"], title)
     serialisable = _json_ready({k: v for k, v in results.items() if k != "figure_slices"})
     text = json.dumps(serialisable, indent=1, allow_nan=False)
-    sr3d_io.write_text(paths["json"], text + "\n")
+    sr3d_files.write_text(paths["json"], text + "\n")
     markdown = format_markdown(results)
-    sr3d_io.write_text(paths["markdown"], markdown)
+    sr3d_files.write_text(paths["markdown"], markdown)
     return paths

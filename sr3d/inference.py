@@ -39,6 +39,7 @@ import numpy as np
 
 from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 from sr3d import precision as sr3d_precision
 
 if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
@@ -290,7 +291,7 @@ def anisotropy_note(spacing_mm, mode: str) -> str | None:
             "--self-supervised (learn the thick axis from the scan) usually does better than 3D")
 
 
-def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
+def check_upscalable(volume: sr3d_volume.Volume, scale: int, mode: str) -> None:
     """ValueError naming the scan if it is too small for the networks at `scale` in `mode`."""
     from sr3d import models as sr3d_models
 
@@ -312,9 +313,9 @@ def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
                          f"smaller than the network's receptive field ({min_side} x {min_side} at scale {scale})")
 
 
-def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+def upscale_volume(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                    planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
-                   progress: Progress | None = None, precision: str = "float32") -> sr3d_io.Volume:
+                   progress: Progress | None = None, precision: str = "float32") -> sr3d_volume.Volume:
     """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
 
     The result has the upscaled affine (voxel sizes / r, same physical extent).
@@ -330,24 +331,24 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     return _as_upscaled(volume, win.denormalise(result, in_place=True), r, mode)
 
 
-def _as_upscaled(volume: sr3d_io.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:
+def _as_upscaled(volume: sr3d_volume.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
     """`result` (scanner units) clipped in place to the input's range, on the upscaled grid."""
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    return sr3d_io.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
+    return sr3d_volume.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
 
 
 FALLBACKS = ("lanczos",)
 
 
-def lanczos_volume(volume: sr3d_io.Volume, scale: int, mode: str = "3d") -> sr3d_io.Volume:
+def lanczos_volume(volume: sr3d_volume.Volume, scale: int, mode: str = "3d") -> sr3d_volume.Volume:
     """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
     what `fallback="lanczos"` writes."""
     return _as_upscaled(volume, baselines.upscale(volume.array, scale, "lanczos", mode), scale, mode)
 
 
-def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                     self_check: bool = True, fallback: str | None = None, adapt=None,
-                    log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_io.Volume, ModelBundle]:
+                    log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_volume.Volume, ModelBundle]:
     """`upscale_volume` with the self-check on the scan (`sr3d.selfcheck`), optional test-time
     adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
 
@@ -406,10 +407,10 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
     return result.replace(report=report), models
 
 
-def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
+def as_volume(volume_or_path, spacing=None) -> sr3d_volume.Volume:
     """A Volume from a Volume, a path (NIfTI, NRRD, DICOM) or a (D, H, W) numpy array with
     `spacing` (mm, D H W; the affine is then diagonal: voxel (d, h, w) at (w, h, d) * spacing mm)."""
-    if isinstance(volume_or_path, sr3d_io.Volume):
+    if isinstance(volume_or_path, sr3d_volume.Volume):
         return volume_or_path
     if isinstance(volume_or_path, np.ndarray):
         if spacing is None:
@@ -422,7 +423,7 @@ def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
         affine[:3, :3] = 0.0
         for axis, world in ((0, 2), (1, 1), (2, 0)):  # d -> S, h -> A, w -> R (NIfTI's k, j, i)
             affine[world, axis] = spacing[axis]
-        return sr3d_io.Volume(array=array, spacing=spacing, affine=affine)
+        return sr3d_volume.Volume(array=array, spacing=spacing, affine=affine)
     if spacing is not None:
         raise ValueError("spacing= applies only to a numpy array; files and Volumes carry their own")
     return sr3d_io.load_volume(volume_or_path)
@@ -430,7 +431,7 @@ def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
 
 def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, *, mode: str = "3d",
             self_check: bool = True, fallback: str | None = None, adapt=None, spacing=None,
-            **options) -> sr3d_io.Volume:
+            **options) -> sr3d_volume.Volume:
     """Upscale a scan (Volume, path to NIfTI / NRRD / DICOM series, or a (D, H, W) numpy array
     with `spacing` in mm) with the shipped or a given model; returns an `sr3d.io.Volume`.
 

@@ -72,7 +72,7 @@ def _native_stderr_silenced():
 with _native_stderr_silenced():
     import keras
 
-from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import layers as sr3d_layers  # noqa: E402
 
 STAGES = ("hw", "d")
@@ -280,8 +280,8 @@ def save_bundle(bundle: ModelBundle, out_dir) -> pathlib.Path:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stage in ("hw", "d"):
-        with sr3d_io.atomic_path(out / MODEL_FILES[stage]) as tmp:
+        with sr3d_files.atomic_path(out / MODEL_FILES[stage]) as tmp:
             getattr(bundle, stage).save(tmp)
-    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
+    sr3d_files.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
                                                                       if k != "scale"}})
     return out

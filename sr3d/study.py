@@ -32,7 +32,9 @@ import cv2
 import numpy as np
 
 from sr3d import baselines, degrade, intensity, planes
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 CNN = "cnn"
 METHODS = (CNN,) + tuple(baselines.METHODS)
@@ -104,7 +106,7 @@ def informative_slices(hr: np.ndarray, min_foreground: float = MIN_FOREGROUND) -
     return np.flatnonzero(foreground >= min_foreground)
 
 
-def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
+def reconstruct(volume: sr3d_volume.Volume, scale: int, methods: Sequence[str],
                 bundle=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Simulates the 3D LR scan and upscales it back with each method.
 
@@ -120,7 +122,8 @@ def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
 
             if bundle is None:
                 raise ValueError("method 'cnn' needs a model bundle (sr3d.models.load_models)")
-            lr_volume = sr3d_io.Volume(lr, tuple(s * scale for s in volume.spacing), volume.affine)
+            lr_volume = sr3d_volume.Volume(lr, tuple(s * scale for s in volume.spacing),
+                                           sr3d_volume.downscaled_affine(volume.affine, scale))
             results[method] = inference.upscale_volume(lr_volume, bundle).array
         else:
             results[method] = baselines.upscale(lr, scale, method, "3d")
@@ -394,7 +397,7 @@ def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path,
         raise ValueError(f"{out}: output directory does not exist")
     md, js = out / TALLY_MD, out / TALLY_JSON
     stamped = {**result, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    sr3d_io.write_text(md, tally_markdown(result))
-    sr3d_io.write_text(js, json.dumps(stamped, indent=2) + "\n")
+    sr3d_files.write_text(md, tally_markdown(result))
+    sr3d_files.write_text(js, json.dumps(stamped, indent=2) + "\n")
     return md, js
 

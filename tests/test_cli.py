@@ -18,6 +18,7 @@ import pytest
 
 from sr3d import cli, inference, models
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 DICOM_FILES = [f"brain_{i:03d}.dcm" for i in range(5, 11)]   # 6 consecutive slices, 256 x 256
 
@@ -37,7 +38,7 @@ def nifti_crop(tmp_path_factory, ixi_files):
     scan = sr3d_io.load_volume(ixi_files[1])
     affine = scan.affine.copy()
     affine[:3, 3] = _world(scan.affine, (40, 48, 50))
-    crop = sr3d_io.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
+    crop = sr3d_volume.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
     return sr3d_io.save_volume(crop, tmp_path_factory.mktemp("nifti") / "crop.nii.gz")
 
 

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import baselines, cli, degrade, inference, models, study
+from sr3d import baselines, cli, degrade, models, study
 
 N_CASES = 6
 PAGE_FILES = ("index.html", "study.js", "study.css")
