@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# How far `Volume.spacing` may be from the affine's column lengths (round-off, not a geometry).
+SPACING_RTOL = 1e-5
 # The voxel types `save_volume` can store (and `Volume.source_dtype` may name).
 SAVE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                "float32", "float64")
@@ -24,7 +26,8 @@ class Volume:
     """A 3D scan: float32 (D, H, W) voxels in scanner units plus its world geometry.
 
     array: float32 (D, H, W), scanner units (HU for CT after DICOM rescaling).
-    spacing: voxel size in mm, (D, H, W) order.
+    spacing: voxel size in mm, (D, H, W) order: the lengths of the affine's first three columns
+        (checked to `SPACING_RTOL`; `spacing_from_affine`).
     affine: 4x4 float64, voxel index (d, h, w) -> world RAS+ mm.
     modality: "CT", "MR", ... when the file says so, else None.
     source_dtype: numpy dtype name of the stored voxel values; `save_volume` writes it by default.
@@ -83,6 +86,13 @@ class Volume:
         spacing = tuple(float(s) for s in np.ravel(self.spacing))
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing must be 3 positive numbers (mm, D H W), got {self.spacing!r}")
+        # One geometry, stated twice: an LR array must not carry the HR affine (MONAI's MetaTensor
+        # derives pixdim from the affine for the same reason).
+        from_affine = spacing_from_affine(affine)
+        if not np.allclose(spacing, from_affine, rtol=SPACING_RTOL, atol=0.0):
+            raise ValueError(f"spacing {_mm(spacing)} mm does not match the affine's voxel sizes {_mm(from_affine)} "
+                             f"mm (the lengths of its first three columns; affine {affine.tolist()}): give the "
+                             "affine of this grid (sr3d.volume.downscaled_affine / upscaled_affine)")
         source_dtype = storable_dtype(self.source_dtype, "source_dtype").name
         object.__setattr__(self, "array", array)
         object.__setattr__(self, "affine", affine)
@@ -121,6 +131,10 @@ def storable_dtype(value, what: str) -> np.dtype:
     if dtype is None or dtype.name not in SAVE_DTYPES:
         raise ValueError(f"{what} must be one of {SAVE_DTYPES}, got {value!r}")
     return dtype
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each voxel axis: the lengths of the affine's first three columns."""
     top_left = np.asarray(affine, dtype=np.float64)[:-1, :-1]
