@@ -12,7 +12,7 @@ from absl import app, flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sr3d import baselines, evaluation, scripting  # noqa: E402  (after the TF log level)
-from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import files as sr3d_files  # noqa: E402
 
 _DATA = flags.DEFINE_list("data", None, "HR scans: NIfTI/NRRD files, directories of NIfTI files (every "
                           "file), or DICOM series directories (one series each).", required=True)
@@ -49,7 +49,7 @@ def main(argv):
     try:
         cnn = {} if _CNN.value is None else {"cnn": None if _CNN.value == "shipped" else _CNN.value}
         config = evaluation.EvalConfig(
-            scans=sr3d_io.expand_scans(_DATA.value), scales=_numbers(_SCALE.value, int, "scale"),
+            scans=sr3d_files.expand_scans(_DATA.value), scales=_numbers(_SCALE.value, int, "scale"),
             mode=_MODE.value, methods=tuple(_METHODS.value), cnn=cnn, protocols=tuple(_PROTOCOLS.value),
             data_range=None if _DATA_RANGE.value is None else _numbers(_DATA_RANGE.value, float, "data_range"),
             crop_border=_CROP_BORDER.value, with_ifc=not _NO_IFC.value, out_dir=_OUT_DIR.value,

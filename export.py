@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from sr3d import export, inference, onnx_export, precision, scripting
+from sr3d import export, models, onnx_export, precision, scripting
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (hw.keras, d.keras, bundle.json); "
                              "default: the shipped model for --scale.")
@@ -37,7 +37,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     scripting.import_tensorflow(verbose=_VERBOSE.value)
     try:
-        bundle = inference.load_models(_MODEL.value, scale=_SCALE.value)
+        bundle = models.load_models(_MODEL.value, scale=_SCALE.value)
         if _FORMAT.value == "onnx":
             if _PRECISION.value != "float32":
                 raise ValueError(f"--precision {_PRECISION.value} applies to the SavedModel; ONNX is float32")

@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags
 
-from sr3d import io as sr3d_io
+from sr3d import files as sr3d_files
 from sr3d import scripting, training
 
 _RECIPE = flags.DEFINE_enum("recipe", "paper", list(training.RECIPES),
@@ -71,7 +71,7 @@ def main(argv):
             _RECIPE.value, _STAGE.value, _SCALE.value, defaults={k: f.value for k, f in recipe_flags.items()},
             explicit={k: f.value for k, f in recipe_flags.items() if flags.FLAGS[f.name].present})
         config = training.TrainConfig(
-            data=sr3d_io.expand_scans(_DATA.value), val_data=sr3d_io.expand_scans(_VAL_DATA.value),
+            data=sr3d_files.expand_scans(_DATA.value), val_data=sr3d_files.expand_scans(_VAL_DATA.value),
             model_dir=_MODEL_DIR.value, stage=_STAGE.value, scale=_SCALE.value, epochs=settings["epochs"],
             steps_per_epoch=settings["steps_per_epoch"], batch_size=_BATCH.value, learning_rate=_LR.value,
             learning_rate_after_drop=_LR_AFTER.value, lr_drop_epoch=_LR_DROP.value,

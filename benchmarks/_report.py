@@ -2,7 +2,7 @@
 import pathlib
 import platform
 
-from sr3d import io as sr3d_io
+from sr3d import files as sr3d_files
 
 
 def cpu_name() -> str:
@@ -19,6 +19,6 @@ def write_report(out, name: str, payload: dict, lines: list[str]) -> None:
     """OUT/NAME.json (payload) and OUT/NAME.md (lines), and the Markdown on stdout."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sr3d_io.write_json(out / f"{name}.json", payload)
+    sr3d_files.write_json(out / f"{name}.json", payload)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

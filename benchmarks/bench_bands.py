@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from sr3d import inference, intensity  # noqa: E402
+from sr3d import inference, intensity, models  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     scan = sr3d_io.load_volume(pathlib.Path(sr3d_io.__file__).parent / "data_files" / "studyforrest_t1_2mm.nii.gz")
     lr = ndimage.zoom(scan.array, np.array(args.shape) / np.array(scan.array.shape), order=1)
     lr = intensity.window(lr).normalise(lr).astype(np.float32)
-    bundle = inference.load_models(None, 2)
+    bundle = models.load_models(None, 2)
     cases = {"A: bands as before": args.tile_mb / 2, "B: taller bands": args.tile_mb}
     rows = {name: inference._band_rows(lr.shape, 2, mb, "3d", ensemble=False) for name, mb in cases.items()}
     untiled = inference.upscale_normalised(lr, bundle, tile_mb=None)   # also warms up the traced functions

@@ -35,12 +35,12 @@ def main() -> None:
     import onnxruntime
     import tensorflow as tf
 
-    from sr3d import inference, intensity, onnx_export
+    from sr3d import intensity, models, onnx_export
     from sr3d import io as sr3d_io
-    from sr3d.cli import BUNDLED_SCAN
+    from sr3d.demo import BUNDLED_SCAN
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    bundle = inference.load_models(None, scale=2)
+    bundle = models.load_models(None, scale=2)
     volume = sr3d_io.load_volume(BUNDLED_SCAN)
     lr = intensity.window(volume.array).normalise(volume.array)
     exported = onnx_export.export_onnx(bundle, pathlib.Path(tempfile.mkdtemp()) / "onnx")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _report  # noqa: E402
-from sr3d import inference, selfcheck  # noqa: E402
+from sr3d import inference, models, selfcheck  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DEFAULT = ("../shared/data/stroke-t1-t2-flair/T2.nii.gz", "../shared/data/seg3d-head-mr/head_MR.nii.gz")
@@ -32,7 +32,7 @@ def main() -> None:
     for path in args.scans.split(","):
         volume = sr3d_io.load_volume(path)
         for scale in (2, 4):
-            bundle = inference.load_models(None, scale)
+            bundle = models.load_models(None, scale)
             for mode in ("3d", "2d"):
                 inference.upscale_volume(volume.replace(array=volume.array[:4]), bundle, mode=mode)  # trace
                 tick = time.perf_counter()

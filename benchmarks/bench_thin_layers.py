@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import numpy as np, keras, tensorflow as tf
-from sr3d import inference, precision
+from sr3d import models, precision
 
 class ShiftedSum(keras.layers.Layer):
     def __init__(self, filters, activation=None, sum_dtype="float32", **kw):
@@ -48,7 +48,7 @@ def rewrite(model, names, sum_dtype="float32"):
             new.set_weights(layer.get_weights())
     return copy
 
-bundle = inference.load_models(None, 2)
+bundle = models.load_models(None, 2)
 rng = np.random.default_rng(0)
 planes = {"hw": rng.random((16,256,256),dtype=np.float32), "d": rng.random((16,176,512),dtype=np.float32)}
 variants = {}

@@ -18,7 +18,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sr3d import adapt, degrade, inference, metrics  # noqa: E402
+from sr3d import adapt, degrade, inference, metrics, models  # noqa: E402
+from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DEFAULT_CELLS = ("lidc_slices000-105:2:2d", "lidc_slices000-105:2:3d", "totalseg_lower40:2:2d",
@@ -47,7 +48,7 @@ def main() -> None:
         volume = sr3d_io.load_volume(paths[name])
         hr, lr = degrade.simulate_lr(volume.array, scale, mode)
         lr_volume = volume.replace(array=lr, source=None)
-        bundle = inference.load_models(pathlib.Path(args.model) / f"x{scale}", scale)
+        bundle = models.load_models(pathlib.Path(args.model) / f"x{scale}", scale)
         peak = float(hr.max() - hr.min())
 
         def score(array):
@@ -64,7 +65,7 @@ def main() -> None:
                       "adapt_seconds": round(seconds, 1), "held_out": result.to_json()["held_out"],
                       "kept": result.kept, "reason": result.reason,
                       "psnr": {k: v[0] for k, v in rows.items()}, "ssim": {k: v[1] for k, v in rows.items()}}
-        sr3d_io.write_json(store, done)
+        sr3d_files.write_json(store, done)
         p = done[cell]["psnr"]
         print(f"{cell}: Lanczos {p['lanczos']:.2f}, CNN {p['cnn']:.2f}, --adapt {p['--adapt (what sr3d writes)']:.2f} "
               f"({'kept' if result.kept else 'not kept'}, {seconds:.0f} s)", flush=True)

@@ -39,15 +39,15 @@ def main() -> None:
     parser.add_argument("--decimals", type=int, default=2, help="decimals of the per-scan margins")
     args = parser.parse_args()
     r = args.scale
-    shipped = inference.load_models(None, r)
+    shipped = models.load_models(None, r)
     bundles = []
     for variant in args.variants:
         if variant == "shipped":
             bundles.append(shipped)
             continue
         hw, d = variant.split(":")
-        bundles.append(inference.ModelBundle(hw=shipped.hw if hw == "ship" else models.load(hw),
-                                             d=shipped.d if d == "ship" else models.load(d), scale=r))
+        bundles.append(models.ModelBundle(hw=shipped.hw if hw == "ship" else models.load(hw),
+                                          d=shipped.d if d == "ship" else models.load(d), scale=r))
     axes = (0, 1, 2) if args.mode == "3d" else (1, 2)
     margins = []
     print(f"{'scan':24s} {'slab':16s} Lanczos  " + "  ".join(f"v{i}" for i in range(len(bundles))) + "   (CNN - Lanczos, dB; noise sigma / window)")

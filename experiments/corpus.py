@@ -31,7 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import volume as sr3d_volume  # noqa: E402
 
 DS_TRAIN = ("01", "04", "07", "10", "13", "16", "19", "22", "25", "28")
 DS_VAL = ("31",)
@@ -57,7 +59,7 @@ LICENCES = {
 }
 
 
-def crop(volume: sr3d_io.Volume, lo, hi) -> sr3d_io.Volume:
+def crop(volume: sr3d_volume.Volume, lo, hi) -> sr3d_volume.Volume:
     """The voxels [lo, hi) of each axis, with the affine moved to the new first voxel."""
     lo = np.asarray(lo, int)
     affine = volume.affine.copy()
@@ -66,7 +68,7 @@ def crop(volume: sr3d_io.Volume, lo, hi) -> sr3d_io.Volume:
     return volume.replace(array=np.ascontiguousarray(volume.array[index]), affine=affine, source=None)
 
 
-def brain_box(volume: sr3d_io.Volume, margin: int = MARGIN):
+def brain_box(volume: sr3d_volume.Volume, margin: int = MARGIN):
     nonzero = np.argwhere(volume.array != 0)
     lo = np.maximum(nonzero.min(axis=0) - margin, 0)
     hi = np.minimum(nonzero.max(axis=0) + 1 + margin, volume.shape)
@@ -106,7 +108,7 @@ def entries(shared: pathlib.Path):
            "seg3d", "MR", "T1 1 mm (other sites)")
 
 
-def _slab(volume: sr3d_io.Volume, a: int, b: int | None) -> sr3d_io.Volume:
+def _slab(volume: sr3d_volume.Volume, a: int, b: int | None) -> sr3d_volume.Volume:
     b = volume.shape[0] if b is None else b
     return crop(volume, (a, 0, 0), (b, volume.shape[1], volume.shape[2]))
 
@@ -129,7 +131,7 @@ def main() -> None:
         records.append({"split": split, "name": name, "path": str(path), "source": source,
                         "modality": modality, "domain": domain, "shape": list(volume.shape),
                         "spacing_mm": [round(s, 3) for s in volume.spacing], "licence": LICENCES[source]})
-    sr3d_io.write_json(out / "corpus.json", {"scans": records})
+    sr3d_files.write_json(out / "corpus.json", {"scans": records})
     for split in ("train", "val", "test"):
         chosen = [r for r in records if r["split"] == split]
         print(f"{split}: {len(chosen)} scans, {sum(np.prod(r['shape']) for r in chosen) / 1e6:.0f} M voxels")

@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sr3d import degrade, evaluation, inference, selfcheck  # noqa: E402
+from sr3d import degrade, evaluation, inference, models, selfcheck  # noqa: E402
+from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 DOMAIN_ORDER = ("T1 1 mm (ds002748)", "T1 1 mm (other sites)", "T1 0.7 mm", "T1 2 mm", "T2 1 mm", "FLAIR 1 mm", "chest CT 1 mm",
@@ -74,7 +75,7 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
     path = out / "selfcheck.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     for scale in scales:
-        bundle = inference.load_models(pathlib.Path(model) / f"x{scale}", scale)
+        bundle = models.load_models(pathlib.Path(model) / f"x{scale}", scale)
         for domain, records in groups.items():
             for record in records:
                 volume = sr3d_io.load_volume(record["path"])
@@ -90,7 +91,7 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
                         entry[variant] = None if check is None else check.to_json()
                     tick = time.perf_counter()
                     done[key] = entry
-                    sr3d_io.write_json(path, done)
+                    sr3d_files.write_json(path, done)
                     print(f"self-check {key}: " + ", ".join(
                         f"{v} {entry[v]['margin_db']:+.2f} dB" if entry[v] else f"{v} too small"
                         for v in selfcheck.NOISE_MODELS), flush=True)
@@ -168,11 +169,11 @@ def report(out: pathlib.Path, groups, modes, scales) -> str:
         lines.append(f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | {m['margin_db']:+.2f} | {me['margin_db']:+.2f} | "
                      f"{n['margin_db']:+.2f} | {real_ssim:+.4f} | {m['ssim_margin']:+.4f} |" if m else
                      f"| {scan} | {scale[1:]} | {mode} | {real:+.2f} | too small | | | {real_ssim:+.4f} | |")
-    sr3d_io.write_json(out / "summary.json", {"table": table, "selfcheck_accuracy": accuracy,
+    sr3d_files.write_json(out / "summary.json", {"table": table, "selfcheck_accuracy": accuracy,
                                               "selfcheck_cells": {k: {"real_db": r, "real_ssim": rs, **e}
                                                                   for k, r, rs, e in rows}})
     text = "\n".join(lines) + "\n"
-    with sr3d_io.atomic_path(out / "summary.md") as tmp:
+    with sr3d_files.atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text)
     return text
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from sr3d import degrade
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 FACTOR = 3
 
@@ -40,8 +41,8 @@ def main() -> None:
     crop = lr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     shift = np.eye(4)
     shift[:3, 3] = lo
-    out = sr3d_io.Volume(array=np.clip(crop, 0, None), spacing=tuple(s * FACTOR for s in volume.spacing),
-                         affine=affine @ shift, modality=volume.modality, source_dtype="int16")
+    out = sr3d_volume.Volume(array=np.clip(crop, 0, None), spacing=tuple(s * FACTOR for s in volume.spacing),
+                             affine=affine @ shift, modality=volume.modality, source_dtype="int16")
     path = sr3d_io.save_volume(out, pathlib.Path(args.out_dir) / "studyforrest_t1_2mm.nii.gz")
     print(f"wrote {path}: {out.array.shape} voxels at {out.spacing} mm")
 

@@ -38,12 +38,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sr3d  # noqa: E402
-from sr3d import evaluation, inference, training  # noqa: E402
+from sr3d import evaluation, inference, models, training  # noqa: E402
 from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import volume as sr3d_volume  # noqa: E402
 
 PARTS = ("table2", "table1", "main")
-MODES = ("2d", "3d")
 SEED = 0
 DISCUSSION = pathlib.Path(__file__).with_name("results_discussion.md")
 # A 2x stage-hw model turns a 128 x 128 LR slice into a 256 x 256 one: the slice of Table 1's timing.
@@ -192,8 +192,8 @@ def studyforrest_scan(shared: pathlib.Path, data_dir: pathlib.Path) -> str:
     index_map = np.diag([factor, factor, factor, 1.0])
     index_map[:3, 3] = (factor - 1) / 2.0
     affine = volume.affine @ index_map
-    shrunk = sr3d_io.Volume(array=lr.astype(np.float32), spacing=tuple(s * factor for s in volume.spacing),
-                            affine=affine, modality=volume.modality, source_dtype="int16")
+    shrunk = sr3d_volume.Volume(array=lr.astype(np.float32), spacing=tuple(s * factor for s in volume.spacing),
+                                affine=affine, modality=volume.modality, source_dtype="int16")
     data_dir.mkdir(parents=True, exist_ok=True)
     sr3d_io.save_volume(shrunk, out)
     log(f"wrote {out}: {lr.shape} voxels at {shrunk.spacing} mm")
@@ -271,17 +271,16 @@ def _stage_config(data, val_data, model_dir: pathlib.Path, epochs: int, steps: i
                                 lr_drop_epoch=None if epochs > 1 else 1, seed=seed, verbose=2, **changes)
 
 
-def _load_hw_bundle(model_path: pathlib.Path) -> inference.ModelBundle:
+def _load_hw_bundle(model_path: pathlib.Path) -> models.ModelBundle:
     """A 2x bundle of one trained stage-hw network. 2D evaluation never runs stage d, so its
     place is held by an untrained 1-filter stage-d network."""
     import keras
 
     from sr3d import layers  # noqa: F401  (registers the custom layers)
-    from sr3d import models
 
     model = keras.saving.load_model(model_path, compile=False)
-    return inference.ModelBundle(hw=model, d=models.build("d", 2, filters=1), scale=2,
-                                 info={"model": str(model_path), "d": "placeholder, unused in 2D"})
+    return models.ModelBundle(hw=model, d=models.build("d", 2, filters=1), scale=2,
+                              info={"model": str(model_path), "d": "placeholder, unused in 2D"})
 
 
 def _training_facts(summary: dict) -> dict:
@@ -634,9 +633,9 @@ def table1_markdown(payload: dict) -> str:
 # ---------------------------------------------------------------------------- Tables 3-6
 
 def _bundle_fingerprint(scale: int) -> dict:
-    directory = inference.shipped_model_dir(scale)
-    info = json.loads((directory / inference.BUNDLE_JSON).read_text())
-    return {"bundle": info, "mtime": {f: (directory / f).stat().st_mtime for f in inference.MODEL_FILES.values()}}
+    directory = models.shipped_model_dir(scale)
+    info = json.loads((directory / models.BUNDLE_JSON).read_text())
+    return {"bundle": info, "mtime": {f: (directory / f).stat().st_mtime for f in models.MODEL_FILES.values()}}
 
 
 def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
@@ -644,15 +643,15 @@ def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
         subprocess.run(["bash", str(REPO / "experiments" / "train_shipped.sh"), args.shipped_runs], check=True,
                        env={**os.environ, "SR3D_SHARED_DATA": str(args.shared_data)})
     scales = budget.scales
-    missing = [s for s in scales if not (inference.shipped_model_dir(s) / inference.BUNDLE_JSON).exists()]
+    missing = [s for s in scales if not (models.shipped_model_dir(s) / models.BUNDLE_JSON).exists()]
     if missing:
-        raise ValueError(f"no shipped bundle for scales {missing} in {inference.SHIPPED_DIR}: the main tables "
+        raise ValueError(f"no shipped bundle for scales {missing} in {models.SHIPPED_DIR}: the main tables "
                          "need them; run bash experiments/train_shipped.sh (or add --train_shipped)")
     shared = pathlib.Path(args.shared_data)
     datasets = evaluation_sets(shared, pathlib.Path(args.runs_dir) / "data", budget.datasets)
     fingerprints = {f"x{s}": _bundle_fingerprint(s) for s in scales}
     payloads = {}
-    for mode in MODES:
+    for mode in degrade.MODES:
         tables = {}
         for name, dataset in datasets.items():
             config = evaluation.EvalConfig(scans=dataset["scans"], scales=scales, mode=mode,
@@ -707,7 +706,7 @@ def ensemble_transforms(entry: dict, scales: tuple[int, ...]) -> dict:
     protocols = _protocols_for(entry)
     out = {}
     for scale in scales:
-        stage = inference._Stage(inference.load_models(None, scale).hw, 8, False, "hw")
+        stage = inference._Stage(models.load_models(None, scale).hw, 8, False, "hw")
         per_scan = {name: [] for name in [f"transform {k}" for k in range(8)] + ["median (ensemble)", "mean"]}
         for path in entry["scans"]:
             volume = sr3d_io.load_volume(path)
@@ -733,7 +732,7 @@ def stage_attribution(entry: dict, scales: tuple[int, ...]) -> dict:
     protocols = _protocols_for(entry)
     out = {}
     for scale in scales:
-        bundle = inference.load_models(None, scale)
+        bundle = models.load_models(None, scale)
         steps = {
             "hw": {"cnn": lambda x: inference.upscale_normalised(x, bundle, mode="2d"),
                    "lanczos": lambda x: baselines.upscale_axes(x, scale, "lanczos", axes=(1, 2))},
@@ -1005,7 +1004,7 @@ def thick_slice_section(docs: pathlib.Path) -> list[str]:
 def summary_section(out: pathlib.Path) -> list[str]:
     """Headline numbers computed from the table JSON (so the page never quotes stale values)."""
     lines = ["## Summary (computed from the tables below)", ""]
-    for mode in MODES:
+    for mode in degrade.MODES:
         path = out / f"tables_{mode}.json"
         if not path.exists():
             continue

@@ -143,7 +143,7 @@ def _fine_tune(model, stacks: list[data.PlaneStack], stage: str, scale: int, con
 
 def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = AdaptConfig(),
           log: Callable[[str], None] = lambda line: None, upscale_fn=None) -> AdaptResult:
-    """Fine-tunes `bundle` (an `sr3d.inference.ModelBundle`) on the scan `array` and decides
+    """Fine-tunes `bundle` (an `sr3d.models.ModelBundle`) on the scan `array` and decides
     on held-out rows whether to keep the result.
 
     array: float32 (D, H, W), scanner units. upscale_fn(normalised, bundle) -> upscaled in `mode`
@@ -152,6 +152,7 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     import keras
 
     from sr3d import inference, training
+    from sr3d import models as sr3d_models
 
     start = time.perf_counter()
     if mode not in degrade.MODE_AXES:
@@ -177,8 +178,8 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     held_target, held_input = target[:, a:b], lr_input[:, a // r:b // r]
 
     keras.utils.set_random_seed(config.seed)
-    adapted = inference.ModelBundle(hw=_clone(bundle.hw), d=_clone(bundle.d), scale=r,
-                                    info={**bundle.info, "adapted": True})
+    adapted = sr3d_models.ModelBundle(hw=_clone(bundle.hw), d=_clone(bundle.d), scale=r,
+                                      info={**bundle.info, "adapted": True})
     steps_total = config.steps
     hw_share = config.hw_share if mode == "3d" else 1.0
     deadline_hw = start + config.seconds * hw_share

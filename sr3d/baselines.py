@@ -12,10 +12,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from sr3d.degrade import _check_axes, _check_scale
+from sr3d.degrade import check_axes, check_scale
 
 METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
-MODES = ("2d", "3d")
 _WHERE = "sr3d.baselines"
 
 _CV2_FLAGS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
@@ -82,9 +81,9 @@ def upscale_axes(array: np.ndarray, scale: int, method: str, axes: Sequence[int]
     scale * n on every listed axis.
     """
     _check_method(method)
-    scale = _check_scale(scale, where=_WHERE)
+    scale = check_scale(scale, where=_WHERE)
     array = np.asarray(array, dtype=np.float32)
-    axes = _check_axes(axes, array.ndim, where=_WHERE)
+    axes = check_axes(axes, array.ndim, where=_WHERE)
     if array.size == 0:
         raise ValueError(f"sr3d.baselines: cannot upscale an empty array, got shape {array.shape}")
     if method == "nearest":

@@ -29,10 +29,15 @@ import pathlib
 import time
 import traceback
 from collections.abc import Iterator
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sr3d import inference
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
+
+if TYPE_CHECKING:  # sr3d.models imports Keras
+    from sr3d.models import ModelBundle
 
 MANIFEST = "manifest.json"
 
@@ -89,16 +94,16 @@ class ScanOptions:
 def output_name(scan: pathlib.Path, scale: int, format: str = "nifti") -> str:
     """scan.nii.gz (or a series directory `scan`) -> scan_x2.nii.gz; with format "dicom" the
     series directory scan_x2."""
-    stem = f"{sr3d_io.volume_stem(scan.name)}_x{scale}"
+    stem = f"{sr3d_files.volume_stem(scan.name)}_x{scale}"
     return stem if format == "dicom" else f"{stem}.nii.gz"
 
 
-def load_scan(scan, options: ScanOptions) -> sr3d_io.Volume:
+def load_scan(scan, options: ScanOptions) -> sr3d_volume.Volume:
     """Step 1 of a scan: read it (a local file or DICOM series directory)."""
     return sr3d_io.load_volume(scan, regularize=options.regularize)
 
 
-def upscale_loaded(volume: sr3d_io.Volume, bundle: inference.ModelBundle, options: ScanOptions) -> sr3d_io.Volume:
+def upscale_loaded(volume: sr3d_volume.Volume, bundle: ModelBundle, options: ScanOptions) -> sr3d_volume.Volume:
     """Step 2: upscale with `bundle` (tiled, `options.tile_mb`); the result's `report` says how
     (and holds the self-check when `options.self_check`)."""
     if bundle.scale != options.scale:
@@ -111,7 +116,7 @@ def upscale_loaded(volume: sr3d_io.Volume, bundle: inference.ModelBundle, option
     return result
 
 
-def write_scan(result: sr3d_io.Volume, target, options: ScanOptions) -> pathlib.Path:
+def write_scan(result: sr3d_volume.Volume, target, options: ScanOptions) -> pathlib.Path:
     """Step 3: write atomically to `target` (a local NIfTI file, or a new series directory)."""
     report = result.report or {}
     note = f"sr3d x{report.get('scale', options.scale)} {report.get('mode', options.mode)}: {report.get('method', 'cnn')}"
@@ -175,7 +180,7 @@ class _Manifest:
         self.path, self.settings = path, settings
         self.lock_path = path.with_name(f".{path.name}.lock")
         with _lock(self.lock_path, wait=True):
-            sr3d_io.remove_stale_temporaries(path)
+            sr3d_files.remove_stale_temporaries(path)
             self.scans = _read_manifest(path, settings)["scans"]
 
     def reload(self) -> dict:
@@ -187,7 +192,7 @@ class _Manifest:
         with _lock(self.lock_path, wait=True):
             manifest = _read_manifest(self.path, self.settings)
             manifest["scans"][key] = entry
-            sr3d_io.write_json(self.path, manifest)
+            sr3d_files.write_json(self.path, manifest)
             self.scans = manifest["scans"]
 
 
@@ -214,7 +219,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     options = ScanOptions(scale=scale, mode=mode, ensemble=ensemble, regularize=regularize, precision=precision,
                           tile_mb=tile_mb)
     out = pathlib.Path(output_dir)
-    scans = [s for s in sr3d_io.scans_in(input_dir) if not _same_dir(s, out)]
+    scans = [s for s in sr3d_files.scans_in(input_dir) if not _same_dir(s, out)]
     if not scans:
         raise ValueError(f"{input_dir}: no scans found (NIfTI/NRRD files or DICOM series directories)")
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,9 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     if precision != "float32":  # likewise
         settings["precision"] = precision
     manifest = _Manifest(out / MANIFEST, settings)
-    bundle = model if isinstance(model, inference.ModelBundle) else inference.load_models(model, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = model if isinstance(model, sr3d_models.ModelBundle) else sr3d_models.load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
 
@@ -259,7 +266,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
                 log(f"{where}: FAILED: {reason}")
                 continue
             # A run killed while writing this scan left its temporary file: not ours to keep.
-            for stale in sr3d_io.remove_stale_temporaries(target):
+            for stale in sr3d_files.remove_stale_temporaries(target):
                 log(f"{where}: removed {stale.name}, left by an interrupted run")
             manifest.set(key, {"status": "running", "output": target.name, "started": time.time()})
             start = time.perf_counter()

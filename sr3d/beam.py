@@ -48,8 +48,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from sr3d import batch, inference
-from sr3d import io as sr3d_io
+from sr3d import batch
+from sr3d import models as sr3d_models
+from sr3d import files as sr3d_files
+from sr3d import volume as sr3d_volume
 
 RUN_LOG = "_sr3d_run.jsonl"
 ERRORS = "_sr3d_errors.txt"
@@ -98,7 +100,7 @@ def scan_of(path: str) -> str | None:
     name = posixpath.basename(path.rstrip("/")).lower()
     if name.startswith("."):  # hidden: a temporary being written (.x.tmp-PID-...), never a scan
         return None
-    if name.endswith(sr3d_io.VOLUME_SUFFIXES):
+    if name.endswith(sr3d_files.VOLUME_SUFFIXES):
         return path
     if name.endswith(DICOM_SUFFIXES) or ("." not in name and not name.startswith(".")):
         return posixpath.dirname(path) if not _is_local(path) else os.path.dirname(path)
@@ -148,19 +150,19 @@ def plan_scan(scan: str, root: str, output: str, options: batch.ScanOptions) -> 
     relative = relative_name(scan, root)
     folder, name = posixpath.split(relative)
     out_name = batch.output_name(pathlib.PurePosixPath(name), options.scale, options.format)
-    record_name = f"{sr3d_io.volume_stem(out_name)}.json"
+    record_name = f"{sr3d_files.volume_stem(out_name)}.json"
     where = _join(output, folder) if folder else output
     return Scan(input=scan, output=_join(where, out_name), record=_join(where, record_name))
 
 
 def model_sha256(model: str | None, scale: int) -> str:
     """sha256 of the bundle's files (hw.keras, d.keras, bundle.json when present), in that order."""
-    directory = model if model is not None else str(inference.shipped_model_dir(scale))
+    directory = model if model is not None else str(sr3d_models.shipped_model_dir(scale))
     digest = hashlib.sha256()
-    for name in (*inference.MODEL_FILES.values(), inference.BUNDLE_JSON):
+    for name in (*sr3d_models.MODEL_FILES.values(), sr3d_models.BUNDLE_JSON):
         path = _join(directory, name)
         if not FileSystems.exists(path):
-            if name == inference.BUNDLE_JSON:
+            if name == sr3d_models.BUNDLE_JSON:
                 continue
             raise ValueError(f"{directory}: not an sr3d model bundle, missing {name}")
         digest.update(name.encode())
@@ -186,7 +188,7 @@ def _write_bytes(path: str, payload: bytes) -> None:
     object store (gs://, s3://) an upload appears whole when it is closed."""
     if _is_local(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with sr3d_io.atomic_path(path) as temporary:
+        with sr3d_files.atomic_path(path) as temporary:
             temporary.write_bytes(payload)
         return
     with FileSystems.create(path, mime_type="application/octet-stream", compression_type="uncompressed") as stream:
@@ -296,16 +298,16 @@ class BundleModelHandler(ModelHandler):
         super().__init__(min_batch_size=1, max_batch_size=1)
         self.model, self.options = model, options
 
-    def load_model(self) -> inference.ModelBundle:
+    def load_model(self) -> sr3d_models.ModelBundle:
         if self.model is None or _is_local(self.model):
-            return inference.load_models(self.model, self.options.scale)
+            return sr3d_models.load_models(self.model, self.options.scale)
         local = tempfile.mkdtemp(prefix="sr3d-model-")  # kept for the worker's life: Keras reads it once
-        for name in (*inference.MODEL_FILES.values(), inference.BUNDLE_JSON):
+        for name in (*sr3d_models.MODEL_FILES.values(), sr3d_models.BUNDLE_JSON):
             if FileSystems.exists(FileSystems.join(self.model, name)):
                 _download(FileSystems.join(self.model, name), os.path.join(local, name))
-        return inference.load_models(local, self.options.scale)
+        return sr3d_models.load_models(local, self.options.scale)
 
-    def run_inference(self, batch_of_scans: Sequence, model: inference.ModelBundle,
+    def run_inference(self, batch_of_scans: Sequence, model: sr3d_models.ModelBundle,
                       inference_args=None) -> Iterable[PredictionResult]:
         for element in batch_of_scans:
             _, volume, _ = element
@@ -362,7 +364,7 @@ class WriteScans(beam.DoFn):
             record = {**record, "status": "failed", "error": batch.error_line(caught)}
         return record
 
-    def _write_output(self, result: sr3d_io.Volume, scan: Scan) -> None:
+    def _write_output(self, result: sr3d_volume.Volume, scan: Scan) -> None:
         options = self.job.options
         if not _is_local(scan.output):
             with tempfile.TemporaryDirectory(prefix="sr3d-out-") as directory:
@@ -372,9 +374,9 @@ class WriteScans(beam.DoFn):
             return
         target = pathlib.Path(scan.output)
         target.parent.mkdir(parents=True, exist_ok=True)
-        stale = (sr3d_io.remove_stale_temporaries(target) if options.format == "nifti"
+        stale = (sr3d_files.remove_stale_temporaries(target) if options.format == "nifti"
                  else remove_stale_series(target))
-        for path in [*stale, *sr3d_io.remove_stale_temporaries(scan.record)]:
+        for path in [*stale, *sr3d_files.remove_stale_temporaries(scan.record)]:
             print(f"{scan.input}: removed {path.name}, left by an interrupted run", file=sys.stderr)
         if options.format == "dicom" and target.exists():
             # Ours (a record exists, else the plan refused it): a retry or rerun replaces it whole.
@@ -399,7 +401,7 @@ def remove_stale_series(target: pathlib.Path) -> list[pathlib.Path]:
     removed = []
     for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
         match = pattern.fullmatch(candidate.name)
-        if match is None or not candidate.is_dir() or sr3d_io._pid_alive(int(match.group(1))):
+        if match is None or not candidate.is_dir() or sr3d_files.pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)

@@ -31,9 +31,6 @@ import time
 _TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # the user's choice wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
-
-
 class _ProgressBar:
     """Progress on stderr for `progress(unit, done, total)` callbacks: one updating line on a
     terminal, else plain lines; throttled either way, the last state always shown.
@@ -177,7 +174,7 @@ def _check_not_input(input_path, out: pathlib.Path) -> None:
 def _check_upscale_paths(args) -> None:
     """`upscale`'s IN and OUT before anything is loaded: IN exists, OUT is not IN, an existing OUT
     is replaced only with --overwrite, and temporaries of killed runs for OUT are removed."""
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
 
     if not os.path.exists(args.input):
         raise FileNotFoundError(2, "No such file or directory", args.input)
@@ -187,12 +184,13 @@ def _check_upscale_paths(args) -> None:
     out = _check_output_path(args.output)
     if (out.exists() or out.is_symlink()) and not getattr(args, "overwrite", False):
         raise ValueError(f"{out}: exists already: pass --overwrite to replace it, or choose another name")
-    for stale in sr3d_io.remove_stale_temporaries(out) + sr3d_io.remove_stale_temporaries(sidecar_path(out)):
+    for stale in sr3d_files.remove_stale_temporaries(out) + sr3d_files.remove_stale_temporaries(sidecar_path(out)):
         print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
 
 def cmd_upscale(args) -> int:
     from sr3d import inference
+    from sr3d import files as sr3d_files
     from sr3d import io as sr3d_io
 
     _check_upscale_paths(args)
@@ -248,7 +246,9 @@ def cmd_upscale(args) -> int:
         raise ValueError(f"--tile-mb must be a positive number of megabytes, got {args.tile_mb:g}")
     volume = sr3d_io.load_volume(args.input, regularize=getattr(args, "regularize", False))
     _import_tensorflow(args)
-    bundle = inference.load_models(args.model, args.scale)
+    from sr3d import models as sr3d_models
+
+    bundle = sr3d_models.load_models(args.model, args.scale)
     mode = args.axes
     print(f"{args.input}: {volume.array.shape[0]} x {volume.array.shape[1]} x {volume.array.shape[2]} voxels "
           f"(D x H x W) at {', '.join(f'{s:.3g}' for s in volume.spacing)} mm; upscaling x{args.scale} "
@@ -271,14 +271,14 @@ def cmd_upscale(args) -> int:
         report["anisotropy_note"] = anisotropy
     note = _report_note(report)
     sr3d_io.save_volume(result, out, format=args.format, note=note)
-    sr3d_io.write_json(sidecar, report)
+    sr3d_files.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
     if save_model is not None:
         if used is bundle:
             log(f"not writing {save_model}: the adapted networks were not kept")
         else:
-            inference.save_bundle(used, save_model)
+            sr3d_models.save_bundle(used, save_model)
             log(f"wrote the adapted model bundle {save_model} (reuse it with --model)")
     return 0
 
@@ -302,10 +302,10 @@ def _model_kind(path) -> str | None:
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
     """The JSON report beside an output: scan_x2.nii.gz -> scan_x2.json (BIDS-style); a DICOM
     output directory OUT -> OUT.json."""
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
 
     nifti = out.name.lower().endswith((".nii", ".nii.gz"))
-    return out.with_name((sr3d_io.volume_stem(out.name) if nifti else out.name) + ".json")
+    return out.with_name((sr3d_files.volume_stem(out.name) if nifti else out.name) + ".json")
 
 
 def _report_note(report: dict) -> str:
@@ -325,6 +325,7 @@ def cmd_upscale_self_supervised(args) -> int:
     in-plane spacing rounded up (one rule: `sr3d.selfsup.plan_for`); --model is a .keras file
     written by --save-model, reused instead of training. Writes OUT's .json report: plan,
     slice profile, training steps, seed and wall time."""
+    from sr3d import files as sr3d_files
     from sr3d import io as sr3d_io
     from sr3d import selfsup
 
@@ -404,7 +405,7 @@ def cmd_upscale_self_supervised(args) -> int:
         report["assumptions"] = list(volume.assumptions)
     note = plan.describe() + ("" if reusing else "; " + trained.profile.describe(plan))
     sr3d_io.save_volume(result, out, note=note, format=args.format)
-    sr3d_io.write_json(sidecar, report)
+    sr3d_files.write_json(sidecar, report)
     print(f"wrote {out}: {' x '.join(map(str, result.array.shape))} voxels at "
           f"{', '.join(f'{s:.3g}' for s in result.spacing)} mm (report: {sidecar.name})", file=sys.stderr)
     return 0
@@ -463,21 +464,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from sr3d import inference
+    from sr3d import models as sr3d_models
 
-    out = inference.make_bundle(args.hw, args.d, args.out, args.scale,
-                                info={"note": args.note} if args.note else None)
+    out = sr3d_models.make_bundle(args.hw, args.d, args.out, args.scale,
+                                  info={"note": args.note} if args.note else None)
     print(f"wrote model bundle {out}", file=sys.stderr)
     return 0
 
 
 def cmd_study_make(args) -> int:
-    from sr3d import io as sr3d_io
+    from sr3d import files as sr3d_files
     from sr3d import study
 
     methods = tuple(m.strip() for m in args.methods.split(","))
     # The rule of train.py and evaluate.py: a directory of NIfTI/NRRD files gives each file.
-    config = study.StudyConfig(scans=sr3d_io.expand_scans(args.scans), methods=methods, scale=args.scale, n=args.n,
+    config = study.StudyConfig(scans=sr3d_files.expand_scans(args.scans), methods=methods, scale=args.scale, n=args.n,
                                seed=args.seed, model_dir=args.model)
     out = study.make_study(config, args.out, progress=_ProgressBar("study"))
     print(f"wrote reader study {out}: open {out / 'index.html'} in a browser; send readers the "
@@ -521,6 +522,8 @@ def _add_study_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from sr3d.degrade import MODES
+
     p = argparse.ArgumentParser(prog="sr3d", description="3D super-resolution of CT and MRI scans.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -637,7 +640,7 @@ def parser() -> argparse.ArgumentParser:
                          help="DirectRunner (default), PrismRunner, DataflowRunner, FlinkRunner, SparkRunner")
     on_beam.add_argument("--scale", type=int, default=2)
     on_beam.add_argument("--model", default=None, help="model bundle directory or URL (default: the shipped model)")
-    on_beam.add_argument("--axes", choices=["3d", "2d"], default="3d")
+    on_beam.add_argument("--axes", choices=list(MODES), default="3d")
     on_beam.add_argument("--ensemble", action="store_true")
     on_beam.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     on_beam.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="float32")

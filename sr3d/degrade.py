@@ -22,7 +22,7 @@ MODES = ("2d", "3d")
 MODE_AXES = {"2d": (1, 2), "3d": (0, 1, 2), "d": (0,), "h": (1,), "w": (2,)}
 
 
-def _check_scale(scale, minimum: int = 1, where: str = "sr3d.degrade") -> int:
+def check_scale(scale, minimum: int = 1, where: str = "sr3d.degrade") -> int:
     """Returns `scale` as an int, or raises if it is not an integer >= minimum."""
     if isinstance(scale, (bool, np.bool_)):
         value = None
@@ -37,7 +37,7 @@ def _check_scale(scale, minimum: int = 1, where: str = "sr3d.degrade") -> int:
     return value
 
 
-def _check_axes(axes: Sequence[int], ndim: int, where: str = "sr3d.degrade") -> tuple[int, ...]:
+def check_axes(axes: Sequence[int], ndim: int, where: str = "sr3d.degrade") -> tuple[int, ...]:
     """Normalises (possibly negative) axes of an ndim-array; raises on bad or repeated ones."""
     normalised = []
     for axis in axes:
@@ -62,9 +62,9 @@ def crop_to_multiple(array: np.ndarray, scale: int, axes: Sequence[int] = (0, 1,
     it is the HR ground truth the LR is compared against. Returns a view.
     Raises ValueError if an axis is shorter than `scale`.
     """
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     array = np.asarray(array)
-    axes = _check_axes(axes, array.ndim)
+    axes = check_axes(axes, array.ndim)
     index = [slice(None)] * array.ndim
     for axis in axes:
         length = array.shape[axis]
@@ -128,9 +128,9 @@ def downscale_axis(array: np.ndarray, scale: int, axis: int) -> np.ndarray:
     has length n // scale there). Computed in float64; returns float64 for
     float64 input and float32 for anything else.
     """
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     array = np.asarray(array)
-    (axis,) = _check_axes((axis,), array.ndim)
+    (axis,) = check_axes((axis,), array.ndim)
     dtype = _output_dtype(array)
     return _downscale_axis_f64(array.astype(np.float64, copy=False), scale, axis).astype(dtype)
 
@@ -141,9 +141,9 @@ def downscale(array: np.ndarray, scale: int, axes: Sequence[int]) -> np.ndarray:
     The resize is separable and linear, so the axis order only changes float64
     rounding. Returns float64 for float64 input, float32 otherwise.
     """
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     array = np.asarray(array)
-    axes = _check_axes(axes, array.ndim)
+    axes = check_axes(axes, array.ndim)
     dtype = _output_dtype(array)
     result = array.astype(np.float64, copy=False)
     for axis in axes:
@@ -172,7 +172,7 @@ def simulate_lr(hr: np.ndarray, scale: int, mode: str = "3d") -> tuple[np.ndarra
     (D // scale, H // scale, W // scale) for "3d". Both are float32 (float64 if
     hr is float64).
     """
-    scale = _check_scale(scale, minimum=2, where="sr3d.degrade.simulate_lr")
+    scale = check_scale(scale, minimum=2, where="sr3d.degrade.simulate_lr")
     if mode not in MODE_AXES:
         raise ValueError(f"sr3d.degrade.simulate_lr: mode must be one of {MODES}, got {mode!r}")
     hr = np.asarray(hr)

@@ -15,7 +15,9 @@ import time
 import numpy as np
 
 from sr3d import baselines, degrade, inference, metrics
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 BUNDLED_SCAN = pathlib.Path(__file__).resolve().parent / "data_files" / "studyforrest_t1_2mm.nii.gz"
 
@@ -52,7 +54,7 @@ def _figure(hr: np.ndarray, lr_nearest: np.ndarray, lanczos: np.ndarray, cnn: np
             if col == 0:
                 ax.set_ylabel(shown.name, fontsize=13)
     fig.suptitle(f"{scale}x 3D super-resolution of a real 2 mm T1 scan (PSNR / SSIM over the volume)", fontsize=14)
-    with sr3d_io.atomic_path(path) as tmp:
+    with sr3d_files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
@@ -61,7 +63,9 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
     """Runs the demo; returns a short text report."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = inference.load_models(None, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = sr3d_models.load_models(None, scale)
     volume = sr3d_io.load_volume(scan)
 
     start = time.perf_counter()
@@ -70,8 +74,9 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
     result_path = sr3d_io.save_volume(upscaled, out_dir / f"studyforrest_t1_x{scale}.nii.gz")
 
     hr, lr = degrade.simulate_lr(volume.array, scale, mode="3d")
-    lr_volume = sr3d_io.Volume(lr, tuple(s * scale for s in volume.spacing), volume.affine,
-                               source_dtype="float32")
+    lr_volume = sr3d_volume.Volume(lr, tuple(s * scale for s in volume.spacing),
+                                   sr3d_volume.downscaled_affine(volume.affine, scale),
+                                   source_dtype="float32")
     cnn = inference.upscale_volume(lr_volume, bundle).array
     lanczos = baselines.upscale(lr, scale, "lanczos", mode="3d")
     protocol = metrics.float_protocol((0.0, float(hr.max())), with_ifc=False)
@@ -84,7 +89,7 @@ def run(out_dir: pathlib.Path, scale: int = 2, scan: pathlib.Path = BUNDLED_SCAN
               "output_shape": list(upscaled.array.shape), "output": str(result_path),
               "upscale_seconds": seconds, "comparison": scores, "protocol": protocol.describe(),
               "model": bundle.info}
-    sr3d_io.write_json(out_dir / "report.json", report)
+    sr3d_files.write_json(out_dir / "report.json", report)
     return (f"upscaled {scan.name} {volume.array.shape} -> {upscaled.array.shape} in {seconds:.1f} s: "
             f"{result_path}\n"
             f"simulated {scale}x: CNN PSNR {scores['cnn']['psnr']:.2f} dB SSIM {scores['cnn']['ssim']:.4f} | "

@@ -28,7 +28,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -70,7 +70,7 @@ def check_output_dir(path: str | os.PathLike) -> pathlib.Path:
     return out
 
 
-def save_series(volume: sr3d_io.Volume, directory: str | os.PathLike, note: str | None = None) -> pathlib.Path:
+def save_series(volume: sr3d_volume.Volume, directory: str | os.PathLike, note: str | None = None) -> pathlib.Path:
     """Write `volume` as a new DICOM series into `directory` (new or empty), atomically: the files
     are written into a temporary directory beside it, which is then renamed. Returns `directory`.
 
@@ -95,7 +95,7 @@ def save_series(volume: sr3d_io.Volume, directory: str | os.PathLike, note: str 
     return out
 
 
-def series_datasets(volume: sr3d_io.Volume, note: str | None = None,
+def series_datasets(volume: sr3d_volume.Volume, note: str | None = None,
                     now: datetime.datetime | None = None) -> list[pydicom.Dataset]:
     """The datasets of the series `save_series` writes, one per slice (D order)."""
     now = now or datetime.datetime.now()
@@ -231,12 +231,12 @@ def _window(array: np.ndarray, source) -> tuple[str, str]:
     return format_number_as_ds(float(low + high) / 2), format_number_as_ds(max(float(high - low), 1.0))
 
 
-def _factor_label(volume: sr3d_io.Volume, source) -> str:
+def _factor_label(volume: sr3d_volume.Volume, source) -> str:
     """'x2' (or 'x1x2x2', D x H x W) from the source grid's spacing over the volume's; '' without a
     source or when the grid is the source's."""
     if source is None:
         return ""
-    factors = [round(a / b, 3) for a, b in zip(sr3d_io.spacing_from_affine(source.affine), volume.spacing)]
+    factors = [round(a / b, 3) for a, b in zip(sr3d_volume.spacing_from_affine(source.affine), volume.spacing)]
     if factors == [1, 1, 1]:
         return ""
     if len(set(factors)) == 1:
@@ -249,7 +249,7 @@ def _series_number(source) -> int:
     return (int(number) + 1000 if number not in (None, "") else 1000) % 2**31
 
 
-def _source_slices(volume: sr3d_io.Volume, source, k: int) -> list[int]:
+def _source_slices(volume: sr3d_volume.Volume, source, k: int) -> list[int]:
     """Indices of the source slices on either side of output slice k (the images it was computed
     from), found by mapping its centre into the source grid; all source slices if that fails."""
     n = len(source.instances)

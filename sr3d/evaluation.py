@@ -33,9 +33,11 @@ import numpy as np
 
 import sr3d
 from sr3d import baselines, degrade, metrics, planes
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
+from sr3d.degrade import MODES
 
-MODES = ("2d", "3d")
 PROTOCOLS = ("float", "paper")
 REFERENCE_METHOD = "lanczos"
 # The paper's significance level (Table 2).
@@ -81,7 +83,7 @@ class EvalConfig:
     methods: interpolation baselines, a subset of `sr3d.baselines.METHODS`.
     cnn: extra rows, name -> model bundle directory (a directory holding the bundle, or
         holding one bundle per scale in subdirectories x2, x4, ...), None for the shipped
-        model of each scale, or an in-memory `sr3d.inference.ModelBundle`.
+        model of each scale, or an in-memory `sr3d.models.ModelBundle`.
     protocols: scoring protocols, among "float" and "paper" (see `sr3d.metrics.Protocol`).
     data_range: (lo, hi) window of the float protocol in scanner units; None = the global
         min and max over the HR volumes of all `scans` (stated in the report).
@@ -111,7 +113,7 @@ class EvalConfig:
         if not scans:
             raise ValueError("EvalConfig: scans is empty: give at least one scan")
         object.__setattr__(self, "scans", tuple(os.fspath(s) for s in scans))
-        scales = tuple(degrade._check_scale(s, minimum=2, where="EvalConfig") for s in _as_tuple(self.scales))
+        scales = tuple(degrade.check_scale(s, minimum=2, where="EvalConfig") for s in _as_tuple(self.scales))
         if not scales or len(set(scales)) != len(scales):
             raise ValueError(f"EvalConfig: scales must be distinct integers >= 2, got {self.scales!r}")
         object.__setattr__(self, "scales", scales)
@@ -211,34 +213,29 @@ def _make_protocols(config: EvalConfig, data_range: tuple[float, float]) -> dict
 
 def _load_bundle(spec, scale: int):
     """The model bundle of one CNN row for `scale` (see EvalConfig.cnn)."""
-    from sr3d import inference
+    from sr3d import models as sr3d_models
 
-    if isinstance(spec, inference.ModelBundle):
+    if isinstance(spec, sr3d_models.ModelBundle):
         if spec.scale != scale:
             raise ValueError(f"EvalConfig: the in-memory model bundle upscales by {spec.scale}, not by {scale}")
         return spec
     if spec is None:
-        return inference.load_models(None, scale)
+        return sr3d_models.load_models(None, scale)
     directory = pathlib.Path(spec)
     per_scale = directory / f"x{scale}"
-    return inference.load_models(per_scale if per_scale.is_dir() else directory, scale)
+    return sr3d_models.load_models(per_scale if per_scale.is_dir() else directory, scale)
 
 
-def _lr_volume(volume: sr3d_io.Volume, lr: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:
+def _lr_volume(volume: sr3d_volume.Volume, lr: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
     """The simulated LR as a Volume on the grid the cropped HR came from.
 
     LR voxel l covers HR voxels l*r .. l*r + r - 1, i.e. sits at HR index (l + 0.5) r - 0.5,
-    so `sr3d.io.upscaled_affine` of this affine is the HR affine again.
+    so `sr3d.volume.upscaled_affine` of this affine is the HR affine again.
     """
-    factors = np.array([scale if mode == "3d" else 1, scale, scale], dtype=np.float64)
-    affine = volume.affine.copy()
-    affine[:3, 3] += volume.affine[:3, :3] @ (0.5 * factors - 0.5)
-    affine[:3, :3] = volume.affine[:3, :3] * factors
-    return volume.replace(array=lr, affine=affine,
-                          spacing=tuple(s * f for s, f in zip(volume.spacing, factors)), source=None)
+    return sr3d_volume.downscaled_volume(volume, lr, scale, degrade.MODE_AXES[mode])
 
 
-def _upscale(method: str, volume: sr3d_io.Volume, lr: np.ndarray, scale: int, config: EvalConfig,
+def _upscale(method: str, volume: sr3d_volume.Volume, lr: np.ndarray, scale: int, config: EvalConfig,
              bundles: Mapping[str, object]) -> np.ndarray:
     if method in baselines.METHODS:
         return baselines.upscale(lr, scale, method, config.mode)
@@ -543,12 +540,6 @@ def _json_ready(value):
     return value
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """Writes through a temporary file in the same directory, then renames it over `path`."""
-    with sr3d_io.atomic_path(path) as temporary:
-        write(temporary)
-
-
 def _zoom_region(error: np.ndarray) -> tuple[int, int, int]:
     """(row, col, side) of the square where `error` sums highest: the region to magnify."""
     from scipy import ndimage
@@ -640,11 +631,11 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, pathlib
         title = (f"{pathlib.Path(info['scan']).name}, slice {info['slice_index']} (D), x{key[1:]} "
                  f"{results['mode']}; PSNR: {info['psnr_protocol']} protocol")
         paths[f"figure_{key}"] = out / info["file"]
-        _write_atomic(paths[f"figure_{key}"],
-                      lambda p: _draw_figure(p, slices, info, results["method_labels"], title))
+        with sr3d_files.atomic_path(paths[f"figure_{key}"]) as temporary:
+            _draw_figure(temporary, slices, info, results["method_labels"], title)
     serialisable = _json_ready({k: v for k, v in results.items() if k != "figure_slices"})
     text = json.dumps(serialisable, indent=1, allow_nan=False)
-    _write_atomic(paths["json"], lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    sr3d_files.write_text(paths["json"], text + "\n")
     markdown = format_markdown(results)
-    _write_atomic(paths["markdown"], lambda p: p.write_text(markdown, encoding="utf-8"))
+    sr3d_files.write_text(paths["markdown"], markdown)
     return paths

@@ -95,7 +95,7 @@ def _serving_fns(hw_model, d_model, scale: int):
 
 
 def export_archive(bundle, path: str | os.PathLike, precision: str = "float32") -> pathlib.Path:
-    """Writes the SavedModel of a `sr3d.inference.ModelBundle` to `path` (atomically).
+    """Writes the SavedModel of a `sr3d.models.ModelBundle` to `path` (atomically).
 
     precision: of the stage networks in the graph ("auto": of this machine, see `sr3d.precision`);
     the signatures take and return float32 either way.

@@ -31,114 +31,26 @@ Tiling, ensemble and planes work the same in either.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import numbers
-import pathlib
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 from sr3d import precision as sr3d_precision
+
+if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
+    from sr3d.models import ModelBundle
 
 MODES = ("3d", "2d", "d", "h", "w")
 SCAN_MODES = MODES + ("thick",)            # what a scan may ask for: "thick" is resolved per scan (resolve_mode)
 AXIS_MODES = {"d": 0, "h": 1, "w": 2}     # one-axis modes: the axis stage d upsamples
 PLANES = ("dw", "both")
-MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
-BUNDLE_JSON = "bundle.json"
-SHIPPED_DIR = pathlib.Path(__file__).resolve().parent / "data_files" / "models"
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclasses.dataclass
-class ModelBundle:
-    """The two stage networks for one scale factor (Keras models)."""
-
-    hw: object
-    d: object
-    scale: int
-    info: dict = dataclasses.field(default_factory=dict)
-
-
-def shipped_model_dir(scale: int) -> pathlib.Path:
-    return SHIPPED_DIR / f"x{scale}"
-
-
-def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> ModelBundle:
-    """Loads a model bundle directory (hw.keras, d.keras, bundle.json); None = the shipped one."""
-    directory = pathlib.Path(model_dir) if model_dir is not None else shipped_model_dir(scale)
-    # Checks that need no TensorFlow come first, so a wrong path fails fast and quietly.
-    if not directory.is_dir():
-        if model_dir is None:
-            raise ValueError(f"no shipped model for scale {scale}: available scales are "
-                             f"{available_scales()}; pass --model DIR for others")
-        raise FileNotFoundError(f"{directory}: model directory not found")
-    missing = [name for name in MODEL_FILES.values() if not (directory / name).is_file()]
-    if missing:
-        raise ValueError(f"{directory}: not an sr3d model bundle, missing {', '.join(missing)} "
-                         "(make one with sr3d.inference.make_bundle)")
-    info = {}
-    if (directory / BUNDLE_JSON).exists():
-        try:
-            info = json.loads((directory / BUNDLE_JSON).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{directory / BUNDLE_JSON}: not valid JSON ({error}); rewrite or remove it") from None
-        if not isinstance(info, dict):
-            raise ValueError(f"{directory / BUNDLE_JSON}: not a bundle description (a JSON object is expected)")
-    if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
-        raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
-    from sr3d import models as sr3d_models
-
-    hw, d = (sr3d_models.load(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
-    bundle_scale = _bundle_scale(hw, d, directory, info.get("scale"))
-    if model_dir is not None and scale != bundle_scale:
-        raise ValueError(f"{directory}: the model upscales by {bundle_scale}, not by {scale}")
-    return ModelBundle(hw=hw, d=d, scale=bundle_scale, info=info)
-
-
-def _bundle_scale(hw_model, d_model, where, declared=None) -> int:
-    """The common scale of the two stage models; ValueError naming `where` if they do not fit."""
-    from sr3d import models as sr3d_models
-
-    r_hw, r_d = sr3d_models.stage_scale(hw_model, "hw"), sr3d_models.stage_scale(d_model, "d")
-    if r_hw is None or r_d is None:
-        wrong = "hw" if r_hw is None else "d"
-        raise ValueError(f"{where}: the {wrong} model is not an sr3d stage-{wrong} network "
-                         f"(built by sr3d.models.build('{wrong}', r))")
-    if r_hw != r_d or (declared is not None and int(declared) != r_hw):
-        raise ValueError(f"{where}: the stages upscale by {r_hw} (hw) and {r_d} (d)"
-                         + (f", the bundle says {declared}" if declared is not None else ""))
-    return r_hw
-
-
-def available_scales() -> list[int]:
-    return sorted(int(p.name[1:]) for p in SHIPPED_DIR.glob("x*") if (p / MODEL_FILES["hw"]).exists())
-
-
-def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | None = None) -> pathlib.Path:
-    """Assembles a bundle directory from the `model.keras` of two training runs (compile=False copies)."""
-    from sr3d import models as sr3d_models
-
-    hw, d = sr3d_models.load(hw_model_path), sr3d_models.load(d_model_path)
-    _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
-    return save_bundle(ModelBundle(hw=hw, d=d, scale=scale, info=dict(info or {})), out_dir)
-
-
-def save_bundle(bundle: ModelBundle, out_dir) -> pathlib.Path:
-    """Writes an in-memory bundle (e.g. adapted by `sr3d.adapt`) as a bundle directory."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in ("hw", "d"):
-        with sr3d_io.atomic_path(out / MODEL_FILES[stage]) as tmp:
-            getattr(bundle, stage).save(tmp)
-    sr3d_io.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
-                                                                      if k != "scale"}})
-    return out
 
 
 # One traced function per model, kept as long as the model lives: upscaling many scans with the
@@ -379,7 +291,7 @@ def anisotropy_note(spacing_mm, mode: str) -> str | None:
             "--self-supervised (learn the thick axis from the scan) usually does better than 3D")
 
 
-def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
+def check_upscalable(volume: sr3d_volume.Volume, scale: int, mode: str) -> None:
     """ValueError naming the scan if it is too small for the networks at `scale` in `mode`."""
     from sr3d import models as sr3d_models
 
@@ -401,9 +313,9 @@ def check_upscalable(volume: sr3d_io.Volume, scale: int, mode: str) -> None:
                          f"smaller than the network's receptive field ({min_side} x {min_side} at scale {scale})")
 
 
-def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+def upscale_volume(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                    planes: str = "dw", batch_size: int = 8, tile_mb: float | None = 256,
-                   progress: Progress | None = None, precision: str = "float32") -> sr3d_io.Volume:
+                   progress: Progress | None = None, precision: str = "float32") -> sr3d_volume.Volume:
     """Upscale a Volume: normalised in, the input's units out, clipped to the input's range.
 
     The result has the upscaled affine (voxel sizes / r, same physical extent).
@@ -419,24 +331,24 @@ def upscale_volume(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "
     return _as_upscaled(volume, win.denormalise(result, in_place=True), r, mode)
 
 
-def _as_upscaled(volume: sr3d_io.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_io.Volume:
+def _as_upscaled(volume: sr3d_volume.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
     """`result` (scanner units) clipped in place to the input's range, on the upscaled grid."""
     np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    return sr3d_io.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
+    return sr3d_volume.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
 
 
 FALLBACKS = ("lanczos",)
 
 
-def lanczos_volume(volume: sr3d_io.Volume, scale: int, mode: str = "3d") -> sr3d_io.Volume:
+def lanczos_volume(volume: sr3d_volume.Volume, scale: int, mode: str = "3d") -> sr3d_volume.Volume:
     """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
     what `fallback="lanczos"` writes."""
     return _as_upscaled(volume, baselines.upscale(volume.array, scale, "lanczos", mode), scale, mode)
 
 
-def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
+def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
                     self_check: bool = True, fallback: str | None = None, adapt=None,
-                    log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_io.Volume, ModelBundle]:
+                    log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_volume.Volume, ModelBundle]:
     """`upscale_volume` with the self-check on the scan (`sr3d.selfcheck`), optional test-time
     adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
 
@@ -495,10 +407,10 @@ def upscale_checked(volume: sr3d_io.Volume, models: ModelBundle, *, mode: str = 
     return result.replace(report=report), models
 
 
-def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
+def as_volume(volume_or_path, spacing=None) -> sr3d_volume.Volume:
     """A Volume from a Volume, a path (NIfTI, NRRD, DICOM) or a (D, H, W) numpy array with
     `spacing` (mm, D H W; the affine is then diagonal: voxel (d, h, w) at (w, h, d) * spacing mm)."""
-    if isinstance(volume_or_path, sr3d_io.Volume):
+    if isinstance(volume_or_path, sr3d_volume.Volume):
         return volume_or_path
     if isinstance(volume_or_path, np.ndarray):
         if spacing is None:
@@ -511,7 +423,7 @@ def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
         affine[:3, :3] = 0.0
         for axis, world in ((0, 2), (1, 1), (2, 0)):  # d -> S, h -> A, w -> R (NIfTI's k, j, i)
             affine[world, axis] = spacing[axis]
-        return sr3d_io.Volume(array=array, spacing=spacing, affine=affine)
+        return sr3d_volume.Volume(array=array, spacing=spacing, affine=affine)
     if spacing is not None:
         raise ValueError("spacing= applies only to a numpy array; files and Volumes carry their own")
     return sr3d_io.load_volume(volume_or_path)
@@ -519,7 +431,7 @@ def as_volume(volume_or_path, spacing=None) -> sr3d_io.Volume:
 
 def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, *, mode: str = "3d",
             self_check: bool = True, fallback: str | None = None, adapt=None, spacing=None,
-            **options) -> sr3d_io.Volume:
+            **options) -> sr3d_volume.Volume:
     """Upscale a scan (Volume, path to NIfTI / NRRD / DICOM series, or a (D, H, W) numpy array
     with `spacing` in mm) with the shipped or a given model; returns an `sr3d.io.Volume`.
 
@@ -534,7 +446,9 @@ def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, 
     import warnings
 
     volume = as_volume(volume_or_path, spacing)
-    bundle = model if isinstance(model, ModelBundle) else load_models(model, scale)
+    from sr3d import models as sr3d_models
+
+    bundle = model if isinstance(model, sr3d_models.ModelBundle) else sr3d_models.load_models(model, scale)
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
     if adapt is True:
@@ -571,3 +485,18 @@ def conv_flops(shape: tuple[int, int, int], scale: int, filters: int = 32, mode:
     if mode == "3d":
         total += stage(d * h * scale * w * scale, d * scale * h * scale * w * scale, scale)
     return total
+
+
+# Model bundles live in `sr3d.models` (issue 16). These names are still found here for the
+# benchmarks and experiments that say `inference.load_models` until they are edited; imported
+# on first use, so `import sr3d.inference` stays free of TensorFlow.
+_MOVED_TO_MODELS = ("ModelBundle", "load_models", "make_bundle", "save_bundle", "available_scales",
+                    "shipped_model_dir", "SHIPPED_DIR", "MODEL_FILES", "BUNDLE_JSON")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_MODELS:
+        from sr3d import models as sr3d_models
+
+        return getattr(sr3d_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,6 +37,8 @@ one. The intermediate loss and the blur sigma are training options.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import numbers
 import os
@@ -70,9 +72,13 @@ def _native_stderr_silenced():
 with _native_stderr_silenced():
     import keras
 
+from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import layers as sr3d_layers  # noqa: E402
 
 STAGES = ("hw", "d")
+MODEL_FILES = {"hw": "hw.keras", "d": "d.keras"}
+BUNDLE_JSON = "bundle.json"
+SHIPPED_DIR = pathlib.Path(__file__).resolve().parent / "data_files" / "models"
 
 # Convolutions (3x3, each reaching 1 px further per side) before and after the
 # sub-pixel layer; they fix the halo that tiled inference needs.
@@ -162,11 +168,6 @@ def lr_halo(stage: str, scale: int) -> tuple[int, int]:
     return (upsampled_axis, _CONVS_BEFORE_UPSAMPLING + _CONVS_AFTER_UPSAMPLING)
 
 
-def receptive_field(stage: str, scale: int) -> tuple[int, int]:
-    """Same as `lr_halo`: the receptive-field radius per side in LR pixels (rows, cols)."""
-    return lr_halo(stage, scale)
-
-
 def load(path) -> keras.Model:
     """A saved stage network (.keras, custom layers registered), without optimizer state;
     ValueError naming the file and what is wrong with it if it cannot be read."""
@@ -202,3 +203,85 @@ def stage_scale(model, stage: str) -> int | None:
     r = shape[1] // 4
     expected = (1, 4 * r, 4 * r, 1) if stage == "hw" else (1, 4 * r, 4, 1)
     return r if r >= 2 and shape == expected else None
+
+
+# ---------------------------------------------------------------- model bundles
+
+@dataclasses.dataclass
+class ModelBundle:
+    """The two stage networks for one scale factor (Keras models)."""
+
+    hw: object
+    d: object
+    scale: int
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def shipped_model_dir(scale: int) -> pathlib.Path:
+    return SHIPPED_DIR / f"x{scale}"
+
+
+def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> ModelBundle:
+    """Loads a model bundle directory (hw.keras, d.keras, bundle.json); None = the shipped one."""
+    directory = pathlib.Path(model_dir) if model_dir is not None else shipped_model_dir(scale)
+    # The directory is checked before any network is read, so a wrong path fails fast.
+    if not directory.is_dir():
+        if model_dir is None:
+            raise ValueError(f"no shipped model for scale {scale}: available scales are "
+                             f"{available_scales()}; pass --model DIR for others")
+        raise FileNotFoundError(f"{directory}: model directory not found")
+    missing = [name for name in MODEL_FILES.values() if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"{directory}: not an sr3d model bundle, missing {', '.join(missing)} "
+                         "(make one with sr3d.models.make_bundle)")
+    info = {}
+    if (directory / BUNDLE_JSON).exists():
+        try:
+            info = json.loads((directory / BUNDLE_JSON).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{directory / BUNDLE_JSON}: not valid JSON ({error}); rewrite or remove it") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{directory / BUNDLE_JSON}: not a bundle description (a JSON object is expected)")
+    if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
+        raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
+    hw, d = (load(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))
+    bundle_scale = _bundle_scale(hw, d, directory, info.get("scale"))
+    if model_dir is not None and scale != bundle_scale:
+        raise ValueError(f"{directory}: the model upscales by {bundle_scale}, not by {scale}")
+    return ModelBundle(hw=hw, d=d, scale=bundle_scale, info=info)
+
+
+def _bundle_scale(hw_model, d_model, where, declared=None) -> int:
+    """The common scale of the two stage models; ValueError naming `where` if they do not fit."""
+    r_hw, r_d = stage_scale(hw_model, "hw"), stage_scale(d_model, "d")
+    if r_hw is None or r_d is None:
+        wrong = "hw" if r_hw is None else "d"
+        raise ValueError(f"{where}: the {wrong} model is not an sr3d stage-{wrong} network "
+                         f"(built by sr3d.models.build('{wrong}', r))")
+    if r_hw != r_d or (declared is not None and int(declared) != r_hw):
+        raise ValueError(f"{where}: the stages upscale by {r_hw} (hw) and {r_d} (d)"
+                         + (f", the bundle says {declared}" if declared is not None else ""))
+    return r_hw
+
+
+def available_scales() -> list[int]:
+    return sorted(int(p.name[1:]) for p in SHIPPED_DIR.glob("x*") if (p / MODEL_FILES["hw"]).exists())
+
+
+def make_bundle(hw_model_path, d_model_path, out_dir, scale: int, info: dict | None = None) -> pathlib.Path:
+    """Assembles a bundle directory from the `model.keras` of two training runs (compile=False copies)."""
+    hw, d = load(hw_model_path), load(d_model_path)
+    _bundle_scale(hw, d, f"{hw_model_path} + {d_model_path}", scale)
+    return save_bundle(ModelBundle(hw=hw, d=d, scale=scale, info=dict(info or {})), out_dir)
+
+
+def save_bundle(bundle: ModelBundle, out_dir) -> pathlib.Path:
+    """Writes an in-memory bundle (e.g. adapted by `sr3d.adapt`) as a bundle directory."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in ("hw", "d"):
+        with sr3d_files.atomic_path(out / MODEL_FILES[stage]) as tmp:
+            getattr(bundle, stage).save(tmp)
+    sr3d_files.write_json(out / BUNDLE_JSON, {"scale": bundle.scale, **{k: v for k, v in bundle.info.items()
+                                                                      if k != "scale"}})
+    return out

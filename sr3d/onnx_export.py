@@ -20,7 +20,7 @@ import pathlib
 import time
 
 from sr3d import intensity
-from sr3d import io as sr3d_io
+from sr3d import files as sr3d_files
 
 OPSET = 17
 PARITY_ATOL = 1e-4  # onnxruntime vs Keras on the export-time probe (float32 sums in another order)
@@ -81,7 +81,7 @@ def stage_to_onnx(model, stage: str, scale: int, opset: int = OPSET) -> bytes:
 
 def export_onnx(bundle, out_dir: str | os.PathLike, opset: int = OPSET) -> pathlib.Path:
     """Writes `hw.onnx`, `d.onnx` and `onnx.json` (scale, opset, inputs and outputs, intensity
-    window) for `bundle` (a `sr3d.inference.ModelBundle`) into `out_dir`; returns `out_dir`.
+    window) for `bundle` (a `sr3d.models.ModelBundle`) into `out_dir`; returns `out_dir`.
     Each file is written under a temporary name and renamed."""
     out = pathlib.Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -93,10 +93,10 @@ def export_onnx(bundle, out_dir: str | os.PathLike, opset: int = OPSET) -> pathl
 
     out.mkdir(parents=True, exist_ok=True)
     for stage, data in files.items():
-        with sr3d_io.atomic_path(out / f"{stage}.onnx") as temporary:
+        with sr3d_files.atomic_path(out / f"{stage}.onnx") as temporary:
             temporary.write_bytes(data)
     r = bundle.scale
-    sr3d_io.write_json(out / "onnx.json", {
+    sr3d_files.write_json(out / "onnx.json", {
         "scale": r, "opset": opset, "tf2onnx": tf2onnx.__version__, "bundle": bundle.info,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", "h", "w", 1]},
         "outputs": {"hw.onnx": {"name": "final", "shape": ["N", f"{r}h", f"{r}w", 1], "planes": "(H, W) slices"},

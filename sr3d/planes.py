@@ -23,6 +23,13 @@ def world_axis(affine: np.ndarray, axis: int) -> tuple[int, int]:
     return world, 1 if direction[world] > 0 else -1
 
 
+def rows_point_up(affine: np.ndarray, axis: int) -> bool:
+    """Whether array `axis` runs mostly towards anterior or superior, so that images with that
+    axis as rows are drawn upside down unless flipped (superior or anterior goes up)."""
+    world, sign = world_axis(affine, axis)
+    return world in (1, 2) and sign > 0
+
+
 def plane_name(affine: np.ndarray, normal_axis: int) -> str:
     """"axial", "coronal" or "sagittal": the plane of the array normal to `normal_axis`."""
     return PLANE_OF_WORLD_AXIS[world_axis(affine, normal_axis)[0]]

@@ -20,7 +20,7 @@ fine r-times axis, untouched in-plane axis): a 6.5 mm scan with 0.78 mm pixels
 taken to 1.3 mm trains on 1.3 mm -> 6.5 mm pairs, not 0.78 -> 3.9 mm.
 
 Degradation model (`degrade_along`): thick voxel i covers fine voxels
-i*r .. i*r + r - 1 (the grid convention of `sr3d.io.upscaled_affine`); its
+i*r .. i*r + r - 1 (the grid convention of `sr3d.volume.upscaled_affine`); its
 value is the slice profile (`slice_profile`: a box of width r, or a Gaussian
 with FWHM r, in fine voxels) centred on that span, with mirrored borders.
 The slice thickness (box width or FWHM) may differ from the spacing: thinner is a gap
@@ -39,7 +39,7 @@ Inference (`upscale_thick`): the thick axis is moved to D, the scan normalised
 (D, H), averaged), denormalised and clipped to the input's range; for a
 non-integer ratio the r-times result is resampled along D (cubic spline) to
 exactly the target spacing. The output overlays the input: integer factors use
-`sr3d.io.upscaled_volume` (field-of-view edges coincide); resampled grids keep
+`sr3d.volume.upscaled_volume` (field-of-view edges coincide); resampled grids keep
 the centre of the field of view, with round(n * thick / t) voxels.
 
 A trained network is saved as `.keras` with a JSON beside it (factor, profile,
@@ -59,7 +59,8 @@ from typing import Callable
 import numpy as np
 
 from sr3d import data, degrade, intensity
-from sr3d import io as sr3d_io
+from sr3d import files as sr3d_files
+from sr3d import volume as sr3d_volume
 
 PROFILES = ("box", "gaussian")
 # Spacings within this relative difference count as equal (isotropic scan, same protocol).
@@ -157,7 +158,7 @@ def plan_for(spacing, factor: int | None = None, target_spacing: float | None = 
         raise ValueError(f"give a factor or a target spacing, not both: got factor {factor} and "
                          f"target spacing {target_spacing} mm")
     if factor is not None:
-        factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.plan_for")
+        factor = degrade.check_scale(factor, minimum=2, where="sr3d.selfsup.plan_for")
         return ThickSlicePlan(axis, thick, inplane, thick / factor, factor)
     target = max(inplane) if target_spacing is None else float(target_spacing)
     if not (math.isfinite(target) and target > 0):
@@ -193,7 +194,7 @@ def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) ->
     ratio = float(ratio)
     if not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"slice profile width must be a positive number of fine voxels, got {ratio!r}")
-    factor = max(1, round(ratio)) if factor is None else degrade._check_scale(factor, where="sr3d.selfsup")
+    factor = max(1, round(ratio)) if factor is None else degrade.check_scale(factor, where="sr3d.selfsup")
     half_width = ratio / 2 if kind == "box" else _GAUSSIAN_TRUNCATE * ratio / (2 * math.sqrt(2 * math.log(2)))
     # Smallest length with the factor's parity whose taps cover [-half_width, half_width].
     n = max(1, math.ceil(2 * half_width - 1e-9))
@@ -220,9 +221,9 @@ def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.
     or an explicit kernel whose length has the parity of `factor`. Returns float32
     (float64 for float64 input) with length n // factor along `axis`.
     """
-    factor = degrade._check_scale(factor, where="sr3d.selfsup.degrade_along")
+    factor = degrade.check_scale(factor, where="sr3d.selfsup.degrade_along")
     planes = np.asarray(planes)
-    (axis,) = degrade._check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
+    (axis,) = degrade.check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
     kernel = slice_profile(factor, profile, factor) if isinstance(profile, str) else np.asarray(profile, np.float64)
     if kernel.ndim != 1 or kernel.size == 0 or kernel.size % 2 != factor % 2:
         raise ValueError(f"slice profile must be a 1D kernel whose length has the parity of the factor "
@@ -244,31 +245,26 @@ def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.
     return np.moveaxis(out, 0, axis).astype(dtype)
 
 
-def simulate_thick_slices(volume: sr3d_io.Volume, factor: int, axis: int = 0, profile: str = "box",
-                          thickness: float | None = None) -> tuple[sr3d_io.Volume, sr3d_io.Volume]:
+def simulate_thick_slices(volume: sr3d_volume.Volume, factor: int, axis: int = 0, profile: str = "box",
+                          thickness: float | None = None) -> tuple[sr3d_volume.Volume, sr3d_volume.Volume]:
     """(ground truth, thick-slice scan) from a fine scan, for evaluation.
 
     The fine scan is cropped at the end of `axis` to a multiple of `factor` (the ground
     truth) and degraded along `axis` (`degrade_along`); the thick scan's affine places
-    thick voxel i at the centre of the fine voxels it covers, so `sr3d.io.upscaled_affine`
+    thick voxel i at the centre of the fine voxels it covers, so `sr3d.volume.upscaled_affine`
     of it is the ground truth's affine again.
     thickness: slice thickness in fine voxels (box width or Gaussian FWHM; default `factor`:
     contiguous slices); below `factor` simulates gaps (e.g. factor 4, thickness 2.5: 2.5 mm
     slices every 4 mm from a 1 mm scan). When D is the axis, the thick scan's
     `slice_thickness_mm` says it, as a DICOM series would.
     """
-    factor = degrade._check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
+    factor = degrade.check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
     hr = np.ascontiguousarray(degrade.crop_to_multiple(volume.array, factor, axes=(axis,)))
     width = factor if thickness is None else float(thickness)
     lr = degrade_along(hr, factor, axis, slice_profile(width, profile, factor))
-    index_map = np.eye(4)
-    index_map[axis, axis] = factor
-    index_map[axis, 3] = (factor - 1) / 2
-    spacing = list(volume.spacing)
-    spacing[axis] *= factor
     truth = volume.replace(array=hr, source=None)
-    thick = volume.replace(array=lr, affine=volume.affine @ index_map, spacing=tuple(spacing), source=None,
-                           slice_thickness_mm=width * volume.spacing[axis] if axis == 0 else None)
+    thick = sr3d_volume.downscaled_volume(volume, lr, factor, axes=(axis,),
+                                          slice_thickness_mm=width * volume.spacing[axis] if axis == 0 else None)
     return truth, thick
 
 
@@ -320,7 +316,7 @@ def _line_spectrum(lines: np.ndarray, length: int) -> np.ndarray:
     return np.mean(np.abs(np.fft.rfft(segments * window, axis=1)) ** 2, axis=0)
 
 
-def estimate_profile(volume: sr3d_io.Volume, plan: ThickSlicePlan | None = None,
+def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = None,
                      kinds: tuple[str, ...] = PROFILES,
                      fractions: tuple[float, ...] = ESTIMATE_FRACTIONS,
                      match: str = "shape") -> SliceProfile:
@@ -398,7 +394,7 @@ def estimate_profile(volume: sr3d_io.Volume, plan: ThickSlicePlan | None = None,
     return SliceProfile(kind, fraction * plan.thick_mm, "estimated from the scan's spectra", distance)
 
 
-def resolve_profile(volume: sr3d_io.Volume, plan: ThickSlicePlan, profile: str = "box",
+def resolve_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan, profile: str = "box",
                     slice_thickness: float | None = None) -> SliceProfile:
     """The slice profile to train with: `profile` "estimate" estimates kind and thickness
     (`estimate_profile`); otherwise the kind given, with thickness `slice_thickness` (mm), else
@@ -472,7 +468,7 @@ class SelfSupConfig:
             raise ValueError(f"SelfSupConfig: give factor or target_spacing, not both: got {self.factor} "
                              f"and {self.target_spacing} mm")
         if self.factor is not None:
-            degrade._check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
+            degrade.check_scale(self.factor, minimum=2, where="SelfSupConfig.factor")
         if self.target_spacing is not None and not (math.isfinite(self.target_spacing) and self.target_spacing > 0):
             raise ValueError(f"SelfSupConfig: target_spacing must be > 0 mm, got {self.target_spacing!r}")
         if self.profile not in PROFILES + ("estimate",):
@@ -501,14 +497,14 @@ class SelfSupConfig:
         return dataclasses.asdict(self)
 
 
-def _thick_first(volume: sr3d_io.Volume, axis: int) -> tuple[sr3d_io.Volume, tuple[int, int, int]]:
+def _thick_first(volume: sr3d_volume.Volume, axis: int) -> tuple[sr3d_volume.Volume, tuple[int, int, int]]:
     """The volume with `axis` moved to D (array, spacing and affine permuted alike) and the
     permutation used; `_permuted(v, np.argsort(perm))` undoes it."""
     perm = (axis,) + tuple(a for a in range(3) if a != axis)
     return _permuted(volume, perm), perm
 
 
-def _permuted(volume: sr3d_io.Volume, perm) -> sr3d_io.Volume:
+def _permuted(volume: sr3d_volume.Volume, perm) -> sr3d_volume.Volume:
     perm = tuple(int(p) for p in perm)
     if perm == (0, 1, 2):
         return volume
@@ -586,14 +582,14 @@ class Trained:
                 else "time budget", "config": self.config.to_json()}
 
 
-def train_on_scan(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(),
+def train_on_scan(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
                   progress: Progress | None = None):
     """Trains a stage-d network on the scan's own in-plane slices; returns the keras.Model
     (`train` also returns how it was made)."""
     return train(volume, config, progress).model
 
 
-def train(volume: sr3d_io.Volume, config: SelfSupConfig = SelfSupConfig(),
+def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
           progress: Progress | None = None, profile: SliceProfile | None = None) -> Trained:
     """Trains a stage-d network on the scan's own in-plane slices.
 
@@ -719,9 +715,9 @@ def save_model(model, path: str | os.PathLike, plan: ThickSlicePlan,
             "training_steps": int(model.optimizer.iterations.numpy()) if model.optimizer else None,
             "training": trained.to_json() if trained is not None else None,
             "note": "stage-d network trained on one scan's in-plane slices (sr3d.selfsup)"}
-    with sr3d_io.atomic_path(path) as tmp:
+    with sr3d_files.atomic_path(path) as tmp:
         model.save(tmp)
-    sr3d_io.write_json(_info_path(path), info)
+    sr3d_files.write_json(_info_path(path), info)
     return path
 
 
@@ -731,9 +727,7 @@ def _info_path(path: pathlib.Path) -> pathlib.Path:
 
 def load_model(path: str | os.PathLike):
     """(keras.Model, info dict) of a model written by `save_model`."""
-    import keras
-
-    from sr3d import layers  # noqa: F401  (registers the custom layers)
+    from sr3d import models
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -745,7 +739,7 @@ def load_model(path: str | os.PathLike):
     info = json.loads(info_path.read_text())
     if info.get("format") != MODEL_JSON_FORMAT:
         raise ValueError(f"{info_path}: format {info.get('format')!r} is not {MODEL_JSON_FORMAT!r}")
-    return keras.saving.load_model(path, compile=False), info
+    return models.load(path), info
 
 
 def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> ThickSlicePlan:
@@ -771,15 +765,7 @@ def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> 
 
 # ---------------------------------------------------------------------------- inference
 
-def _model_factor(model) -> int:
-    probe = np.zeros((1, 4, 4, 1), np.float32)
-    out = model(probe, training=False)["final"]
-    if out.shape[2] != 4:
-        raise ValueError(f"not a stage-d network: it maps a 4x4 plane to {tuple(out.shape[1:3])}")
-    return int(out.shape[1]) // 4
-
-
-def _resampled_along_d(volume: sr3d_io.Volume, fine: np.ndarray, factor: int, target_mm: float) -> sr3d_io.Volume:
+def _resampled_along_d(volume: sr3d_volume.Volume, fine: np.ndarray, factor: int, target_mm: float) -> sr3d_volume.Volume:
     """`fine` (factor * D, H, W), the network output on `volume`'s grid, resampled along D to
     exactly target_mm: round(D * thick / target) voxels centred on the field of view."""
     from scipy import interpolate
@@ -800,9 +786,9 @@ def _resampled_along_d(volume: sr3d_io.Volume, fine: np.ndarray, factor: int, ta
                           spacing=(target_mm,) + tuple(volume.spacing[1:]), source=None)
 
 
-def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacing: float | None = None,
+def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_spacing: float | None = None,
                   ensemble: bool = False, planes: str = "dw", batch_size: int = 8,
-                  progress: Progress | None = None) -> sr3d_io.Volume:
+                  progress: Progress | None = None) -> sr3d_volume.Volume:
     """Upscales the thick axis of a scan with a stage-d network; returns the new Volume.
 
     model_or_config: a SelfSupConfig (or None for the default one): train on this scan
@@ -813,7 +799,7 @@ def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacin
     spacing target_spacing along the thick axis, the same field of view.
     planes: "dw" (the (thick, W) planes) or "both" (also (thick, H), averaged).
     """
-    from sr3d import inference
+    from sr3d import inference, models
 
     if model_or_config is None or isinstance(model_or_config, SelfSupConfig):
         config = model_or_config or SelfSupConfig()
@@ -826,7 +812,10 @@ def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacin
         plan = plan_for_model(volume.spacing, info, target_spacing)
     else:
         model = model_or_config
-        factor = _model_factor(model)
+        factor = models.stage_scale(model, "d")
+        if factor is None:
+            raise ValueError("not a stage-d network (sr3d.models.build('d', r)): it does not upsample "
+                             "a 4x4 plane along its first axis only")
         plan = (plan_for(volume.spacing, factor=factor) if target_spacing is None
                 else plan_for(volume.spacing, target_spacing=target_spacing))
         if plan.factor != factor:
@@ -843,6 +832,6 @@ def upscale_thick(volume: sr3d_io.Volume, model_or_config=None, *, target_spacin
     if plan.resample:
         result = _resampled_along_d(moved, fine, plan.factor, plan.target_mm)
     else:
-        result = sr3d_io.upscaled_volume(moved, fine, plan.factor, axes=(0,))
+        result = sr3d_volume.upscaled_volume(moved, fine, plan.factor, axes=(0,))
     result = result.replace(array=np.clip(result.array, volume.array.min(), volume.array.max()))
     return _permuted(result, np.argsort(perm))

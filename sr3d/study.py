@@ -31,8 +31,10 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from sr3d import baselines, degrade, intensity
+from sr3d import baselines, degrade, intensity, planes
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 CNN = "cnn"
 METHODS = (CNN,) + tuple(baselines.METHODS)
@@ -104,13 +106,13 @@ def informative_slices(hr: np.ndarray, min_foreground: float = MIN_FOREGROUND) -
     return np.flatnonzero(foreground >= min_foreground)
 
 
-def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
+def reconstruct(volume: sr3d_volume.Volume, scale: int, methods: Sequence[str],
                 bundle=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Simulates the 3D LR scan and upscales it back with each method.
 
     Returns (hr, {method: sr}): hr is the ground truth cropped to multiples of
     `scale`, float32 (D, H, W) in scanner units; every sr has hr's shape.
-    bundle: `sr3d.inference.ModelBundle`, needed only for "cnn".
+    bundle: `sr3d.models.ModelBundle`, needed only for "cnn".
     """
     hr, lr = degrade.simulate_lr(volume.array, scale, "3d")
     results = {}
@@ -119,19 +121,13 @@ def reconstruct(volume: sr3d_io.Volume, scale: int, methods: Sequence[str],
             from sr3d import inference
 
             if bundle is None:
-                raise ValueError("method 'cnn' needs a model bundle (sr3d.inference.load_models)")
-            lr_volume = sr3d_io.Volume(lr, tuple(s * scale for s in volume.spacing), volume.affine)
+                raise ValueError("method 'cnn' needs a model bundle (sr3d.models.load_models)")
+            lr_volume = sr3d_volume.Volume(lr, tuple(s * scale for s in volume.spacing),
+                                           sr3d_volume.downscaled_affine(volume.affine, scale))
             results[method] = inference.upscale_volume(lr_volume, bundle).array
         else:
             results[method] = baselines.upscale(lr, scale, method, "3d")
     return hr, results
-
-
-def _rows_point_up(affine: np.ndarray) -> bool:
-    """Whether increasing h moves anterior or superior in the world (such slices are shown flipped)."""
-    column = np.asarray(affine, np.float64)[:3, 1]
-    axis = int(np.argmax(np.abs(column)))
-    return axis in (1, 2) and column[axis] > 0
 
 
 def to_uint8(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -216,9 +212,9 @@ def make_study(config: StudyConfig, out_dir: str | os.PathLike,
     first_left = _sides(config.n, rng)
     bundle = None
     if CNN in config.methods:
-        from sr3d import inference
+        from sr3d import models as sr3d_models
 
-        bundle = inference.load_models(config.model_dir, config.scale)
+        bundle = sr3d_models.load_models(config.model_dir, config.scale)
 
     ids = _case_ids(config.n)
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
@@ -230,7 +226,7 @@ def make_study(config: StudyConfig, out_dir: str | os.PathLike,
         for done, scan_index in enumerate(scans_used):
             volume = sr3d_io.load_volume(config.scans[scan_index])
             hr, results = reconstruct(volume, config.scale, config.methods, bundle)
-            flip = _rows_point_up(volume.affine)
+            flip = planes.rows_point_up(volume.affine, 1)
             for case_index, (scan, slice_index) in enumerate(cases):
                 if scan != scan_index:
                     continue
@@ -394,11 +390,6 @@ def tally_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    with sr3d_io.atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes tally.md and tally.json into out_dir (each atomically); returns their paths."""
     out = pathlib.Path(out_dir)
@@ -406,7 +397,7 @@ def write_tally(result: dict, out_dir: str | os.PathLike) -> tuple[pathlib.Path,
         raise ValueError(f"{out}: output directory does not exist")
     md, js = out / TALLY_MD, out / TALLY_JSON
     stamped = {**result, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(md, tally_markdown(result))
-    _write_atomic(js, json.dumps(stamped, indent=2) + "\n")
+    sr3d_files.write_text(md, tally_markdown(result))
+    sr3d_files.write_text(js, json.dumps(stamped, indent=2) + "\n")
     return md, js
 

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from sr3d import baselines, data, degrade, intensity
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
 
 CHECKPOINT_DIR = "checkpoint"
@@ -249,11 +250,11 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: 
             ckpt.mkdir(exist_ok=True)
             # The (epoch, step) go inside the weights file, so one rename commits both: a kill
             # can never leave weights and position from different steps.
-            with sr3d_io.atomic_path(ckpt / CHECKPOINT_WEIGHTS) as tmp:
+            with sr3d_files.atomic_path(ckpt / CHECKPOINT_WEIGHTS) as tmp:
                 self.model.save_weights(tmp)
                 with h5py.File(tmp, "a") as f:
                     f.attrs["sr3d_epoch"], f.attrs["sr3d_step"] = epoch, step
-            sr3d_io.write_json(ckpt / "state.json", {"epoch": epoch, "step": step})  # for people
+            sr3d_files.write_json(ckpt / "state.json", {"epoch": epoch, "step": step})  # for people
 
         def on_train_batch_end(self, batch, logs=None):
             step = self.step_offset + batch + 1
@@ -266,7 +267,7 @@ def _callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: 
             epochs_dir = model_dir / "epochs"
             epochs_dir.mkdir(exist_ok=True)
             weights_only = keras.Model(self.model.inputs, self.model.outputs)
-            with sr3d_io.atomic_path(epochs_dir / f"epoch_{epoch + 1:03d}.weights.h5") as tmp:
+            with sr3d_files.atomic_path(epochs_dir / f"epoch_{epoch + 1:03d}.weights.h5") as tmp:
                 weights_only.save_weights(tmp)
 
     class Validation(keras.callbacks.Callback):
@@ -367,7 +368,7 @@ def plot_history(history_csv: pathlib.Path, png: pathlib.Path, title: str) -> No
     axes[1].set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()
-    with sr3d_io.atomic_path(png) as tmp:
+    with sr3d_files.atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
@@ -513,7 +514,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     out_dir = model_dir if chief else model_dir / f".worker-{strategy.cluster_resolver.task_id}"
     out_dir.mkdir(exist_ok=True)
     if chief:
-        sr3d_io.write_json(model_dir / "config.json", config.to_json())
+        sr3d_files.write_json(model_dir / "config.json", config.to_json())
 
     hw_model = load_hw_model(config.hw_model, config.scale) if config.hw_model else None
     train_stacks = stage_stacks(load_normalised(config.data), config, hw_model)
@@ -563,7 +564,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     final = model_dir / "model.keras"
     if not chief:
         return final
-    with sr3d_io.atomic_path(final) as tmp:
+    with sr3d_files.atomic_path(final) as tmp:
         model.save(tmp)
     summary = {"config": config.to_json(), "steps_per_epoch": steps,
                "patches_per_epoch": steps * config.batch_size,
@@ -574,7 +575,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
         net, lanczos = validation_psnr(model, val_stacks, config.stage, config.scale)
         summary["validation"] = {"psnr_db": net, "lanczos_psnr_db": lanczos,
                                  "note": "volume PSNR in normalised units (peak 1), stage output vs HR"}
-    sr3d_io.write_json(model_dir / "training.json", summary)
+    sr3d_files.write_json(model_dir / "training.json", summary)
     if (model_dir / "history.csv").exists():
         plot_history(model_dir / "history.csv", model_dir / "training_curve.png",
                      f"stage {config.stage}, x{config.scale}")

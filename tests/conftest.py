@@ -33,11 +33,11 @@ def tiny_bundle_dir(tmp_path_factory):
     stand-ins for the shipped models in inference, export and CLI tests."""
     import keras
 
-    from sr3d import inference, models
+    from sr3d import models
 
     keras.utils.set_random_seed(0)
     runs = tmp_path_factory.mktemp("tiny_runs")
     for stage in models.STAGES:
         models.build(stage, 2, filters=4).save(runs / f"{stage}.keras")
-    return inference.make_bundle(runs / "hw.keras", runs / "d.keras", runs / "bundle_x2", scale=2,
-                                 info={"note": "random weights, for tests"})
+    return models.make_bundle(runs / "hw.keras", runs / "d.keras", runs / "bundle_x2", scale=2,
+                              info={"note": "random weights, for tests"})

@@ -33,7 +33,7 @@ def test_nearest_repeats_each_voxel(scale):
 
 
 @pytest.mark.parametrize("method", baselines.METHODS)
-@pytest.mark.parametrize("mode", baselines.MODES)
+@pytest.mark.parametrize("mode", degrade.MODES)
 def test_constants_are_preserved_and_shapes_are_exact(method, mode):
     lr = np.full((5, 6, 7), -321.5, np.float32)
     out = baselines.upscale(lr, 3, method, mode)

@@ -8,12 +8,13 @@ from scipy import ndimage
 
 from sr3d import cli
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 
 def _scan(path, shape, spacing, seed):
     rng = np.random.default_rng(seed)
     array = (ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) * 400 + 600).astype(np.float32)
-    sr3d_io.save_volume(sr3d_io.Volume(array=array, spacing=spacing, affine=np.diag(list(spacing) + [1.0])), path)
+    sr3d_io.save_volume(sr3d_volume.Volume(array=array, spacing=spacing, affine=np.diag(list(spacing) + [1.0])), path)
 
 
 @pytest.fixture

@@ -88,12 +88,12 @@ def test_pipeline_writes_each_good_scan_once_and_a_rerun_does_no_work(tmp_path, 
 # writes scan1's output: half a file under the atomic writer's temporary name, record "running".
 _KILLED_MID_WRITE = textwrap.dedent("""
     import os, pathlib, sys
-    from sr3d import batch, beam, io as sr3d_io
+    from sr3d import batch, beam, files as sr3d_files
 
     real_write = batch.write_scan
     def write_scan(result, target, options):
         if pathlib.Path(target).name == "scan1_x2.nii.gz":
-            with sr3d_io.atomic_path(target) as temporary:
+            with sr3d_files.atomic_path(target) as temporary:
                 real_write(result, temporary.with_name("whole.nii.gz"), options)
                 temporary.write_bytes(temporary.with_name("whole.nii.gz").read_bytes()[:2000])
                 temporary.with_name("whole.nii.gz").unlink()

@@ -16,8 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from sr3d import cli, inference
+from sr3d import cli, inference, models
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 DICOM_FILES = [f"brain_{i:03d}.dcm" for i in range(5, 11)]   # 6 consecutive slices, 256 x 256
 
@@ -37,7 +38,7 @@ def nifti_crop(tmp_path_factory, ixi_files):
     scan = sr3d_io.load_volume(ixi_files[1])
     affine = scan.affine.copy()
     affine[:3, 3] = _world(scan.affine, (40, 48, 50))
-    crop = sr3d_io.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
+    crop = sr3d_volume.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
     return sr3d_io.save_volume(crop, tmp_path_factory.mktemp("nifti") / "crop.nii.gz")
 
 
@@ -74,7 +75,7 @@ def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
     np.testing.assert_allclose(written_out.header.get_zooms(), np.array(written_in.header.get_zooms()) / 2)
     # The command writes what the library computes.
     expected = inference.upscale_volume(sr3d_io.load_volume(nifti_crop),
-                                        inference.load_models(tiny_bundle_dir, scale=2)).array
+                                        models.load_models(tiny_bundle_dir, scale=2)).array
     np.testing.assert_allclose(np.asarray(written_out.dataobj).transpose(2, 1, 0), expected, rtol=0, atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.json", "crop_x2.nii.gz"]  # + the report
 
@@ -203,7 +204,7 @@ def test_upscale_planes_both_is_the_api_average(tmp_path, nifti_crop, tiny_bundl
                        "--precision", "float32"])
     assert status == 0, capsys.readouterr().err
     volume = sr3d_io.load_volume(nifti_crop)
-    bundle = inference.load_models(tiny_bundle_dir, 2)
+    bundle = models.load_models(tiny_bundle_dir, 2)
     both = inference.upscale_volume(volume, bundle, planes="both").array
     dw = inference.upscale_volume(volume, bundle, planes="dw").array
     written = sr3d_io.load_volume(out).array
@@ -216,7 +217,7 @@ def test_bundle_command(tmp_path, tiny_bundle_dir, capsys):
     status = cli.main(["bundle", "--hw", str(tiny_bundle_dir / "hw.keras"), "--d", str(tiny_bundle_dir / "d.keras"),
                        "--scale", "2", "--out", str(out), "--note", "copy"])
     assert status == 0, capsys.readouterr().err
-    bundle = inference.load_models(out, scale=2)
+    bundle = models.load_models(out, scale=2)
     assert bundle.info == {"note": "copy", "scale": 2}
 
 
@@ -297,7 +298,7 @@ def test_upscale_default_precision_is_auto(tmp_path, nifti_crop, tiny_bundle_dir
     assert cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir)]) == 0, \
         capsys.readouterr().err
     volume = sr3d_io.load_volume(nifti_crop)
-    bundle = inference.load_models(tiny_bundle_dir, 2)
+    bundle = models.load_models(tiny_bundle_dir, 2)
     expected = inference.upscale_volume(volume, bundle, precision="auto").array
     written = sr3d_io.load_volume(out).array
     np.testing.assert_allclose(written, expected, rtol=0, atol=1e-6 * np.abs(expected).max())

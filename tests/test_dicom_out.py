@@ -1,7 +1,7 @@
 """Tests for sr3d/dicom_out.py: DICOM series out, re-read by sr3d, SimpleITK, dcm2niix and pydicom.
 
 Inputs are small crops of real series (LIDC chest CT, an oblique GE proton-density MR with gaps
-between slices), put on a 2x grid by repeating voxels (`sr3d.io.upscaled_volume`), so the
+between slices), put on a 2x grid by repeating voxels (`sr3d.volume.upscaled_volume`), so the
 written series lies on an upscaled grid without running a network. The reference for voxels
 and geometry is the same volume written as NIfTI, read by the same independent tool.
 """
@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from sr3d import cli
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 # name -> (files of consecutive slices, crop (h0, h1, w0, w1))
 SERIES = {
@@ -53,7 +54,7 @@ def source(request, shared_data, tmp_path_factory):
     affine[:3, 0] = (affine[:3, 0] @ normal) * normal
     crop = scan.replace(array=scan.array[:, h0:h1, w0:w1].copy(), affine=affine)
     upscaled = np.repeat(np.repeat(np.repeat(crop.array, 2, 0), 2, 1), 2, 2)
-    return directory, sr3d_io.upscaled_volume(crop, upscaled, 2)
+    return directory, sr3d_volume.upscaled_volume(crop, upscaled, 2)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_sheared_slice_positions_are_kept(source, tmp_path):
     _, volume = source
     sheared = volume.affine.copy()
     sheared[:3, 0] += 0.5 * sheared[:3, 2] / np.linalg.norm(sheared[:3, 2])   # 0.5 mm along a row per slice
-    series = sr3d_io.save_volume(volume.replace(affine=sheared), tmp_path / "series", format="dicom")
+    series = sr3d_io.save_volume(volume.replace(affine=sheared, spacing=sr3d_volume.spacing_from_affine(sheared)),
+                                  tmp_path / "series", format="dicom")
     positions = [pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient for p in sorted(series.iterdir())]
     expected = [_world(sheared, (k, 0, 0)) * [-1, -1, 1] for k in range(volume.shape[0])]   # RAS -> LPS
     np.testing.assert_allclose(np.array(positions, float), expected, rtol=0, atol=1e-6)
@@ -164,7 +166,7 @@ def test_nifti_input_gets_a_fresh_minimal_study_and_rescaled_floats(tmp_path):
     array = rng.uniform(-3.0, 1000.0, size=(3, 8, 10)).astype(np.float32)
     affine = np.diag([-0.9, 0.8, 2.5, 1.0])[:, [2, 1, 0, 3]]   # D superior (NIfTI k), H anterior, W left
     affine[:3, 3] = [10.0, -20.0, 30.0]
-    nifti = sr3d_io.save_volume(sr3d_io.Volume(array, sr3d_io.spacing_from_affine(affine), affine),
+    nifti = sr3d_io.save_volume(sr3d_volume.Volume(array, sr3d_volume.spacing_from_affine(affine), affine),
                                 tmp_path / "scan.nii.gz")
     volume = sr3d_io.load_volume(nifti)
     series = sr3d_io.save_volume(volume, tmp_path / "series", format="dicom", note="x2 3d CNN")
@@ -194,7 +196,8 @@ def test_refuses_a_non_empty_directory_and_leaves_nothing_on_failure(source, tmp
     sheared = volume.affine.copy()
     sheared[:3, 1] += 0.1 * sheared[:3, 2]
     with pytest.raises(ValueError, match="not perpendicular"):
-        sr3d_io.save_volume(volume.replace(affine=sheared), tmp_path / "sheared", format="dicom")
+        sr3d_io.save_volume(volume.replace(affine=sheared, spacing=sr3d_volume.spacing_from_affine(sheared)),
+                            tmp_path / "sheared", format="dicom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     empty = tmp_path / "empty"
     empty.mkdir()

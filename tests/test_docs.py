@@ -11,7 +11,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 WRITTEN = {"tally.md"}  # Markdown that commands write (`sr3d study tally`), cited as output
-PYTHON = [*sorted((REPO / "sr3d").glob("*.py")), *sorted(REPO.glob("*.py")), *sorted((REPO / "benchmarks").glob("*.py"))]
+PYTHON = [*sorted((REPO / "sr3d").rglob("*.py")), *sorted(REPO.glob("*.py")), *sorted((REPO / "benchmarks").glob("*.py"))]
 
 
 def _missing(path: pathlib.Path, references) -> list[str]:

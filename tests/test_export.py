@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from sr3d import export, inference
+from sr3d import export, inference, models
 from sr3d import io as sr3d_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def _run(args: list, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle_dir):
     """The test bundle with its output layer amplified, so that the clip to the input range acts."""
-    bundle = inference.load_models(tiny_bundle_dir, scale=2)
+    bundle = models.load_models(tiny_bundle_dir, scale=2)
     conv10 = bundle.d.get_layer("conv10")
     kernel, bias = conv10.get_weights()
     conv10.set_weights([kernel * 40.0, bias])
@@ -174,7 +174,7 @@ def test_export_script_writes_a_version(tmp_path, tiny_bundle_dir):
 @pytest.mark.parametrize("args, message", [
     (["--model={tmp}/nowhere"], "export.py: error: {tmp}/nowhere: model directory not found"),
     (["--model={tmp}"], "export.py: error: {tmp}: not an sr3d model bundle, missing hw.keras, d.keras "
-                        "(make one with sr3d.inference.make_bundle)"),
+                        "(make one with sr3d.models.make_bundle)"),
     (["--model={bundle}", "--scale=3"], "export.py: error: {bundle}: the model upscales by 2, not by 3"),
 ])
 def test_export_script_errors_are_one_line(tmp_path, tiny_bundle_dir, args, message):

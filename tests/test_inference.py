@@ -16,13 +16,14 @@ import pytest
 import sr3d
 from sr3d import inference, intensity, models
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 CROP = (slice(40, 50), slice(40, 80), slice(40, 76))   # 10 x 40 x 36 voxels (D, H, W) of an IXI T1
 
 
-def _bundle(scale: int, seed: int = 0) -> inference.ModelBundle:
+def _bundle(scale: int, seed: int = 0) -> models.ModelBundle:
     keras.utils.set_random_seed(seed)
-    return inference.ModelBundle(models.build("hw", scale, filters=4), models.build("d", scale, filters=4), scale)
+    return models.ModelBundle(models.build("hw", scale, filters=4), models.build("d", scale, filters=4), scale)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def ixi_volume(ixi_files):
     origin_index = np.array([CROP[0].start, CROP[1].start, CROP[2].start], float)
     affine = scan.affine.copy()
     affine[:3, 3] = scan.affine[:3, :3] @ origin_index + scan.affine[:3, 3]
-    return sr3d_io.Volume(scan.array[CROP].copy(), scan.spacing, affine, source_dtype="float32")
+    return sr3d_volume.Volume(scan.array[CROP].copy(), scan.spacing, affine, source_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +249,7 @@ def test_upscaled_nifti_overlays_the_input(tmp_path, bundles, ixi_volume, mode):
 def test_sr3d_upscale_from_a_nifti_path(tmp_path, tiny_bundle_dir, ixi_volume):
     path = sr3d_io.save_volume(ixi_volume, tmp_path / "crop.nii.gz")
     result = sr3d.upscale(path, scale=2, model=tiny_bundle_dir)
-    bundle = inference.load_models(tiny_bundle_dir, scale=2)
+    bundle = models.load_models(tiny_bundle_dir, scale=2)
     window = intensity.window(ixi_volume.array)
     raw = _hand_3d(bundle, window.normalise(ixi_volume.array)) * (window.hi - window.lo) + window.lo
     expected = np.clip(raw, ixi_volume.array.min(), ixi_volume.array.max())
@@ -259,7 +260,7 @@ def test_sr3d_upscale_from_a_nifti_path(tmp_path, tiny_bundle_dir, ixi_volume):
 # ---------------------------------------------------------------------------- bundles
 
 def test_load_models_reads_a_bundle(tiny_bundle_dir):
-    bundle = inference.load_models(tiny_bundle_dir, scale=2)
+    bundle = models.load_models(tiny_bundle_dir, scale=2)
     assert bundle.scale == 2
     assert bundle.info == {"note": "random weights, for tests", "scale": 2}
     assert json.loads((tiny_bundle_dir / "bundle.json").read_text())["scale"] == 2
@@ -268,31 +269,31 @@ def test_load_models_reads_a_bundle(tiny_bundle_dir):
 def test_load_models_without_bundle_json_probes_the_scale(tmp_path, tiny_bundle_dir):
     for name in ("hw.keras", "d.keras"):
         (tmp_path / name).write_bytes((tiny_bundle_dir / name).read_bytes())
-    assert inference.load_models(tmp_path, scale=2).scale == 2
+    assert models.load_models(tmp_path, scale=2).scale == 2
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: the model upscales by 2, not by 4")):
-        inference.load_models(tmp_path, scale=4)
+        models.load_models(tmp_path, scale=4)
 
 
 def test_load_models_errors_name_the_directory(tmp_path, tiny_bundle_dir):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nowhere'}: model directory not found")):
-        inference.load_models(tmp_path / "nowhere")
+        models.load_models(tmp_path / "nowhere")
     (tmp_path / "d.keras").write_bytes((tiny_bundle_dir / "d.keras").read_bytes())
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: not an sr3d model bundle, missing hw.keras")):
-        inference.load_models(tmp_path)
+        models.load_models(tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"{tiny_bundle_dir}: the model upscales by 2, not by 3")):
-        inference.load_models(tiny_bundle_dir, scale=3)
+        models.load_models(tiny_bundle_dir, scale=3)
 
 
 def test_load_models_rejects_unreadable_and_swapped_models(tmp_path, tiny_bundle_dir):
     (tmp_path / "hw.keras").write_text("not a model")
     (tmp_path / "d.keras").write_bytes((tiny_bundle_dir / "d.keras").read_bytes())
     with pytest.raises(ValueError, match="hw.keras: not a readable Keras model"):
-        inference.load_models(tmp_path)
+        models.load_models(tmp_path)
     # Stage d saved as hw.keras and the other way round.
     (tmp_path / "hw.keras").write_bytes((tiny_bundle_dir / "d.keras").read_bytes())
     (tmp_path / "d.keras").write_bytes((tiny_bundle_dir / "hw.keras").read_bytes())
     with pytest.raises(ValueError, match="the hw model is not an sr3d stage-hw network"):
-        inference.load_models(tmp_path)
+        models.load_models(tmp_path)
 
 
 def test_make_bundle_checks_the_declared_scale(tmp_path):
@@ -301,13 +302,13 @@ def test_make_bundle_checks_the_declared_scale(tmp_path):
     models.build("d", 3, filters=2).save(tmp_path / "d3.keras")
     models.build("d", 2, filters=2).save(tmp_path / "d2.keras")
     with pytest.raises(ValueError, match="the stages upscale by 3 .hw. and 3 .d., the bundle says 2"):
-        inference.make_bundle(tmp_path / "hw3.keras", tmp_path / "d3.keras", tmp_path / "b", scale=2)
+        models.make_bundle(tmp_path / "hw3.keras", tmp_path / "d3.keras", tmp_path / "b", scale=2)
     with pytest.raises(ValueError, match="the stages upscale by 3 .hw. and 2 .d."):
-        inference.make_bundle(tmp_path / "hw3.keras", tmp_path / "d2.keras", tmp_path / "b", scale=3)
+        models.make_bundle(tmp_path / "hw3.keras", tmp_path / "d2.keras", tmp_path / "b", scale=3)
     assert not (tmp_path / "b").exists()
-    out = inference.make_bundle(tmp_path / "hw3.keras", tmp_path / "d3.keras", tmp_path / "b", scale=3)
+    out = models.make_bundle(tmp_path / "hw3.keras", tmp_path / "d3.keras", tmp_path / "b", scale=3)
     assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "d.keras", "hw.keras"]
-    assert inference.load_models(out, scale=3).scale == 3
+    assert models.load_models(out, scale=3).scale == 3
 
 
 def test_upscale_rejects_a_bundle_of_another_scale(bundles, ixi_volume):

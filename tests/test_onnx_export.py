@@ -10,15 +10,15 @@ import pytest
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
 
-from sr3d import inference, intensity  # noqa: E402
+from sr3d import inference, intensity, models  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 from sr3d import onnx_export  # noqa: E402
-from sr3d.cli import BUNDLED_SCAN  # noqa: E402
+from sr3d.demo import BUNDLED_SCAN  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bundle():
-    return inference.load_models(None, scale=2)
+    return models.load_models(None, scale=2)
 
 
 @pytest.fixture(scope="module")

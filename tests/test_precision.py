@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sr3d import export, inference, intensity, precision
+from sr3d import export, inference, intensity, models, precision
 from sr3d import io as sr3d_io
 
 CROP = (slice(40, 50), slice(40, 80), slice(40, 76))   # 10 x 40 x 36 voxels (D, H, W) of an IXI T1
@@ -36,12 +36,12 @@ def ixi_normalised(ixi_files):
 
 @pytest.fixture(scope="module")
 def shipped_x2():
-    return inference.load_models(None, 2)
+    return models.load_models(None, 2)
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_bundle_dir):
-    return inference.load_models(tiny_bundle_dir, scale=2)
+    return models.load_models(tiny_bundle_dir, scale=2)
 
 
 @pytest.mark.parametrize("extra, native", [("", []), ("avx512_bf16", ["avx512_bf16"]),

@@ -1,4 +1,4 @@
-"""One rule for what a path names, in every command (sr3d/io.py `expand_scans`, `scans_in`):
+"""One rule for what a path names, in every command (sr3d/files.py `expand_scans`, `scans_in`):
 a file is a scan; a directory of NIfTI/NRRD files is one scan per file; any other directory is
 one DICOM series. Checked for `sr3d study make`, train.py/evaluate.py's `expand_scans`,
 `upscale-batch`'s `scans_in` and `sr3d upscale`'s single input.
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from sr3d import cli
+from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def nifti_dir(tmp_path_factory, ixi_files):
         scan = sr3d_io.load_volume(path)
         affine = scan.affine.copy()
         affine[:3, 3] = (scan.affine @ [40, 36, 36, 1])[:3]
-        crop = sr3d_io.Volume(scan.array[40:48, 36:84, 36:84].copy(), scan.spacing, affine)
+        crop = sr3d_volume.Volume(scan.array[40:48, 36:84, 36:84].copy(), scan.spacing, affine)
         sr3d_io.save_volume(crop, directory / f"scan{k}.nii.gz")
     return directory
 
@@ -37,9 +39,9 @@ def dicom_dir(tmp_path_factory, shared_data):
 
 def test_list_and_batch_forms_agree(nifti_dir, dicom_dir):
     files = [str(nifti_dir / "scan0.nii.gz"), str(nifti_dir / "scan1.nii.gz")]
-    assert list(sr3d_io.expand_scans([nifti_dir])) == files
-    assert [str(p) for p in sr3d_io.scans_in(nifti_dir)] == files
-    assert sr3d_io.expand_scans([dicom_dir]) == (str(dicom_dir),)
+    assert list(sr3d_files.expand_scans([nifti_dir])) == files
+    assert [str(p) for p in sr3d_files.scans_in(nifti_dir)] == files
+    assert sr3d_files.expand_scans([dicom_dir]) == (str(dicom_dir),)
     assert sr3d_io.load_volume(dicom_dir).shape == (2, 256, 256)
 
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import adapt, baselines, cli, degrade, inference, selfcheck
+from sr3d import adapt, baselines, cli, degrade, inference, models, selfcheck
 from sr3d import io as sr3d_io
 
 
@@ -92,7 +92,7 @@ def test_without_fallback_the_cnn_is_written_with_a_warning(tmp_path, t2_crop, t
     assert cli.main(["upscale", str(t2_crop), str(out), "--model", str(tiny_bundle_dir), "--precision", "float32"]) == 0
     assert "warning: on this scan's self-check the CNN scores below Lanczos" in capsys.readouterr().err
     volume = sr3d_io.load_volume(t2_crop)
-    bundle = inference.load_models(tiny_bundle_dir, 2)
+    bundle = models.load_models(tiny_bundle_dir, 2)
     expected = inference.upscale_volume(volume, bundle).array
     np.testing.assert_array_equal(sr3d_io.load_volume(out).array, np.asarray(
         sr3d_io.load_volume(out).array))  # the file reads back
@@ -132,7 +132,7 @@ def test_api_takes_a_numpy_array_with_spacing(t2_crop, tiny_bundle_dir):
 
 
 def test_adapt_keeps_only_what_helps_on_held_out_rows(t2_crop, tiny_bundle_dir):
-    bundle = inference.load_models(tiny_bundle_dir, 2)
+    bundle = models.load_models(tiny_bundle_dir, 2)
     array = sr3d_io.load_volume(t2_crop).array
     before = [w.copy() for w in bundle.hw.get_weights()]
     result = adapt.adapt(array, bundle, "3d", adapt.AdaptConfig(steps=6, batch_size=16))
@@ -149,7 +149,7 @@ def test_adapt_keeps_only_what_helps_on_held_out_rows(t2_crop, tiny_bundle_dir):
 
 
 def test_adapt_steps_are_reproducible(t2_crop, tiny_bundle_dir):
-    bundle = inference.load_models(tiny_bundle_dir, 2)
+    bundle = models.load_models(tiny_bundle_dir, 2)
     array = sr3d_io.load_volume(t2_crop).array
     config = adapt.AdaptConfig(steps=4, batch_size=16)
     a, b = adapt.adapt(array, bundle, "2d", config), adapt.adapt(array, bundle, "2d", config)
@@ -164,7 +164,7 @@ def test_cli_adapt_writes_report_and_saves_the_kept_bundle(tmp_path, t2_crop, ti
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["adaptation"]["steps"] == {"hw": 40} and "adaptation (40 + 0 steps" in err
     if report["adaptation"]["kept"]:
-        reloaded = inference.load_models(saved, 2)
+        reloaded = models.load_models(saved, 2)
         assert reloaded.info.get("adapted") is True
     else:
         assert not saved.exists() and "not writing" in err

@@ -13,6 +13,7 @@ import pytest
 
 from sr3d import cli, selfsup
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 THICK = 6.5
@@ -31,8 +32,8 @@ def small_scan(thick_scan):
     array = thick_scan.array[9:15, 80:176, 80:176]
     shift = np.eye(4)
     shift[:3, 3] = lo
-    return sr3d_io.Volume(array=array, spacing=thick_scan.spacing, affine=thick_scan.affine @ shift,
-                          source_dtype=thick_scan.source_dtype)
+    return sr3d_volume.Volume(array=array, spacing=thick_scan.spacing, affine=thick_scan.affine @ shift,
+                              source_dtype=thick_scan.source_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +144,8 @@ def test_degrade_along_rejects_bad_input():
 
 
 def test_simulated_thick_scan_overlays_the_truth(small_scan):
-    fine = sr3d_io.Volume(array=np.random.default_rng(0).random((13, 5, 6)), spacing=(1.0, 0.9, 0.8),
-                          affine=np.diag([1.0, 0.9, 0.8, 1.0]) @ np.array(
+    fine = sr3d_volume.Volume(array=np.random.default_rng(0).random((13, 5, 6)), spacing=(1.0, 0.9, 0.8),
+                              affine=np.diag([1.0, 0.9, 0.8, 1.0]) @ np.array(
                               [[1, 0, 0, 4], [0, 1, 0, -2], [0, 0, 1, 7], [0, 0, 0, 1.0]]))
     truth, thick = selfsup.simulate_thick_slices(fine, 4)
     assert truth.shape == (12, 5, 6) and thick.shape == (3, 5, 6)
@@ -208,8 +209,8 @@ def test_upscale_thick_integer_factor_keeps_the_field_of_view(small_scan, tiny_m
 
 def test_upscale_thick_finds_the_thick_axis_anywhere(small_scan, tiny_model):
     # The same scan stored (H, W, D): the thick axis is last; the world geometry is unchanged.
-    moved = sr3d_io.Volume(array=small_scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
-                           affine=small_scan.affine[:, [1, 2, 0, 3]])
+    moved = sr3d_volume.Volume(array=small_scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
+                               affine=small_scan.affine[:, [1, 2, 0, 3]])
     expected = selfsup.upscale_thick(small_scan, tiny_model)
     result = selfsup.upscale_thick(moved, tiny_model)
     assert result.shape == (96, 96, 24)
@@ -296,8 +297,8 @@ def test_cli_slice_profile_reaches_training_and_needs_self_supervised(tmp_path, 
 def test_dicom_slice_thickness_is_read_and_gaps_are_simulated(shared_data):
     oblique = sr3d_io.load_volume(shared_data / "oblique-pd-dicom")  # 5 mm slices every 7 mm
     assert oblique.slice_thickness_mm == pytest.approx(5.0)
-    fine = sr3d_io.Volume(array=np.arange(16, dtype=np.float64).reshape(16, 1, 1) * np.ones((1, 2, 3)),
-                          spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
+    fine = sr3d_volume.Volume(array=np.arange(16, dtype=np.float64).reshape(16, 1, 1) * np.ones((1, 2, 3)),
+                              spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
     # 2 mm box slices every 4 mm: thick voxel i is the mean of fine voxels 4i + 1 and 4i + 2.
     _, thick = selfsup.simulate_thick_slices(fine, 4, thickness=2)
     np.testing.assert_allclose(thick.array[:, 0, 0], [1.5, 5.5, 9.5, 13.5], rtol=1e-12)
@@ -317,8 +318,8 @@ def test_one_axis_api_upscales_only_that_axis(small_scan):
     np.testing.assert_allclose(result.spacing, (THICK / 2, INPLANE, INPLANE), rtol=1e-9)
     assert "(D, W) planes (6 x 40)" in result.report["self_check"]["skipped"]  # too few slices to score
     # The same scan stored with the thick axis last, upscaled along W: the same voxels.
-    moved = sr3d_io.Volume(array=scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
-                           affine=scan.affine[:, [1, 2, 0, 3]])
+    moved = sr3d_volume.Volume(array=scan.array.transpose(1, 2, 0), spacing=(INPLANE, INPLANE, THICK),
+                               affine=scan.affine[:, [1, 2, 0, 3]])
     along_w = inference.upscale(moved, 2, mode="w", self_check=False)
     np.testing.assert_allclose(along_w.array.transpose(2, 0, 1), result.array, rtol=1e-5, atol=1e-3)
 
@@ -329,8 +330,8 @@ def test_cli_axes_d_and_model_forms(tmp_path, small_scan, capsys):
     assert cli.main(["upscale", str(scan), str(out), "--axes", "d", "--scale", "4"]) == 0
     assert nib.load(out).shape == (40, 40, 24)
     assert json.loads((tmp_path / "d.json").read_text())["mode"] == "d"
-    tall = sr3d_io.Volume(array=np.tile(small_scan.array[:, :40, :40], (3, 1, 1)), spacing=small_scan.spacing,
-                          affine=small_scan.affine)  # 18 slices: enough for the one-axis self-check
+    tall = sr3d_volume.Volume(array=np.tile(small_scan.array[:, :40, :40], (3, 1, 1)), spacing=small_scan.spacing,
+                              affine=small_scan.affine)  # 18 slices: enough for the one-axis self-check
     from sr3d import inference
     check = inference.upscale(tall, 2, mode="d").report["self_check"]
     assert check["mode"] == "d" and check["scale"] == 2
@@ -367,8 +368,8 @@ def test_estimated_profile_on_an_isotropic_volume(kind, width):
 
     # Statistically isotropic texture (the estimator's assumption), 1 mm voxels, slices every 4 mm.
     field = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((96, 96, 96)).astype(np.float32), 1.0)
-    fine = sr3d_io.Volume(array=np.abs(ndimage.gaussian_filter(field, 0.7)) * 100 + 50, spacing=(1.0, 1.0, 1.0),
-                          affine=np.eye(4))
+    fine = sr3d_volume.Volume(array=np.abs(ndimage.gaussian_filter(field, 0.7)) * 100 + 50, spacing=(1.0, 1.0, 1.0),
+                              affine=np.eye(4))
     _, thick = selfsup.simulate_thick_slices(fine, 4, profile=kind, thickness=width)
     estimate = selfsup.estimate_profile(thick, selfsup.plan_for(thick.spacing, factor=4))
     assert estimate.kind == kind

@@ -5,15 +5,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import baselines, degrade, demo, inference, metrics
+from sr3d import baselines, degrade, demo, inference, metrics, models
 from sr3d import io as sr3d_io
+from sr3d import volume as sr3d_volume
 
 
 @pytest.mark.parametrize("scale", [2, 4])
 def test_shipped_bundles_load_with_their_scale(scale):
-    bundle = inference.load_models(None, scale)
+    bundle = models.load_models(None, scale)
     assert bundle.scale == scale
-    assert inference.available_scales() == [2, 4]
+    assert models.available_scales() == [2, 4]
 
 
 @pytest.mark.slow
@@ -21,8 +22,8 @@ def test_shipped_x2_beats_lanczos_in_3d_on_a_held_out_ixi_scan(ixi_files):
     """IXI048 was never seen in training (docs/model_card.md): PSNR and SSIM, 3D protocol."""
     volume = sr3d_io.load_volume(ixi_files[-1])
     hr, lr = degrade.simulate_lr(volume.array, 2, mode="3d")
-    lr_volume = sr3d_io.Volume(lr, tuple(2 * s for s in volume.spacing), volume.affine)
-    cnn = inference.upscale_volume(lr_volume, inference.load_models(None, 2)).array
+    lr_volume = sr3d_volume.Volume(lr, tuple(2 * s for s in volume.spacing), sr3d_volume.downscaled_affine(volume.affine, 2))
+    cnn = inference.upscale_volume(lr_volume, models.load_models(None, 2)).array
     lanczos = baselines.upscale(lr, 2, "lanczos", mode="3d")
     protocol = metrics.float_protocol((0.0, float(hr.max())), with_ifc=False)
     cnn_score, lanczos_score = (metrics.score_volume(hr, x, protocol) for x in (cnn, lanczos))

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import baselines, cli, degrade, inference, models, study
+from sr3d import baselines, cli, degrade, models, study
 
 N_CASES = 6
 PAGE_FILES = ("index.html", "study.js", "study.css")
@@ -35,7 +35,7 @@ def bundle_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
     for stage in ("hw", "d"):
         models.build(stage, 2, filters=4).save(out / f"{stage}.keras")
-    return inference.make_bundle(out / "hw.keras", out / "d.keras", out / "bundle", 2)
+    return models.make_bundle(out / "hw.keras", out / "d.keras", out / "bundle", 2)
 
 
 @pytest.fixture(scope="module")
