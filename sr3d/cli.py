@@ -562,8 +562,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")
     up.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="network precision (default auto: bfloat16 convolutions where the CPU has native bf16, "
-                         "AVX512_BF16 or AMX, about 2x faster, within 0.05 dB of float32; at 3D x2 stage d stays "
-                         "float32, which failed that guard on a CT; float32 elsewhere; "
+                         "AVX512_BF16 or AMX, about 2x faster, within 0.05 dB of float32 (conv1 and conv10, which "
+                         "read and write the one-channel image, stay float32); float32 elsewhere; "
                          "float32 gives exactly the Keras models' result, docs/benchmarks.md)")
     up.add_argument("--no-self-check", dest="no_self_check", action="store_true",
                     help="skip the self-check (by default every upscale scores the CNN against Lanczos on the scan "
