@@ -83,7 +83,8 @@ GAP_CONFIGS = {
     "box4-every5": ("box", 4.0, 5),
     "gauss2.5-every4": ("gaussian", 2.5, 4),
 }
-GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "no_gap", "estimated", "estimated_per_axis")
+GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "gap_aware_shipped", "no_gap", "estimated",
+               "estimated_per_axis")
 # Profile-estimation bias: simulated slices every BIAS_SPACING_MM of these kinds and widths (mm).
 BIAS_SPACING_MM = 5
 BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
@@ -277,14 +278,14 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
          f"slices every {thick.spacing[0]:.3g} mm")
     trained = {}  # profile (kind, thickness rounded) -> network output, to reuse identical trainings
 
-    def selfsup_run(method: str, match: str = "shape", **profile) -> None:
-        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, **profile)
+    def selfsup_run(method: str, match: str = "shape", init: str = "random", **profile) -> None:
+        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, init=init, **profile)
         started = time.perf_counter()
         plan = selfsup.plan_for(thick.spacing, factor=factor)
         resolved = (selfsup.estimate_profile(thick, plan, match=match) if config.profile == "estimate" else
                     selfsup.resolve_profile(thick, plan, config.profile, config.slice_thickness))
         resolve_seconds = time.perf_counter() - started
-        same = (resolved.kind, round(resolved.thickness_mm, 3))
+        same = (resolved.kind, round(resolved.thickness_mm, 3), init)
         run = {"slice_profile": resolved.to_json(), "profile_seconds": round(resolve_seconds, 2)}
         if same in trained:
             array, run["reused_network_of"] = trained[same]
@@ -318,6 +319,11 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
             finish(method, array)
         elif method == "gap_aware":
             selfsup_run(method, profile=kind, slice_thickness=thickness_mm)
+        elif method == "gap_aware_shipped":
+            if not (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists():
+                _log(f"  gap_aware_shipped: no shipped x{factor} model to start from")
+                continue
+            selfsup_run(method, profile=kind, slice_thickness=thickness_mm, init="shipped")
         elif method == "no_gap":
             selfsup_run(method, profile=kind, slice_thickness=thick.spacing[0])
         elif method == "estimated":
@@ -564,7 +570,8 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
              f"{next(iter(cases.values()))['steps']} steps, seed 0.", "",
              "| scan | slices | Lanczos | cubic | supervised stage d | self-sup. no-gap | self-sup. gap-aware "
              "| self-sup. estimated (estimate) | estimated, per-axis match (estimate) | gap-aware - Lanczos "
-             "| gap-aware - no-gap | estimated - gap-aware |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gap-aware - no-gap | estimated - gap-aware | self-sup. gap-aware from shipped d "
+             "| from shipped d - Lanczos |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(scores, method):
         return f"{scores[method]['psnr']:.2f} / {scores[method]['ssim']:.4f}" if method in scores else "-"
@@ -587,7 +594,8 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
                      f"{cell(s, 'no_gap')} | {cell(s, 'gap_aware')} | {cell(s, 'estimated')}"
                      f"{estimate(runs, 'estimated')} | {cell(s, 'estimated_per_axis')}"
                      f"{estimate(runs, 'estimated_per_axis')} | {delta(s, 'gap_aware', 'lanczos')} | "
-                     f"{delta(s, 'gap_aware', 'no_gap')} | {delta(s, 'estimated', 'gap_aware')} |")
+                     f"{delta(s, 'gap_aware', 'no_gap')} | {delta(s, 'estimated', 'gap_aware')} | "
+                     f"{cell(s, 'gap_aware_shipped')} | {delta(s, 'gap_aware_shipped', 'lanczos')} |")
     times = [r["train_seconds"] for e in cases.values() for r in e["runs"].values() if "train_seconds" in r]
     protocol = re.sub(r"the fixed window \[[^]]*\]", "the scan's own [min, max]",
                       next(iter(cases.values()))["protocol"])

@@ -201,7 +201,8 @@ def cmd_upscale(args) -> int:
         args.scale = 2
     selfsup_only = [flag for flag, value in (
         ("--slice-thickness", getattr(args, "slice_thickness", None)), ("--steps", getattr(args, "steps", None)),
-        ("--seed", getattr(args, "seed", None)), ("--time-budget", getattr(args, "time_budget", None)))
+        ("--seed", getattr(args, "seed", None)), ("--time-budget", getattr(args, "time_budget", None)),
+        ("--init", getattr(args, "init", None)))
         if value is not None]
     if selfsup_only:
         raise ValueError(f"{', '.join(selfsup_only)} apply only with --self-supervised (with --adapt: "
@@ -347,7 +348,8 @@ def cmd_upscale_self_supervised(args) -> int:
     reusing = bool(args.model)
     training_flags = [flag for flag, value in (
         ("--save-model", args.save_model), ("--steps", args.steps), ("--time-budget", args.time_budget),
-        ("--seed", args.seed), ("--slice-profile", args.slice_profile), ("--slice-thickness", args.slice_thickness))
+        ("--seed", args.seed), ("--slice-profile", args.slice_profile), ("--slice-thickness", args.slice_thickness),
+        ("--init", getattr(args, "init", None)))
         if value is not None]
     if reusing and training_flags:
         raise ValueError(f"{', '.join(training_flags)} with --model {args.model}: the model is trained already "
@@ -383,7 +385,8 @@ def cmd_upscale_self_supervised(args) -> int:
         config = selfsup.SelfSupConfig(factor=args.scale, target_spacing=args.target_spacing, time_budget_s=budget,
                                        max_steps=args.steps, profile=args.slice_profile or "box",
                                        slice_thickness=args.slice_thickness,
-                                       seed=args.seed if args.seed is not None else 0)
+                                       seed=args.seed if args.seed is not None else 0,
+                                       init=getattr(args, "init", None) or selfsup.SelfSupConfig.init)
         plan = selfsup.plan_for(volume.spacing, args.scale, args.target_spacing)
     print(f"{args.input}: {' x '.join(map(str, volume.shape))} voxels (D x H x W) at "
           f"{', '.join(f'{s:.3g}' for s in volume.spacing)} mm; {plan.describe()}", file=sys.stderr)
@@ -593,6 +596,10 @@ def parser() -> argparse.ArgumentParser:
                          "two runs on one scan with one --seed give the same network")
     up.add_argument("--seed", type=int, default=None,
                     help="with --self-supervised: seed of the network's initialisation and batches (default 0)")
+    up.add_argument("--init", choices=["random", "shipped"], default=None,
+                    help="with --self-supervised: start from random weights (default) or from the shipped "
+                         "stage d of the same factor (x2, x4 only), fine-tuned on the scan at a 10x smaller "
+                         "learning rate (measured in docs/thick_slice.md, slice gaps)")
     up.add_argument("--slice-profile", dest="slice_profile", choices=["box", "gaussian", "estimate"], default=None,
                     help="with --self-supervised: profile of a thick slice used to simulate training pairs: box "
                          "(default) or gaussian (FWHM) of the slice thickness, or estimate: kind and thickness "

@@ -427,6 +427,9 @@ def _check_thickness(thickness: float, plan: ThickSlicePlan) -> float:
 
 # ---------------------------------------------------------------------------- training
 
+INITS = ("random", "shipped")  # SelfSupConfig.init
+
+
 @dataclasses.dataclass(frozen=True)
 class SelfSupConfig:
     """One self-supervised training run on a scan.
@@ -442,6 +445,11 @@ class SelfSupConfig:
         time_budget_s=None two runs with one seed give the same network.
     steps_per_epoch: steps between progress lines.
     lr_drop_fraction: the learning rate drops 10x after this fraction of the budget/steps.
+    init: the network's starting weights: "random" (seeded), or "shipped": the shipped stage d
+        of the same factor (x2, x4), fine-tuned on the scan: it brings what the supervised
+        networks learnt about anatomy, the scan's own slices teach its slice profile and gaps.
+    learning_rate / learning_rate_after_drop: None: 1e-3 / 1e-4 from random weights, 1e-4 /
+        1e-5 from the shipped ones (a smaller step keeps what they learnt).
     The rest are as in `sr3d.training.TrainConfig`.
     """
 
@@ -455,9 +463,10 @@ class SelfSupConfig:
     patch_size: int = 7
     batch_size: int = 128
     filters: int = 32
-    learning_rate: float = 1e-3
-    learning_rate_after_drop: float = 1e-4
+    learning_rate: float | None = None
+    learning_rate_after_drop: float | None = None
     lr_drop_fraction: float = 0.5
+    init: str = "random"
     intermediate_weight: float = 1.0
     blur: str = "random"
     min_contrast: float = 0.02
@@ -488,6 +497,13 @@ class SelfSupConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"SelfSupConfig: {name} must be an integer >= 1, got {value!r}")
+        if self.init not in INITS:
+            raise ValueError(f"SelfSupConfig: init must be one of {INITS}, got {self.init!r}")
+        for name, scratch, warm in (("learning_rate", 1e-3, 1e-4), ("learning_rate_after_drop", 1e-4, 1e-5)):
+            if getattr(self, name) is None:  # frozen: resolved once here, so to_json records the value used
+                object.__setattr__(self, name, scratch if self.init == "random" else warm)
+            elif not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"SelfSupConfig: {name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.lr_drop_fraction <= 1:
             raise ValueError(f"SelfSupConfig: lr_drop_fraction must be in (0, 1], got {self.lr_drop_fraction!r}")
         if self.blur not in data.BLUR_MODES:
@@ -621,6 +637,8 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     model = models.build("d", plan.factor, filters=config.filters, name=f"sr3d_selfsup_d_x{plan.factor}")
+    if config.init == "shipped":
+        _start_from_shipped(model, plan.factor)
     training.compile_model(model, config)  # reads learning_rate and intermediate_weight
 
     steps = config.steps_per_epoch
@@ -639,6 +657,23 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
         progress(f"self-supervised training done: {budget.steps} steps, {budget.steps * config.batch_size} "
                  f"patches in {seconds:.0f} s")
     return Trained(model, plan, profile, budget.steps, seconds, config)
+
+
+def _start_from_shipped(model, factor: int) -> None:
+    """Loads the shipped stage d of `factor` into `model` (same architecture and width)."""
+    from sr3d import models
+
+    path = models.shipped_model_dir(factor) / models.MODEL_FILES["d"]
+    if not path.is_file():
+        raise ValueError(f"init 'shipped': no shipped stage d for x{factor} (shipped: "
+                         f"{', '.join(f'x{r}' for r in models.available_scales())}); use init 'random' "
+                         "or a factor the shipped models have")
+    shipped = models.load(str(path))
+    mismatched = [layer.name for layer, ref in zip(model.weights, shipped.weights) if layer.shape != ref.shape]
+    if len(model.weights) != len(shipped.weights) or mismatched:
+        raise ValueError(f"init 'shipped': the network's width does not match the shipped x{factor} stage d "
+                         f"({path.name}); use the shipped width (filters {shipped.weights[0].shape[-1]})")
+    model.set_weights(shipped.get_weights())
 
 
 def _limits(config: SelfSupConfig) -> str:

@@ -1,6 +1,7 @@
 """Tests of sr3d.selfsup: thick-axis detection, the slice-profile degradation, the plan, and short
 end-to-end runs (API and `python -m sr3d upscale --self-supervised`) on a crop of a real
 6.5 mm thick-slice brain MRI."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import cli, selfsup
+from sr3d import cli, models, selfsup
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
 
@@ -399,3 +400,46 @@ def test_estimated_profile_on_slices_simulated_from_real_mr(shared_data, scan):
 def test_estimate_profile_rejects_an_unknown_match(thick_scan):
     with pytest.raises(ValueError, match="match must be"):
         selfsup.estimate_profile(thick_scan, match="spectra")
+
+
+# ---------------------------------------------------------------------------- starting from the shipped stage d
+
+def test_init_shipped_starts_from_the_shipped_network(small_scan, tiny_config):
+    assert (selfsup.SelfSupConfig().learning_rate, selfsup.SelfSupConfig().learning_rate_after_drop) == (1e-3, 1e-4)
+    warm_defaults = selfsup.SelfSupConfig(init="shipped")
+    assert (warm_defaults.learning_rate, warm_defaults.learning_rate_after_drop) == (1e-4, 1e-5)
+    # A step too small to move a weight: what training starts from is left in the network.
+    config = dataclasses.replace(tiny_config, init="shipped", max_steps=1, learning_rate=1e-12,
+                                 learning_rate_after_drop=1e-12)
+    trained = selfsup.train(small_scan, config)
+    shipped = models.load(str(models.shipped_model_dir(4) / models.MODEL_FILES["d"]))
+    for got, want in zip(trained.model.get_weights(), shipped.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert trained.to_json()["config"]["init"] == "shipped"
+    scratch = selfsup.train(small_scan, dataclasses.replace(config, init="random"))
+    assert not np.allclose(scratch.model.get_weights()[0], shipped.get_weights()[0])
+
+
+def test_init_shipped_refuses_a_factor_or_width_not_shipped(small_scan, tiny_config):
+    with pytest.raises(ValueError, match="no shipped stage d for x3"):
+        selfsup.train(small_scan, dataclasses.replace(tiny_config, init="shipped", target_spacing=6.5 / 3))
+    with pytest.raises(ValueError, match="width does not match"):
+        selfsup.train(small_scan, dataclasses.replace(tiny_config, init="shipped", filters=8))
+    with pytest.raises(ValueError, match="init must be one of"):
+        selfsup.SelfSupConfig(init="imagenet")
+
+
+def test_cli_init_shipped_is_recorded_and_needs_training(tmp_path, small_scan, capsys):
+    scan = sr3d_io.save_volume(small_scan, tmp_path / "thick.nii.gz")
+    out = tmp_path / "warm.nii.gz"
+    assert cli.main(["upscale", str(scan), str(out), "--self-supervised", "--scale", "4", "--steps", "2",
+                     "--init", "shipped", "--save-model", str(tmp_path / "net.keras")]) == 0
+    config = json.loads((tmp_path / "warm.json").read_text())["training"]["config"]
+    assert (config["init"], config["learning_rate"]) == ("shipped", 1e-4)
+    capsys.readouterr()
+    assert cli.main(["upscale", str(scan), str(tmp_path / "a.nii.gz"), "--init", "shipped"]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert cli.main(["upscale", str(scan), str(tmp_path / "b.nii.gz"), "--model", str(tmp_path / "net.keras"),
+                     "--init", "shipped"]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
