@@ -19,9 +19,9 @@ pair has the same physical spacings as the inference planes (thick LR axis,
 fine r-times axis, untouched in-plane axis): a 6.5 mm scan with 0.78 mm pixels
 taken to 1.3 mm trains on 1.3 mm -> 6.5 mm pairs, not 0.78 -> 3.9 mm.
 
-Degradation model (`degrade_along`): thick voxel i covers fine voxels
+Degradation model (`sr3d.degrade.degrade_along`): thick voxel i covers fine voxels
 i*r .. i*r + r - 1 (the grid convention of `sr3d.volume.upscaled_affine`); its
-value is the slice profile (`slice_profile`: a box of width r, or a Gaussian
+value is the slice profile (`sr3d.degrade.slice_profile`: a box of width r, or a Gaussian
 with FWHM r, in fine voxels) centred on that span, with mirrored borders.
 The slice thickness (box width or FWHM) may differ from the spacing: thinner is a gap
 between slices, thicker an overlap (`SliceProfile`, `resolve_profile`).
@@ -59,16 +59,15 @@ from typing import Callable
 import numpy as np
 
 from sr3d import data, degrade, intensity
+from sr3d.degrade import PROFILES, degrade_along, simulate_thick_slices, slice_profile  # noqa: F401
 from sr3d import files as sr3d_files
 from sr3d import volume as sr3d_volume
 
-PROFILES = ("box", "gaussian")
 # Spacings within this relative difference count as equal (isotropic scan, same protocol).
 ISOTROPY_TOLERANCE = 0.10
 PROTOCOL_TOLERANCE = 0.05
 # A ratio within this relative distance of an integer is that integer (no resampling).
 _INTEGER_TOLERANCE = 1e-3
-_GAUSSIAN_TRUNCATE = 3.0  # Gaussian profile support, in standard deviations
 MODEL_JSON_FORMAT = "sr3d-selfsup-1"
 
 Progress = Callable[[str], None]
@@ -174,98 +173,8 @@ def plan_for(spacing, factor: int | None = None, target_spacing: float | None = 
     return ThickSlicePlan(axis, thick, inplane, target, factor)
 
 
-# ---------------------------------------------------------------------------- degradation model
-
-def slice_profile(ratio: float, kind: str = "box", factor: int | None = None) -> np.ndarray:
-    """The slice profile sampled on the fine grid: float64 1D kernel summing to 1.
-
-    ratio: slice thickness in fine voxels (the box width, or the Gaussian's FWHM); below the
-    factor when the slices have gaps between them, above it when they overlap.
-    factor: the integer decimation it is used with (default round(ratio)). Thick voxel i
-    covers fine voxels i*factor .. i*factor + factor - 1, so its centre falls on a fine
-    voxel for odd factors and between two for even ones: the kernel has odd length for
-    an odd factor and even length for an even one, taps at offsets k - (n - 1) / 2 from
-    the centre. Box: each tap weighs the overlap of its voxel [x - 1/2, x + 1/2] with
-    [-ratio / 2, ratio / 2]. Gaussian: exp(-x^2 / (2 sigma^2)), sigma = ratio / (2 sqrt(2 ln 2)),
-    cut at 3 sigma.
-    """
-    if kind not in PROFILES:
-        raise ValueError(f"slice profile must be one of {PROFILES}, got {kind!r}")
-    ratio = float(ratio)
-    if not (math.isfinite(ratio) and ratio > 0):
-        raise ValueError(f"slice profile width must be a positive number of fine voxels, got {ratio!r}")
-    factor = max(1, round(ratio)) if factor is None else degrade.check_scale(factor, where="sr3d.selfsup")
-    half_width = ratio / 2 if kind == "box" else _GAUSSIAN_TRUNCATE * ratio / (2 * math.sqrt(2 * math.log(2)))
-    # Smallest length with the factor's parity whose taps cover [-half_width, half_width].
-    n = max(1, math.ceil(2 * half_width - 1e-9))
-    if n % 2 != factor % 2:
-        n += 1
-    offsets = np.arange(n) - (n - 1) / 2
-    if kind == "box":
-        lo = np.maximum(offsets - 0.5, -ratio / 2)
-        hi = np.minimum(offsets + 0.5, ratio / 2)
-        weights = np.clip(hi - lo, 0.0, None)
-    else:
-        sigma = ratio / (2 * math.sqrt(2 * math.log(2)))
-        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    return weights / weights.sum()
-
-
-def degrade_along(planes: np.ndarray, factor: int, axis: int, profile: str | np.ndarray = "box") -> np.ndarray:
-    """Simulated thick-slice acquisition along one axis: blur by the slice profile, keep every
-    factor-th sample. Output sample i is the profile centred on input samples
-    i*factor .. i*factor + factor - 1, borders mirrored (half-sample symmetric).
-
-    planes: any array; its length along `axis` must divide by `factor` (crop first with
-    `sr3d.degrade.crop_to_multiple`). profile: "box", "gaussian" (`slice_profile(factor, kind)`)
-    or an explicit kernel whose length has the parity of `factor`. Returns float32
-    (float64 for float64 input) with length n // factor along `axis`.
-    """
-    factor = degrade.check_scale(factor, where="sr3d.selfsup.degrade_along")
-    planes = np.asarray(planes)
-    (axis,) = degrade.check_axes((axis,), planes.ndim, where="sr3d.selfsup.degrade_along")
-    kernel = slice_profile(factor, profile, factor) if isinstance(profile, str) else np.asarray(profile, np.float64)
-    if kernel.ndim != 1 or kernel.size == 0 or kernel.size % 2 != factor % 2:
-        raise ValueError(f"slice profile must be a 1D kernel whose length has the parity of the factor "
-                         f"{factor}, got shape {kernel.shape}")
-    length = planes.shape[axis]
-    if length % factor:
-        raise ValueError(f"sr3d.selfsup.degrade_along: axis {axis} has length {length}, which does not divide "
-                         f"by the factor {factor}: crop first with sr3d.degrade.crop_to_multiple")
-    dtype = np.float64 if planes.dtype == np.float64 else np.float32
-    moved = np.moveaxis(planes, axis, 0).astype(np.float64, copy=False)
-    n_out = length // factor
-    start = (factor - kernel.size) // 2          # first tap of output 0, may be negative
-    pad = max(0, -start)
-    padded = np.pad(moved, [(pad, pad)] + [(0, 0)] * (moved.ndim - 1), mode="symmetric") if pad else moved
-    out = np.zeros((n_out,) + moved.shape[1:], np.float64)
-    for k, weight in enumerate(kernel):
-        first = start + pad + k
-        out += weight * padded[first:first + factor * (n_out - 1) + 1:factor]
-    return np.moveaxis(out, 0, axis).astype(dtype)
-
-
-def simulate_thick_slices(volume: sr3d_volume.Volume, factor: int, axis: int = 0, profile: str = "box",
-                          thickness: float | None = None) -> tuple[sr3d_volume.Volume, sr3d_volume.Volume]:
-    """(ground truth, thick-slice scan) from a fine scan, for evaluation.
-
-    The fine scan is cropped at the end of `axis` to a multiple of `factor` (the ground
-    truth) and degraded along `axis` (`degrade_along`); the thick scan's affine places
-    thick voxel i at the centre of the fine voxels it covers, so `sr3d.volume.upscaled_affine`
-    of it is the ground truth's affine again.
-    thickness: slice thickness in fine voxels (box width or Gaussian FWHM; default `factor`:
-    contiguous slices); below `factor` simulates gaps (e.g. factor 4, thickness 2.5: 2.5 mm
-    slices every 4 mm from a 1 mm scan). When D is the axis, the thick scan's
-    `slice_thickness_mm` says it, as a DICOM series would.
-    """
-    factor = degrade.check_scale(factor, minimum=2, where="sr3d.selfsup.simulate_thick_slices")
-    hr = np.ascontiguousarray(degrade.crop_to_multiple(volume.array, factor, axes=(axis,)))
-    width = factor if thickness is None else float(thickness)
-    lr = degrade_along(hr, factor, axis, slice_profile(width, profile, factor))
-    truth = volume.replace(array=hr, source=None)
-    thick = sr3d_volume.downscaled_volume(volume, lr, factor, axes=(axis,),
-                                          slice_thickness_mm=width * volume.spacing[axis] if axis == 0 else None)
-    return truth, thick
+# The slice-profile degradation (slice_profile, degrade_along, simulate_thick_slices) lives in
+# sr3d.degrade with the other HR -> LR models; its names stay importable from here.
 
 
 # ---------------------------------------------------------------------------- slice profile of a scan
