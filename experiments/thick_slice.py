@@ -304,12 +304,13 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
         _log(f"  {method:11s} PSNR {entry['scores'][method]['psnr']:.2f} dB  SSIM {entry['scores'][method]['ssim']:.4f}")
         _update_json(path, key, entry)
 
+    shipped_d = (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists()
     for method in methods:
         if method in ("lanczos", "cubic"):
             up = baselines.upscale_axes(thick.array, factor, "lanczos" if method == "lanczos" else "bicubic", axes=(0,))
             finish(method, np.clip(up, thick.array.min(), thick.array.max()))
         elif method == "supervised":
-            if not (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists():
+            if not shipped_d:
                 _log(f"  supervised: no shipped x{factor} model")
                 continue
             started = time.perf_counter()
@@ -320,7 +321,7 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
         elif method == "gap_aware":
             selfsup_run(method, profile=kind, slice_thickness=thickness_mm)
         elif method == "gap_aware_shipped":
-            if not (inference.shipped_model_dir(factor) / inference.MODEL_FILES["d"]).exists():
+            if not shipped_d:
                 _log(f"  gap_aware_shipped: no shipped x{factor} model to start from")
                 continue
             selfsup_run(method, profile=kind, slice_thickness=thickness_mm, init="shipped")

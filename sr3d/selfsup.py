@@ -546,8 +546,8 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     model = models.build("d", plan.factor, filters=config.filters, name=f"sr3d_selfsup_d_x{plan.factor}")
-    if config.init == "shipped":
-        _start_from_shipped(model, plan.factor)
+    if config.init == "shipped":  # the fine-tuning start of train.py --init_model, same shape check
+        training.start_from(model, _shipped_stage_d(plan.factor))
     training.compile_model(model, config)  # reads learning_rate and intermediate_weight
 
     steps = config.steps_per_epoch
@@ -568,8 +568,8 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     return Trained(model, plan, profile, budget.steps, seconds, config)
 
 
-def _start_from_shipped(model, factor: int) -> None:
-    """Loads the shipped stage d of `factor` into `model` (same architecture and width)."""
+def _shipped_stage_d(factor: int) -> str:
+    """Path of the shipped stage d of `factor`, for init 'shipped'; ValueError if none is shipped."""
     from sr3d import models
 
     path = models.shipped_model_dir(factor) / models.MODEL_FILES["d"]
@@ -577,12 +577,7 @@ def _start_from_shipped(model, factor: int) -> None:
         raise ValueError(f"init 'shipped': no shipped stage d for x{factor} (shipped: "
                          f"{', '.join(f'x{r}' for r in models.available_scales())}); use init 'random' "
                          "or a factor the shipped models have")
-    shipped = models.load(str(path))
-    mismatched = [layer.name for layer, ref in zip(model.weights, shipped.weights) if layer.shape != ref.shape]
-    if len(model.weights) != len(shipped.weights) or mismatched:
-        raise ValueError(f"init 'shipped': the network's width does not match the shipped x{factor} stage d "
-                         f"({path.name}); use the shipped width (filters {shipped.weights[0].shape[-1]})")
-    model.set_weights(shipped.get_weights())
+    return str(path)
 
 
 def _limits(config: SelfSupConfig) -> str:

@@ -309,7 +309,7 @@ def build_model(config: TrainConfig):
                         long_skip=config.long_skip)
 
 
-def _start_from(model, path: str) -> None:
+def start_from(model, path: str) -> None:
     """Copy a trained model's weights into `model` (fine-tuning); ValueError if they do not fit."""
     from sr3d import models
 
@@ -535,7 +535,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> pathlib.Path:
     state = _read_state(model_dir)
     start = (0, 0)
     if state is None and config.init_model is not None:
-        _start_from(model, config.init_model)
+        start_from(model, config.init_model)
     if state is not None:
         with strategy.scope():  # the optimizer's slots are replicated variables under mirrored
             model.optimizer.build(model.trainable_variables)

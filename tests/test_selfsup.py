@@ -423,7 +423,7 @@ def test_init_shipped_starts_from_the_shipped_network(small_scan, tiny_config):
 def test_init_shipped_refuses_a_factor_or_width_not_shipped(small_scan, tiny_config):
     with pytest.raises(ValueError, match="no shipped stage d for x3"):
         selfsup.train(small_scan, dataclasses.replace(tiny_config, init="shipped", target_spacing=6.5 / 3))
-    with pytest.raises(ValueError, match="width does not match"):
+    with pytest.raises(ValueError, match="network does not match this run's"):
         selfsup.train(small_scan, dataclasses.replace(tiny_config, init="shipped", filters=8))
     with pytest.raises(ValueError, match="init must be one of"):
         selfsup.SelfSupConfig(init="imagenet")
