@@ -1,0 +1,199 @@
+"""Variants of the spectral slice-profile estimate (`sr3d.selfsup.estimate_profile`), measured on
+thick slices simulated from real 1 mm brain MR (golden value: the simulated profile). For
+docs/thick_slice.md, "The slice-profile estimate".
+
+  python experiments/profile_estimators.py --scans=dev-sub-01,dev-sub-10,dev-sub-19,sub-34,sub-40 &
+  python experiments/profile_estimators.py --scans=seg3d,flair,stroke-t1,t2            # ~8 min each
+  python experiments/profile_estimators.py --part=report
+
+Every scan gets the eight profiles of the bias part of experiments/thick_slice.py (box and Gaussian,
+2, 3, 4 and 6 mm, slices every 5 mm along D) and the Gaussian gap case of docs/thick_slice.md (2.5 mm every 4 mm; its box
+gap case, 4 mm every 5 mm, is among the eight). For each case and each candidate of `estimate_profile` (both kinds, 0.3-1.6 x the
+spacing) the log power spectra that the estimate compares (in-plane lines of the scan degraded by
+the candidate, along H and along W, and its lines along the thick axis) are stored, for segments
+of 16 and 32 thick samples (runs/profile_estimators/<scan>.json). The report then applies every
+distance of VARIANTS to the same spectra. Scans are split as in experiments/corpus.py: "dev" are
+ds002748 subjects of the training split (to choose a variant on), the rest are test scans.
+"""
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from sr3d import degrade, intensity, selfsup  # noqa: E402
+from sr3d import io as sr3d_io  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("SR3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+SCANS = {
+    "dev-sub-01": "ds002748-t1-1mm/sub-01_T1w.nii.gz",
+    "dev-sub-10": "ds002748-t1-1mm/sub-10_T1w.nii.gz",
+    "dev-sub-19": "ds002748-t1-1mm/sub-19_T1w.nii.gz",
+    "sub-34": "ds002748-t1-1mm/sub-34_T1w.nii.gz",
+    "sub-40": "ds002748-t1-1mm/sub-40_T1w.nii.gz",
+    "seg3d": "seg3d-head-mr/head_MR.nii.gz",
+    "flair": "stroke-t1-t2-flair/FLAIR.nii.gz",
+    "stroke-t1": "stroke-t1-t2-flair/T1.nii.gz",
+    "t2": "stroke-t1-t2-flair/T2.nii.gz",
+}
+# (kind, thickness mm, factor: slices every factor x the scan's ~1 mm D spacing)
+CASES = ([(kind, width, 5) for kind in selfsup.PROFILES for width in (2.0, 3.0, 4.0, 6.0)]
+         + [("gaussian", 2.5, 4)])
+LENGTHS = (16, 32)
+
+_PART = flags.DEFINE_enum("part", "spectra", ["spectra", "report"], "What to run.")
+_SCANS = flags.DEFINE_list("scans", None, "spectra: scan names of SCANS (default: all).")
+_RUNS = flags.DEFINE_string("runs", str(REPO / "runs" / "profile_estimators"), "Spectra cache.")
+_OUT = flags.DEFINE_string("out", str(REPO / "docs" / "thick_slice" / "estimators.md"), "report: Markdown.")
+
+
+def _log_spectrum(array: np.ndarray, axis: int, length: int) -> list:
+    lines = np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
+    lines = lines[lines.std(axis=1) > 0.01]          # as estimate_profile
+    return np.log(selfsup._line_spectrum(lines, length)[1:] + 1e-12).tolist()
+
+
+def case_spectra(volume: sr3d_io.Volume, kind: str, width: float, factor: int) -> dict:
+    """Per candidate: the log spectra estimate_profile compares, for each segment length."""
+    _, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind, thickness=width / volume.spacing[0])
+    plan = selfsup.plan_for(thick.spacing, factor=factor)
+    moved, _ = selfsup._thick_first(thick, plan.axis)
+    x = intensity.window(moved.array).normalise(moved.array).astype(np.float32)
+    r = plan.factor
+    fine = [(a, degrade.crop_to_multiple(selfsup._resample_inplane(x, a, mm, plan.network_mm), r, axes=(a,)))
+            for a, mm in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1]))]
+    lengths = [n for n in LENGTHS if n <= x.shape[0] and all(hr.shape[a] // r >= n for a, hr in fine)]
+    candidates = []
+    for candidate in selfsup.PROFILES:
+        for fraction in selfsup.ESTIMATE_FRACTIONS:
+            kernel = selfsup.slice_profile(fraction * r, candidate, r)
+            entry = {"kind": candidate, "thickness_mm": float(fraction * plan.thick_mm)}
+            degraded = [(a, degrade.degrade_along(hr, r, a, kernel)) for a, hr in fine]
+            for n in lengths:
+                for a, lr in degraded:
+                    entry[f"inplane{a}_{n}"] = _log_spectrum(lr, a, n)
+                    entry[f"through{a}_{n}"] = _log_spectrum(lr, 0, n)
+            candidates.append(entry)
+    return {"kind": kind, "thickness_mm": width, "factor": factor, "spacing_mm": float(thick.spacing[0]),
+            "candidates": candidates}
+
+
+# ---------------------------------------------------------------------------- distances
+
+def _pair(c: dict, n: int, axes=(1, 2)) -> tuple[np.ndarray, np.ndarray]:
+    return (np.mean([c[f"inplane{a}_{n}"] for a in axes], axis=0),
+            np.mean([c[f"through{a}_{n}"] for a in axes], axis=0))
+
+
+def shape(n: int):
+    """estimate_profile's default: variance of the difference of the axis-averaged log spectra."""
+    return lambda c: float(np.var(np.subtract(*_pair(c, n))))
+
+
+def per_axis(n: int):
+    """estimate_profile's match='per-axis': mean squared log difference per in-plane axis."""
+    return lambda c: float(np.mean([np.mean(np.subtract(*_pair(c, n, (a,))) ** 2) for a in (1, 2)]))
+
+
+def detrended(n: int, basis):
+    """shape, with a linear trend in basis(frequency) removed too (anatomy with another power law)."""
+    def distance(c):
+        y = np.subtract(*_pair(c, n))
+        f = np.arange(1, y.size + 1) / y.size
+        design = np.stack([np.ones_like(f), basis(f)], axis=1)
+        return float(np.mean((y - design @ np.linalg.lstsq(design, y, rcond=None)[0]) ** 2))
+    return distance
+
+
+def best_axis(n: int):
+    """shape on each in-plane axis alone; the closer axis counts."""
+    return lambda c: min(float(np.var(np.subtract(*_pair(c, n, (a,))))) for a in (1, 2))
+
+
+def upper_bins(n: int):
+    """shape on the upper half of the frequencies only (nearer the thick Nyquist, where profiles differ)."""
+    return lambda c: float(np.var(np.subtract(*_pair(c, n))[n // 4:]))
+
+
+VARIANTS = {
+    "shape, 16 samples (default)": shape(16),
+    "shape, 32 samples": shape(32),
+    "per-axis, 16 samples": per_axis(16),
+    "shape minus a log-log slope": detrended(16, np.log),
+    "shape minus a linear slope": detrended(16, lambda f: f),
+    "closer in-plane axis": best_axis(16),
+    "upper half of the frequencies": upper_bins(16),
+}
+
+
+def estimate(case: dict, distance) -> tuple[str, float] | None:
+    """(kind, thickness mm) of the closest candidate; None when a candidate lacks the spectra."""
+    try:
+        scored = [(distance(c), c["kind"], c["thickness_mm"]) for c in case["candidates"]]
+    except KeyError:
+        return None
+    _, kind, thickness = min(scored, key=lambda s: s[0])
+    return kind, thickness
+
+
+def write_report(runs: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    scans = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
+    lines = ["# Slice-profile estimate: variants of the spectral match", "",
+             "Written by `python experiments/profile_estimators.py --part=report`. Thick slices simulated from each "
+             "scan along D (box and Gaussian of 2, 3, 4 and 6 mm every 5 mm, and Gaussian 2.5 mm every 4 mm"
+             "); error = estimated - simulated thickness (mm). dev: ds002748 subjects of the training "
+             f"split ({', '.join(s for s in scans if s.startswith('dev'))}); test: "
+             f"{', '.join(s for s in scans if not s.startswith('dev'))}.", "",
+             "| variant | dev: cases | mean error | mean abs. error | kind right | test: cases | mean error "
+             "| mean abs. error | kind right | T2, Gaussian 2.5 mm every 4 mm |", "|---|" + "---|" * 9]
+    for name, distance in VARIANTS.items():
+        cells = []
+        for dev in (True, False):
+            errors, right = [], 0
+            for scan, cases in scans.items():
+                if scan.startswith("dev") != dev:
+                    continue
+                for case in cases:
+                    found = estimate(case, distance)
+                    if found is not None:
+                        errors.append(found[1] - case["thickness_mm"])
+                        right += found[0] == case["kind"]
+            errors = np.asarray(errors)
+            cells += ([f"{errors.size}", f"{errors.mean():+.2f}", f"{np.abs(errors).mean():.2f}", f"{right}/{errors.size}"]
+                      if errors.size else ["0", "-", "-", "-"])
+        t2 = next((c for c in scans.get("t2", []) if (c["kind"], c["thickness_mm"], c["factor"]) == ("gaussian", 2.5, 4)),
+                  None)
+        found = estimate(t2, distance) if t2 else None
+        cells.append(f"{found[0]} {found[1]:.2f} mm" if found else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runs = pathlib.Path(_RUNS.value)
+    if _PART.value == "report":
+        print(f"wrote {write_report(runs, pathlib.Path(_OUT.value))}")
+        return
+    runs.mkdir(parents=True, exist_ok=True)
+    for name in _SCANS.value or list(SCANS):
+        if name not in SCANS:
+            raise app.UsageError(f"--scans: {name!r} is not one of {list(SCANS)}")
+        volume = sr3d_io.load_volume(SHARED / SCANS[name])
+        cases = []
+        for kind, width, factor in CASES:
+            cases.append(case_spectra(volume, kind, width, factor))
+            print(f"{name}: {kind} {width:g} mm every {factor} slices", file=sys.stderr, flush=True)
+        (runs / f"{name}.json").write_text(json.dumps(cases))
+
+
+if __name__ == "__main__":
+    app.run(main)
