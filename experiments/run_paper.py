@@ -238,7 +238,7 @@ def evaluation_sets(shared: pathlib.Path, data_dir: pathlib.Path, names: tuple[s
 
 def _same_run(done: dict, config: training.TrainConfig) -> bool:
     new = json.loads(json.dumps(config.to_json()))
-    return all(done.get(k) == v for k, v in new.items() if k not in training._RESUMABLE_CHANGES) \
+    return all(done.get(k) == v for k, v in new.items() if k not in training.RESUMABLE_CHANGES) \
         and done.get("epochs") == new["epochs"]
 
 
