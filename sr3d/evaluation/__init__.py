@@ -26,5 +26,5 @@ from sr3d.evaluation.config import PROTOCOLS, EvalConfig, method_label  # noqa: 
 from sr3d.evaluation.stats import ALPHA, REFERENCE_METHOD, SIGNIFICANCE_TEST, compare_methods  # noqa: F401
 from sr3d.evaluation.figures import FIGURE_NAME  # noqa: F401
 from sr3d.evaluation.markdown import format_markdown  # noqa: F401
-from sr3d.evaluation.run import Progress, evaluate, print_progress  # noqa: F401
+from sr3d.evaluation.run import evaluate  # noqa: F401
 from sr3d.evaluation.report import RESULTS_JSON, RESULTS_MD, json_ready, write_report  # noqa: F401

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import sys
 import time
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -18,20 +17,14 @@ from sr3d import volume as sr3d_volume
 from sr3d.evaluation.config import EvalConfig, method_label
 from sr3d.evaluation.figures import figure_info
 from sr3d.evaluation.stats import REFERENCE_METHOD, SIGNIFICANCE_TEST, mean_scores, wilcoxon_vs_reference
-
-Progress = Callable[[str], None]
-
-
-def print_progress(message: str) -> None:
-    """A `progress` callback for `evaluate` that writes one line per step to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
+from sr3d.progress import Progress, Step
 
 def _global_data_range(scans: tuple[str, ...], progress: Progress | None) -> tuple[float, float]:
     """(min, max) over the voxels of all scans, scanner units (one extra read of each scan)."""
     lo, hi = math.inf, -math.inf
     for index, path in enumerate(scans):
-        _report(progress, f"data range: reading scan {index + 1}/{len(scans)} {path}")
+        _report(progress, Step("scans read", index, len(scans),
+                               f"data range: reading scan {index + 1}/{len(scans)} {path}"))
         array = sr3d_io.load_volume(path).array
         lo, hi = min(lo, float(array.min())), max(hi, float(array.max()))
     if not lo < hi:
@@ -84,16 +77,16 @@ def _upscale(method: str, volume: sr3d_volume.Volume, lr: np.ndarray, scale: int
     return result.array
 
 
-def _report(progress: Progress | None, message: str) -> None:
+def _report(progress: Progress | None, step: Step) -> None:
     if progress is not None:
-        progress(message)
+        progress(step)
 
 
 def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
     """Runs every method on every scan and scale and scores it under every protocol.
 
-    progress: called with one line of text per step (scan i/n, scale, method), e.g.
-        `print_progress`.
+    progress: called with a `sr3d.progress.Step` per step: a line naming scan i/n, scale and method,
+        counting the (scan, scale, method) runs done; e.g. `sr3d.progress.print_line`.
     Returns a dict (JSON-ready apart from "figure_slices", the float32 slices `write_report`
     draws): "summary"[protocol]["x{r}"][method] = mean over scans of "psnr", "ssim",
     "ifc" (plus "psnr_std" over scans, "n_scans"); "per_scan" the same keys down to a list
@@ -123,6 +116,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
     figures, figure_slices = {}, {}
     timing = {"upscale": dict.fromkeys(methods, 0.0), "score": dict.fromkeys(protocols, 0.0)}
     n_scans = len(config.scans)
+    runs_done, n_runs = 0, n_scans * len(config.scales) * len(methods)
     for index, path in enumerate(config.scans):
         volume = sr3d_io.load_volume(path)
         is_figure_scan = index == n_scans - 1
@@ -134,7 +128,8 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
                 raise ValueError(f"{path}: {error}") from error
             middle = hr.shape[0] // 2
             for method in methods:
-                _report(progress, f"scan {index + 1}/{n_scans} {pathlib.Path(path).name} {key} {method}")
+                _report(progress, Step("runs", runs_done, n_runs,
+                                       f"scan {index + 1}/{n_scans} {pathlib.Path(path).name} {key} {method}"))
                 tick = time.perf_counter()
                 test = _upscale(method, volume, lr, scale, config, bundles[scale])
                 timing["upscale"][method] += time.perf_counter() - tick
@@ -150,6 +145,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
                     timing["score"][name] += time.perf_counter() - tick
                     score.pop("protocol")  # the same for every scan: kept once under "protocols"
                     per_scan[name][key][method].append({"scan": path, **score})
+                runs_done += 1
                 if is_figure_scan and method in figure_methods:
                     # The LR slice that covers HR slice `middle` (in 3D, D was shrunk by r too).
                     lr_slice = lr[middle // scale if config.mode == "3d" else middle]
