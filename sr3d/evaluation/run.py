@@ -19,6 +19,7 @@ from sr3d.evaluation.figures import figure_info
 from sr3d.evaluation.stats import REFERENCE_METHOD, SIGNIFICANCE_TEST, mean_scores, wilcoxon_vs_reference
 from sr3d.progress import Progress, Step
 
+
 def _global_data_range(scans: tuple[str, ...], progress: Progress | None) -> tuple[float, float]:
     """(min, max) over the voxels of all scans, scanner units (one extra read of each scan)."""
     lo, hi = math.inf, -math.inf

@@ -34,6 +34,7 @@ def check_same_run(model_dir: pathlib.Path, config: TrainConfig) -> None:
 
 
 def run_callbacks(config: TrainConfig, model_dir: pathlib.Path, val_stacks, start: tuple[int, int]):
+    """The callbacks of a run: learning-rate schedule, validation, checkpoint, history.csv, TensorBoard."""
     import keras
 
     class Checkpoint(keras.callbacks.Callback):
