@@ -11,13 +11,14 @@ from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from sr3d import baselines, evaluation, scripting  # noqa: E402  (after the TF log level)
+from sr3d import baselines, degrade, evaluation, scripting  # noqa: E402  (after the TF log level)
 from sr3d import files as sr3d_files  # noqa: E402
+from sr3d import progress as sr3d_progress  # noqa: E402
 
 _DATA = flags.DEFINE_list("data", None, "HR scans: NIfTI/NRRD files, directories of NIfTI files (every "
                           "file), or DICOM series directories (one series each).", required=True)
 _SCALE = flags.DEFINE_list("scale", ["2"], "Upscaling factors r, comma-separated (e.g. 2,4).")
-_MODE = flags.DEFINE_enum("mode", "3d", list(evaluation.MODES), "2d: H and W downscaled (Tables 3, 5); "
+_MODE = flags.DEFINE_enum("mode", "3d", list(degrade.MODES), "2d: H and W downscaled (Tables 3, 5); "
                           "3d: D, H and W (Tables 4, 6).")
 _METHODS = flags.DEFINE_list("methods", list(baselines.METHODS), "Interpolation baselines to score.")
 _CNN = flags.DEFINE_string("cnn", None, "Model bundle directory (or one with x2/, x4/ bundles) for a "
@@ -54,7 +55,7 @@ def main(argv):
             data_range=None if _DATA_RANGE.value is None else _numbers(_DATA_RANGE.value, float, "data_range"),
             crop_border=_CROP_BORDER.value, with_ifc=not _NO_IFC.value, out_dir=_OUT_DIR.value,
             ensemble=_ENSEMBLE.value, planes=_PLANES.value)
-        results = evaluation.evaluate(config, progress=evaluation.print_progress)
+        results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
         paths = evaluation.write_report(results, config.out_dir)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         print(f"evaluate.py: error: {error}".replace("\n", " "), file=sys.stderr)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sr3d import degrade, evaluation, inference, models, selfcheck  # noqa: E402
 from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
+from sr3d import progress as sr3d_progress  # noqa: E402
 
 DOMAIN_ORDER = ("T1 1 mm (ds002748)", "T1 1 mm (other sites)", "T1 0.7 mm", "T1 2 mm", "T2 1 mm", "FLAIR 1 mm", "chest CT 1 mm",
                 "abdominal CT 3 mm")
@@ -67,7 +68,7 @@ def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, sc
     config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=(scale,),
                                    mode=mode, methods=("lanczos",), cnn={"cnn": model},
                                    protocols=("float",), with_ifc=False, out_dir=str(where))
-    results = evaluation.evaluate(config, progress=evaluation.print_progress)
+    results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
     evaluation.write_report(results, where)
 
 

@@ -151,7 +151,7 @@ def log(message: str) -> None:
 def _write_json(path: pathlib.Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(evaluation._json_ready(payload), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(evaluation.json_ready(payload), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -238,7 +238,7 @@ def evaluation_sets(shared: pathlib.Path, data_dir: pathlib.Path, names: tuple[s
 
 def _same_run(done: dict, config: training.TrainConfig) -> bool:
     new = json.loads(json.dumps(config.to_json()))
-    return all(done.get(k) == v for k, v in new.items() if k not in training._RESUMABLE_CHANGES) \
+    return all(done.get(k) == v for k, v in new.items() if k not in training.RESUMABLE_CHANGES) \
         and done.get("epochs") == new["epochs"]
 
 
@@ -308,7 +308,7 @@ def _unchanged(directory: pathlib.Path, result_name: str, spec: dict) -> dict | 
 
 
 def _normalise_spec(spec: dict) -> dict:
-    return json.loads(json.dumps(evaluation._json_ready(spec)))
+    return json.loads(json.dumps(evaluation.json_ready(spec)))
 
 
 def evaluate_or_load(name: str, config: evaluation.EvalConfig, spec: dict, out: pathlib.Path) -> dict:

@@ -29,12 +29,13 @@ import pathlib
 import time
 import traceback
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sr3d import inference
 from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
+from sr3d.progress import Progress, Step
 
 if TYPE_CHECKING:  # sr3d.models imports Keras
     from sr3d.models import ModelBundle
@@ -204,7 +205,7 @@ def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 
 def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble: bool = False,
-                  mode: str = "3d", log: Callable[[str], None] = print, overwrite: bool = False,
+                  mode: str = "3d", log: Progress = print, overwrite: bool = False,
                   regularize: bool = False, precision: str = "float32", tile_mb: float | None = 256) -> BatchResult:
     """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`.
 
@@ -215,6 +216,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     scan fails with a message saying so.
     regularize: resample DICOM series with missing slices or irregular spacing (see `load_volume`).
     precision: "auto", "float32" or "bfloat16" (`sr3d.precision`).
+    log: gets one `sr3d.progress.Step` per event, counting the scans handled (`print` shows the lines).
     """
     options = ScanOptions(scale=scale, mode=mode, ensemble=ensemble, regularize=regularize, precision=precision,
                           tile_mb=tile_mb)
@@ -238,6 +240,9 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     if bundle.scale != scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {scale}")
 
+    def say(handled: int, line: str) -> None:  # one line of the scan being handled; `handled` scans done
+        log(Step("scans", handled, len(scans), line))
+
     done, skipped, failed, busy, ignored = [], [], {}, [], []
     in_place = _same_dir(pathlib.Path(input_dir), out)
     for index, scan in enumerate(scans, 1):
@@ -245,29 +250,29 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
         where = f"[{index}/{len(scans)}] {key}"
         if in_place and any(e.get("output") == key for e in manifest.scans.values()):
             ignored.append(key)
-            log(f"{where}: an output of this batch, not an input: ignored")
+            say(index, f"{where}: an output of this batch, not an input: ignored")
             continue
         target = out / output_name(scan, scale)
         with _lock(target.with_name(f".{target.name}.lock"), wait=False) as mine:
             if not mine:
                 busy.append(key)
-                log(f"{where}: being upscaled by another run, skipped")
+                say(index, f"{where}: being upscaled by another run, skipped")
                 continue
             entry = manifest.reload().get(key, {})  # another run may have finished it meanwhile
             if entry.get("status") == "done" and target.exists():
                 skipped.append(key)
-                log(f"{where}: done already, skipped")
+                say(index, f"{where}: done already, skipped")
                 continue
             if (target.exists() or target.is_symlink()) and entry.get("output") != target.name and not overwrite:
                 reason = (f"{target}: exists already and is not an output of this batch (not in "
                           f"{manifest.path.name}): pass --overwrite to replace it")
                 manifest.set(key, {"status": "failed", "error": reason, "seconds": 0.0})
                 failed[key] = reason
-                log(f"{where}: FAILED: {reason}")
+                say(index, f"{where}: FAILED: {reason}")
                 continue
             # A run killed while writing this scan left its temporary file: not ours to keep.
             for stale in sr3d_files.remove_stale_temporaries(target):
-                log(f"{where}: removed {stale.name}, left by an interrupted run")
+                say(index - 1, f"{where}: removed {stale.name}, left by an interrupted run")
             manifest.set(key, {"status": "running", "output": target.name, "started": time.time()})
             start = time.perf_counter()
             try:
@@ -280,12 +285,12 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
             if reason is None:
                 manifest.set(key, {"status": "done", "output": target.name, "seconds": round(seconds, 3)})
                 done.append(key)
-                log(f"{where} -> {target.name} ({seconds:.1f} s)")
+                say(index, f"{where} -> {target.name} ({seconds:.1f} s)")
             else:
                 # "output" stays: a rerun may replace what this run left under that name.
                 manifest.set(key, {"status": "failed", "output": target.name, "error": reason,
                                    "seconds": round(seconds, 3)})
                 failed[key] = reason
-                log(f"{where}: FAILED: {reason}")
+                say(index, f"{where}: FAILED: {reason}")
     return BatchResult(done=done, skipped=skipped, failed=failed, manifest=manifest.path, busy=busy,
                        ignored=ignored)

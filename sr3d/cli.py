@@ -28,11 +28,13 @@ import pathlib
 import sys
 import time
 
+from sr3d.progress import Step
+
 _TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # the user's choice wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 class _ProgressBar:
-    """Progress on stderr for `progress(unit, done, total)` callbacks: one updating line on a
+    """Progress on stderr from the counts of `sr3d.progress.Step` reports: one updating line on a
     terminal, else plain lines; throttled either way, the last state always shown.
 
     weights: the share of the work per unit (e.g. {"slices": 0.27, "planes": 0.73} for the two
@@ -84,9 +86,10 @@ class _ProgressBar:
             timing += f", ~{elapsed * (1 - fraction) / fraction:.0f} s left"
         return " | ".join(parts + [timing])
 
-    def __call__(self, unit: str, done: int, total: int) -> None:
-        if self.finished:
+    def __call__(self, step: Step) -> None:
+        if self.finished or step.total is None:  # no total: not a share of the work
             return
+        unit, done, total = step.unit, step.done, step.total
         now = self.clock()
         if self.start is None:
             self.start = now

@@ -1,6 +1,6 @@
 """Simulate low-resolution scans from high-resolution ones (HR -> LR).
 
-The evaluation protocol of the paper (and of sr3d/evaluation.py): crop the HR
+The evaluation protocol of the paper (and of sr3d/evaluation/): crop the HR
 volume so every downscaled axis divides by the scale factor r, then shrink it
 by r with MATLAB's `imresize(..., 1/r, 'bicubic')`: Keys cubic with a = -0.5,
 antialiased (kernel widened by r), symmetric (mirrored) borders. "2d" shrinks

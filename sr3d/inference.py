@@ -41,6 +41,7 @@ from sr3d import baselines, degrade, intensity, transforms
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
 from sr3d import precision as sr3d_precision
+from sr3d.progress import Progress, Step
 
 if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
     from sr3d.models import ModelBundle
@@ -49,8 +50,6 @@ MODES = ("3d", "2d", "d", "h", "w")
 SCAN_MODES = MODES + ("thick",)            # what a scan may ask for: "thick" is resolved per scan (resolve_mode)
 AXIS_MODES = {"d": 0, "h": 1, "w": 2}     # one-axis modes: the axis stage d upsamples
 PLANES = ("dw", "both")
-
-Progress = Callable[[str, int, int], None]
 
 
 # One traced function per model, kept as long as the model lives: upscaling many scans with the
@@ -108,7 +107,7 @@ class _Stage:
 
 
 class _Counter:
-    """Counts planes done for `progress(unit, done, total)`; silent when progress is None."""
+    """Counts planes done for `progress(Step(unit, done, total))`; silent when progress is None."""
 
     def __init__(self, progress: Progress | None, unit: str, total: int):
         self.progress, self.unit, self.total, self.done = progress, unit, total, 0
@@ -116,7 +115,7 @@ class _Counter:
     def __call__(self, n: int) -> None:
         self.done += n
         if self.progress is not None:
-            self.progress(self.unit, self.done, self.total)
+            self.progress(Step(self.unit, self.done, self.total))
 
 
 def _depth_pass(stage_d: _Stage, volume: np.ndarray, both: bool, tick=None) -> np.ndarray:
@@ -153,7 +152,7 @@ def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False,
             out = np.empty((band.shape[0], h, lr.shape[2]), np.float32)
         out[:, y0:y1, :] = band
         if progress is not None:
-            progress("bands", index + 1, len(bands))
+            progress(Step("bands", index + 1, len(bands)))
     return out
 
 
@@ -219,9 +218,9 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     tile_mb: memory budget of one band of rows (None: the whole volume in one band).
     precision: "float32", "bfloat16" (bf16 convolutions, float32 in and out) or "auto"
     (bfloat16 where the CPU multiplies bf16 natively): see `sr3d.precision`.
-    progress: called as progress(unit, done, total) after every network call, with unit
+    progress: called with a `sr3d.progress.Step(unit, done, total)` after every network call, with unit
     "slices" (stage hw; total D x bands: each band runs its rows of every slice) or "planes"
-    (stage d; total rH, + rW with planes "both"), and ("bands", i, n) before the first (i = 0)
+    (stage d; total rH, + rW with planes "both"), and Step("bands", i, n) before the first (i = 0)
     and after each band.
     """
     from sr3d import models as sr3d_models
@@ -262,7 +261,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     slices_done = _Counter(progress, "slices", d * len(bands))
     planes_done = _Counter(progress, "planes", (h + w if both else h) * r)
     if progress is not None:
-        progress("bands", 0, len(bands))
+        progress(Step("bands", 0, len(bands)))
     for index, (y0, y1) in enumerate(bands):
         a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
         hw_out = stage_hw(lr[:, a0:a1, :], slices_done)[:, (y0 - a0) * r:(y0 - a0 + y1 - y0) * r, :]
@@ -271,7 +270,7 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
         else:
             out[:, y0 * r:y1 * r, :] = _depth_pass(stage_d, hw_out, both, planes_done)
         if progress is not None:
-            progress("bands", index + 1, len(bands))
+            progress(Step("bands", index + 1, len(bands)))
     return out
 
 

@@ -54,7 +54,6 @@ import math
 import os
 import pathlib
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -62,6 +61,7 @@ from sr3d import data, degrade, intensity
 from sr3d.degrade import PROFILES, degrade_along, simulate_thick_slices, slice_profile  # noqa: F401
 from sr3d import files as sr3d_files
 from sr3d import volume as sr3d_volume
+from sr3d.progress import Progress, Step
 
 # Spacings within this relative difference count as equal (isotropic scan, same protocol).
 ISOTROPY_TOLERANCE = 0.10
@@ -69,8 +69,6 @@ PROTOCOL_TOLERANCE = 0.05
 # A ratio within this relative distance of an integer is that integer (no resampling).
 _INTEGER_TOLERANCE = 1e-3
 MODEL_JSON_FORMAT = "sr3d-selfsup-1"
-
-Progress = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -534,7 +532,7 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     if profile is None:
         profile = resolve_profile(volume, plan, config.profile, config.slice_thickness)
         if progress is not None:
-            progress(profile.describe(plan))
+            progress(Step("steps", 0, config.max_steps, profile.describe(plan)))
     moved, _ = _thick_first(volume, plan.axis)
     normalised = intensity.window(moved.array).normalise(moved.array)
     stacks = training_stacks(normalised, plan, profile)
@@ -556,15 +554,17 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     else:  # more epochs than any machine gets through within the budget
         max_epochs = math.ceil(config.time_budget_s * 1000 / steps)
     if progress is not None:
-        progress(f"self-supervised training: x{plan.factor} stage-d network on the {stacks[0].lr.shape[0]} "
-                 f"in-plane slices, each degraded along H and along W; budget {_limits(config)}")
+        progress(Step("steps", 0, config.max_steps,
+                      f"self-supervised training: x{plan.factor} stage-d network on the {stacks[0].lr.shape[0]} "
+                      f"in-plane slices, each degraded along H and along W; budget {_limits(config)}"))
     budget = _Budget(config, started, progress)
     model.fit(data.dataset(sampler, [(e, 0, steps) for e in range(max_epochs)]), epochs=max_epochs,
               steps_per_epoch=steps, callbacks=[budget.callback()], verbose=0)
     seconds = time.perf_counter() - started
     if progress is not None:
-        progress(f"self-supervised training done: {budget.steps} steps, {budget.steps * config.batch_size} "
-                 f"patches in {seconds:.0f} s")
+        progress(Step("steps", budget.steps, budget.steps,
+                      f"self-supervised training done: {budget.steps} steps, {budget.steps * config.batch_size} "
+                      f"patches in {seconds:.0f} s"))
     return Trained(model, plan, profile, budget.steps, seconds, config)
 
 
@@ -627,10 +627,11 @@ class _Budget:
             def on_epoch_end(self, epoch, logs=None):
                 if budget.progress is not None:
                     loss = (logs or {}).get("final_loss", (logs or {}).get("loss", float("nan")))
-                    budget.progress(f"  epoch {epoch + 1}: step {budget.steps}, "
-                                    f"{time.perf_counter() - budget.started:5.0f} s, L1 {float(loss):.4f} "
-                                    f"(normalised units), learning rate "
-                                    f"{float(self.model.optimizer.learning_rate.numpy()):.0e}")
+                    budget.progress(Step("steps", budget.steps, budget.config.max_steps,
+                                         f"  epoch {epoch + 1}: step {budget.steps}, "
+                                         f"{time.perf_counter() - budget.started:5.0f} s, L1 {float(loss):.4f} "
+                                         f"(normalised units), learning rate "
+                                         f"{float(self.model.optimizer.learning_rate.numpy()):.0e}"))
 
         return Callback()
 
@@ -764,7 +765,7 @@ def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_sp
     moved, perm = _thick_first(volume, plan.axis)
     win = intensity.window(moved.array)
     band_progress = None if progress is None else (
-        lambda unit, done, total: progress(f"upscaling the thick axis: {done}/{total} {unit}"))
+        lambda step: progress(Step(step.unit, step.done, step.total, f"upscaling the thick axis: {step}")))
     fine = inference.upscale_depth_normalised(win.normalise(moved.array), model, ensemble=ensemble, planes=planes,
                                               batch_size=batch_size, progress=band_progress)
     fine = win.denormalise(fine)

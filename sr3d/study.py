@@ -26,7 +26,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -35,6 +35,7 @@ from sr3d import baselines, degrade, intensity, planes
 from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
+from sr3d.progress import Progress, Step
 
 CNN = "cnn"
 METHODS = (CNN,) + tuple(baselines.METHODS)
@@ -52,8 +53,6 @@ MIN_FOREGROUND = 0.1
 _FOREGROUND_LEVEL = 0.1
 # Display window of a case: these percentiles of its ground-truth slice, for all three images.
 _DISPLAY_PERCENTILES = (0.5, 99.5)
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +174,7 @@ def _sample_cases(config: StudyConfig, progress: Progress | None) -> list[tuple[
             raise ValueError(f"{scan}: no informative slice (every slice is nearly empty background)")
         pool.extend((index, int(s)) for s in slices)
         if progress is not None:
-            progress("scans read", index + 1, len(config.scans))
+            progress(Step("scans read", index + 1, len(config.scans)))
     if config.n > len(pool):
         raise ValueError(f"asked for {config.n} cases but the scans hold only {len(pool)} informative "
                          f"slices: lower --n or add scans")
@@ -240,7 +239,7 @@ def make_study(config: StudyConfig, out_dir: str | os.PathLike,
                 key_cases[case_id] = {"left": left, "right": right, "scan": config.scans[scan],
                                       "slice": slice_index}
             if progress is not None:
-                progress("scans reconstructed", done + 1, len(scans_used))
+                progress(Step("scans reconstructed", done + 1, len(scans_used)))
         for case_id in ids:
             for suffix in ("a", "ref", "b"):
                 digest.update((work / IMAGES_DIR / f"{case_id}_{suffix}.png").read_bytes())

@@ -19,6 +19,7 @@ import pytest
 from sr3d import cli, inference, models
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
+from sr3d.progress import Step
 
 DICOM_FILES = [f"brain_{i:03d}.dcm" for i in range(5, 11)]   # 6 consecutive slices, 256 x 256
 
@@ -105,7 +106,7 @@ def _run_bar(tty: bool, seconds_per_call: float):
     calls.append(("bands", 1, 1))
     for call in calls:
         clock.now += seconds_per_call
-        bar(*call)
+        bar(Step(*call))
     return stream.getvalue(), len(calls) * seconds_per_call
 
 
@@ -134,7 +135,7 @@ def test_progress_without_weights_shows_each_phase():
     for unit, n in (("scans read", 3), ("scans reconstructed", 2)):
         for i in range(1, n + 1):
             clock.now += 5
-            bar(unit, i, n)
+            bar(Step(unit, i, n))
     assert stream.getvalue().splitlines()[-1].startswith("study 100% | 2/2 scans reconstructed")
     assert "study 100% | 3/3 scans read" in stream.getvalue()
 

@@ -252,7 +252,7 @@ def test_lr_volume_affine_places_lr_voxels_over_their_hr_blocks(crops):
 
     volume = sr3d_io.load_volume(crops[0][0])
     _, lr = degrade.simulate_lr(volume.array, 2, "3d")
-    lr_volume = evaluation._lr_volume(volume, lr, 2, "3d")
+    lr_volume = evaluation.run._lr_volume(volume, lr, 2, "3d")
     # LR voxel (1, 2, 3) covers HR voxels 2..3, 4..5, 6..7: its centre is HR index (2.5, 4.5, 6.5).
     np.testing.assert_allclose(lr_volume.affine @ [1, 2, 3, 1], volume.affine @ [2.5, 4.5, 6.5, 1],
                                rtol=0, atol=1e-9)

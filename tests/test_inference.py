@@ -98,8 +98,8 @@ class _Bands:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, unit, done, total):
-        self.calls.append((unit, done, total))
+    def __call__(self, step):
+        self.calls.append((step.unit, step.done, step.total))
 
     def counts(self, unit):
         return [done for u, done, _ in self.calls if u == unit]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sr3d import training
+from sr3d.training import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -266,13 +267,13 @@ def test_checkpoint_position_is_read_from_the_weights_file_or_an_older_state_jso
     with h5py.File(ckpt / training.CHECKPOINT_WEIGHTS, "w") as f:   # as sr3d wrote it before 2026-12-01
         f.create_dataset("vars", data=np.zeros(3))
     (ckpt / "state.json").write_text('{"epoch": 3, "step": 7}')
-    assert training._read_state(tmp_path) == (3, 7)
+    assert checkpoints.read_state(tmp_path) == (3, 7)
     with h5py.File(ckpt / training.CHECKPOINT_WEIGHTS, "a") as f:
         f.attrs["sr3d_epoch"], f.attrs["sr3d_step"] = 4, 0
-    assert training._read_state(tmp_path) == (4, 0)  # the file's own position wins over state.json
+    assert checkpoints.read_state(tmp_path) == (4, 0)  # the file's own position wins over state.json
     (ckpt / training.CHECKPOINT_WEIGHTS).write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="unreadable checkpoint"):
-        training._read_state(tmp_path)
+        checkpoints.read_state(tmp_path)
 
 
 def _shipped_script_train_flags(tmp_path) -> dict:
@@ -343,7 +344,7 @@ def test_a_run_made_before_a_setting_existed_resumes_at_its_default(tmp_path, sm
     for added in ("noise_probability", "max_noise", "init_model"):
         del old[added]
     (tmp_path / "run" / "config.json").write_text(json.dumps(old))
-    training._check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run"))
+    checkpoints.check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run"))
     with pytest.raises(ValueError, match="noise_probability"):
-        training._check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run",
+        checkpoints.check_same_run(tmp_path / "run", _config(small_scans, tmp_path / "run",
                                                            noise_probability=0.5, max_noise=0.02))
