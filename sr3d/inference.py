@@ -306,18 +306,43 @@ def upscale_volume(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str
     r = models.scale
     mode = resolve_mode(mode, volume.spacing)
     check_upscalable(volume, r, mode)
+
+    def run(normalised: np.ndarray) -> np.ndarray:
+        return upscale_normalised(normalised, models, mode=mode, ensemble=ensemble, planes=planes,
+                                  batch_size=batch_size, tile_mb=tile_mb, progress=progress, precision=precision)
+
+    return run_in_scanner_units(volume, run, _upscaled_grid(volume, r, mode))
+
+
+def run_in_scanner_units(volume: sr3d_volume.Volume, run: Callable[[np.ndarray], np.ndarray],
+                         wrap: Callable[[np.ndarray], sr3d_volume.Volume], *,
+                         resample: Callable[[np.ndarray], np.ndarray] | None = None) -> sr3d_volume.Volume:
+    """A network that works in normalised units run on a Volume in its own units:
+    normalise -> run -> denormalise -> resample -> clip to the input's range -> wrap.
+
+    run: normalised float32 (D, H, W) -> the network's float32 output (a new array: it is
+    denormalised and clipped in place). resample: None, or the output in scanner units -> the
+    same on another grid (`sr3d.selfsup`'s target spacing; before the clip, which bounds its
+    overshoot). wrap: the clipped array -> its Volume (e.g. `sr3d.volume.upscaled_volume`).
+    The served graph does the same steps in TensorFlow (`sr3d.export`).
+    """
     win = intensity.window(volume.array)
-    result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
-                                planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress,
-                                precision=precision)
     # In place: a copy of the output would double the peak memory of a big scan.
-    return _as_upscaled(volume, win.denormalise(result, in_place=True), r, mode)
+    result = win.denormalise(run(win.normalise(volume.array)), in_place=True)
+    if resample is not None:
+        result = resample(result)
+    return wrap(_clipped_to_range(result, volume))
 
 
-def _as_upscaled(volume: sr3d_volume.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
-    """`result` (scanner units) clipped in place to the input's range, on the upscaled grid."""
-    np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    return sr3d_volume.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
+def _clipped_to_range(array: np.ndarray, volume: sr3d_volume.Volume) -> np.ndarray:
+    """`array` (scanner units) clipped in place to the range of `volume`'s voxels."""
+    np.clip(array, float(volume.array.min()), float(volume.array.max()), out=array)
+    return array
+
+
+def _upscaled_grid(volume: sr3d_volume.Volume, scale: int, mode: str) -> Callable[[np.ndarray], sr3d_volume.Volume]:
+    """array -> the Volume of it on `volume`'s grid upscaled by `scale` in `mode`."""
+    return lambda array: sr3d_volume.upscaled_volume(volume, array, scale, axes=degrade.MODE_AXES[mode])
 
 
 FALLBACKS = ("lanczos",)
@@ -326,7 +351,8 @@ FALLBACKS = ("lanczos",)
 def lanczos_volume(volume: sr3d_volume.Volume, scale: int, mode: str = "3d") -> sr3d_volume.Volume:
     """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
     what `fallback="lanczos"` writes."""
-    return _as_upscaled(volume, baselines.upscale(volume.array, scale, "lanczos", mode), scale, mode)
+    upscaled = baselines.upscale(volume.array, scale, "lanczos", mode)
+    return _upscaled_grid(volume, scale, mode)(_clipped_to_range(upscaled, volume))
 
 
 def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
