@@ -67,10 +67,10 @@ def _serving_fns(hw_model, d_model, scale: int):
 
     def run_planes(model, planes):
         """(N, h, w) normalised planes -> (N, h', w'), two planes per network call (an odd last
-        plane runs beside a copy of itself). oneDNN takes other kernels for a batch of one plane
-        (on Intel AMX a float32 layer then differs in its last bit, which a bf16 layer after it can
-        turn into a visible difference), so pairs keep the served numbers those of the Python path,
-        which never runs a batch of one (`sr3d.inference`)."""
+        plane runs beside a copy of itself): the graph's `sr3d.tiling.batched`. oneDNN takes other
+        kernels for a batch of one plane (on Intel AMX a float32 layer then differs in its last bit,
+        which a bf16 layer after it can turn into a visible difference), so pairs keep the served
+        numbers those of the Python path, which never runs a batch of one (`sr3d.inference`)."""
         count = tf.shape(planes)[0]
         paired = tf.concat([planes, planes[count - count % 2:]], axis=0)
         paired = tf.reshape(paired, tf.concat([[-1, 2], tf.shape(planes)[1:]], axis=0))
@@ -78,16 +78,24 @@ def _serving_fns(hw_model, d_model, scale: int):
                         paired, fn_output_signature=tf.TensorSpec([2, None, None], tf.float32))
         return tf.reshape(out, tf.concat([[-1], tf.shape(out)[2:]], axis=0))[:count]
 
-    def upscale(volume, mode: str):
-        volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
-        lo, hi = intensity.window_tf(volume)
-        x = (volume - lo) / (hi - lo)
-        x = run_planes(hw_model, x)                                  # (D, rH, rW)
+    def run(normalised, mode: str):
+        """`sr3d.inference.upscale_normalised` untiled, without ensemble: stage hw on every
+        slice, then in 3d stage d on every (D, rW) plane."""
+        x = run_planes(hw_model, normalised)                         # (D, rH, rW)
         if mode == "3d":
             x = tf.transpose(x, [1, 0, 2])                           # (rH, D, rW): one plane per row
             x = tf.transpose(run_planes(d_model, x), [1, 0, 2])     # (rD, rH, rW)
-        y = x * (hi - lo) + lo
-        return {"upscaled": tf.clip_by_value(y, tf.reduce_min(volume), tf.reduce_max(volume))}
+        return x
+
+    def upscale(volume, mode: str):
+        """The steps of `sr3d.inference.run_in_scanner_units` in TensorFlow: normalise -> run ->
+        denormalise -> clip to the input's range (the client keeps the grid: no wrap)."""
+        volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
+        lo, hi = intensity.window_tf(volume)
+        normalised = (volume - lo) / (hi - lo)
+        result = run(normalised, mode)
+        result = result * (hi - lo) + lo                             # denormalise
+        return {"upscaled": tf.clip_by_value(result, tf.reduce_min(volume), tf.reduce_max(volume))}
 
     return (lambda volume: upscale(volume, "3d"), lambda volume: upscale(volume, "2d"),
             lambda images: {"final": hw_model(checked(images, None), training=False)["final"]},

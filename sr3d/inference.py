@@ -5,7 +5,8 @@
 -> (rD, rH, rW). `planes="both"` also runs stage `d` on the (D, rH) planes,
 one per output column, and averages the two (the authors' code did this).
 
-Tiling works in bands of LR rows. A band's slices are extended by the
+Tiling works in bands of LR rows (`sr3d.tiling.banded`, which also batches the planes of
+each network call: `sr3d.tiling.batched`). A band's slices are extended by the
 receptive-field halo (`sr3d.models.lr_halo`), run through stage `hw`, trimmed,
 and its output rows go straight through stage `d` into the output array. So
 besides the output only one band lives in memory: peak memory is the output
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from sr3d import baselines, degrade, intensity, transforms
+from sr3d import baselines, degrade, intensity, tiling, transforms
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
 from sr3d import precision as sr3d_precision
@@ -98,12 +99,7 @@ class _Stage:
 
     def __call__(self, planes: np.ndarray, tick: Callable[[int], None] | None = None) -> np.ndarray:
         """tick: called with the number of planes done after each network call (batch)."""
-        out = []
-        for i in range(0, planes.shape[0], self.batch_size):
-            out.append(self._batch(planes[i:i + self.batch_size]))
-            if tick is not None:
-                tick(out[-1].shape[0])
-        return np.concatenate(out)
+        return tiling.batched(planes, self._batch, self.batch_size, tick)
 
 
 class _Counter:
@@ -142,18 +138,10 @@ def upscale_depth_normalised(lr: np.ndarray, d_model, *, ensemble: bool = False,
     if lr.ndim != 3:
         raise ValueError(f"lr must be a (D, H, W) array, got shape {lr.shape}")
     stage_d = _Stage(d_model, batch_size, ensemble, "d")
-    h = lr.shape[1]
-    rows = h if planes == "both" else max(1, rows_per_band)
-    bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
-    out = None
-    for index, (y0, y1) in enumerate(bands):
-        band = _depth_pass(stage_d, lr[:, y0:y1, :], planes == "both")
-        if out is None:
-            out = np.empty((band.shape[0], h, lr.shape[2]), np.float32)
-        out[:, y0:y1, :] = band
-        if progress is not None:
-            progress(Step("bands", index + 1, len(bands)))
-    return out
+    rows = lr.shape[1] if planes == "both" else max(1, rows_per_band)
+    # No halo: each output row comes from its own row's (D, W) plane (with "both", one band).
+    return tiling.banded(lr, rows, lambda band, keep: _depth_pass(stage_d, band, planes == "both"),
+                         progress=progress)
 
 
 def resolve_mode(mode: str, spacing) -> str:
@@ -245,8 +233,6 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     r = models.scale
     d, h, w = lr.shape
     halo = sr3d_models.lr_halo("hw", r)[0]
-    out_depth = d * r if mode == "3d" else d
-    out = np.empty((out_depth, h * r, w * r), np.float32)
     both = mode == "3d" and planes == "both"
     # Averaging over (D, H) planes needs whole columns: the stage-hw output is then kept whole.
     rows = h if both else _band_rows(lr.shape, r, tile_mb, mode, ensemble)
@@ -257,21 +243,18 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
                       hw_precision)
     stage_d = _Stage(models.d, _planes_per_call(models.d, d_pixels, tile_mb, batch_size), ensemble, "d",
                      d_precision)
-    bands = [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
-    slices_done = _Counter(progress, "slices", d * len(bands))
+    n_bands = len(tiling.bands(h, rows))
+    slices_done = _Counter(progress, "slices", d * n_bands)
     planes_done = _Counter(progress, "planes", (h + w if both else h) * r)
     if progress is not None:
-        progress(Step("bands", 0, len(bands)))
-    for index, (y0, y1) in enumerate(bands):
-        a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
-        hw_out = stage_hw(lr[:, a0:a1, :], slices_done)[:, (y0 - a0) * r:(y0 - a0 + y1 - y0) * r, :]
-        if mode == "2d":
-            out[:, y0 * r:y1 * r, :] = hw_out
-        else:
-            out[:, y0 * r:y1 * r, :] = _depth_pass(stage_d, hw_out, both, planes_done)
-        if progress is not None:
-            progress(Step("bands", index + 1, len(bands)))
-    return out
+        progress(Step("bands", 0, n_bands))
+
+    def run_band(window: np.ndarray, keep: slice) -> np.ndarray:
+        """Stage hw on the band and its halo, the halo's rows dropped, then stage d on the rest."""
+        hw_out = stage_hw(window, slices_done)[:, keep.start * r:keep.stop * r, :]
+        return hw_out if mode == "2d" else _depth_pass(stage_d, hw_out, both, planes_done)
+
+    return tiling.banded(lr, rows, run_band, halo=halo, progress=progress)
 
 
 ANISOTROPY_NOTE_RATIO = 2.5
@@ -322,18 +305,43 @@ def upscale_volume(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str
     r = models.scale
     mode = resolve_mode(mode, volume.spacing)
     check_upscalable(volume, r, mode)
+
+    def run(normalised: np.ndarray) -> np.ndarray:
+        return upscale_normalised(normalised, models, mode=mode, ensemble=ensemble, planes=planes,
+                                  batch_size=batch_size, tile_mb=tile_mb, progress=progress, precision=precision)
+
+    return run_in_scanner_units(volume, run, _upscaled_grid(volume, r, mode))
+
+
+def run_in_scanner_units(volume: sr3d_volume.Volume, run: Callable[[np.ndarray], np.ndarray],
+                         wrap: Callable[[np.ndarray], sr3d_volume.Volume], *,
+                         resample: Callable[[np.ndarray], np.ndarray] | None = None) -> sr3d_volume.Volume:
+    """A network that works in normalised units run on a Volume in its own units:
+    normalise -> run -> denormalise -> resample -> clip to the input's range -> wrap.
+
+    run: normalised float32 (D, H, W) -> the network's float32 output (a new array: it is
+    denormalised and clipped in place). resample: None, or the output in scanner units -> the
+    same on another grid (`sr3d.selfsup`'s target spacing; before the clip, which bounds its
+    overshoot). wrap: the clipped array -> its Volume (e.g. `sr3d.volume.upscaled_volume`).
+    The served graph does the same steps in TensorFlow (`sr3d.export`).
+    """
     win = intensity.window(volume.array)
-    result = upscale_normalised(win.normalise(volume.array), models, mode=mode, ensemble=ensemble,
-                                planes=planes, batch_size=batch_size, tile_mb=tile_mb, progress=progress,
-                                precision=precision)
     # In place: a copy of the output would double the peak memory of a big scan.
-    return _as_upscaled(volume, win.denormalise(result, in_place=True), r, mode)
+    result = win.denormalise(run(win.normalise(volume.array)), in_place=True)
+    if resample is not None:
+        result = resample(result)
+    return wrap(_clipped_to_range(result, volume))
 
 
-def _as_upscaled(volume: sr3d_volume.Volume, result: np.ndarray, scale: int, mode: str) -> sr3d_volume.Volume:
-    """`result` (scanner units) clipped in place to the input's range, on the upscaled grid."""
-    np.clip(result, float(volume.array.min()), float(volume.array.max()), out=result)
-    return sr3d_volume.upscaled_volume(volume, result, scale, axes=degrade.MODE_AXES[mode])
+def _clipped_to_range(array: np.ndarray, volume: sr3d_volume.Volume) -> np.ndarray:
+    """`array` (scanner units) clipped in place to the range of `volume`'s voxels."""
+    np.clip(array, float(volume.array.min()), float(volume.array.max()), out=array)
+    return array
+
+
+def _upscaled_grid(volume: sr3d_volume.Volume, scale: int, mode: str) -> Callable[[np.ndarray], sr3d_volume.Volume]:
+    """array -> the Volume of it on `volume`'s grid upscaled by `scale` in `mode`."""
+    return lambda array: sr3d_volume.upscaled_volume(volume, array, scale, axes=degrade.MODE_AXES[mode])
 
 
 FALLBACKS = ("lanczos",)
@@ -342,7 +350,8 @@ FALLBACKS = ("lanczos",)
 def lanczos_volume(volume: sr3d_volume.Volume, scale: int, mode: str = "3d") -> sr3d_volume.Volume:
     """The Lanczos upscale of a Volume (`sr3d.baselines`), clipped to its range as the CNN's is:
     what `fallback="lanczos"` writes."""
-    return _as_upscaled(volume, baselines.upscale(volume.array, scale, "lanczos", mode), scale, mode)
+    upscaled = baselines.upscale(volume.array, scale, "lanczos", mode)
+    return _upscaled_grid(volume, scale, mode)(_clipped_to_range(upscaled, volume))
 
 
 def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,

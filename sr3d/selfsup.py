@@ -705,25 +705,33 @@ def plan_for_model(spacing, info: dict, target_spacing: float | None = None) -> 
 
 # ---------------------------------------------------------------------------- inference
 
-def _resampled_along_d(volume: sr3d_volume.Volume, fine: np.ndarray, factor: int, target_mm: float) -> sr3d_volume.Volume:
-    """`fine` (factor * D, H, W), the network output on `volume`'s grid, resampled along D to
-    exactly target_mm: round(D * thick / target) voxels centred on the field of view."""
+def _resampling_along_d(volume: sr3d_volume.Volume, factor: int, target_mm: float):
+    """(resample, wrap) for the grid of exactly target_mm along D: round(D * thick / target) voxels
+    centred on `volume`'s field of view. resample: `fine` (factor * D, H, W), the network output
+    on `volume`'s grid, -> that grid's array; wrap: such an array -> its Volume."""
     from scipy import interpolate
 
     n = volume.shape[0]
     thick = volume.spacing[0]
     step = target_mm / thick                                  # new voxel step in old voxel units
     m = max(1, round(n * thick / target_mm))
-    old_index = (n - 1) / 2 + (np.arange(m) - (m - 1) / 2) * step
-    fine_index = np.clip((old_index + 0.5) * factor - 0.5, 0, fine.shape[0] - 1)
-    # Spline interpolation is linear in the data: the rows of the matrix interpolate the identity.
-    matrix = interpolate.make_interp_spline(np.arange(fine.shape[0]), np.eye(fine.shape[0]), k=3)(fine_index)
-    array = (matrix.astype(np.float32) @ fine.reshape(fine.shape[0], -1)).reshape((m,) + fine.shape[1:])
+
+    def resample(fine: np.ndarray) -> np.ndarray:
+        old_index = (n - 1) / 2 + (np.arange(m) - (m - 1) / 2) * step
+        fine_index = np.clip((old_index + 0.5) * factor - 0.5, 0, fine.shape[0] - 1)
+        # Spline interpolation is linear in the data: the rows of the matrix interpolate the identity.
+        matrix = interpolate.make_interp_spline(np.arange(fine.shape[0]), np.eye(fine.shape[0]), k=3)(fine_index)
+        return (matrix.astype(np.float32) @ fine.reshape(fine.shape[0], -1)).reshape((m,) + fine.shape[1:])
+
     new_to_old = np.eye(4)
     new_to_old[0, 0] = step
     new_to_old[0, 3] = (n - 1) / 2 - (m - 1) / 2 * step
-    return volume.replace(array=array, affine=volume.affine @ new_to_old,
-                          spacing=(target_mm,) + tuple(volume.spacing[1:]), source=None)
+
+    def wrap(array: np.ndarray) -> sr3d_volume.Volume:
+        return volume.replace(array=array, affine=volume.affine @ new_to_old,
+                              spacing=(target_mm,) + tuple(volume.spacing[1:]), source=None)
+
+    return resample, wrap
 
 
 def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_spacing: float | None = None,
@@ -763,15 +771,16 @@ def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_sp
                              f"the model is x{factor}")
 
     moved, perm = _thick_first(volume, plan.axis)
-    win = intensity.window(moved.array)
     band_progress = None if progress is None else (
         lambda step: progress(Step(step.unit, step.done, step.total, f"upscaling the thick axis: {step}")))
-    fine = inference.upscale_depth_normalised(win.normalise(moved.array), model, ensemble=ensemble, planes=planes,
-                                              batch_size=batch_size, progress=band_progress)
-    fine = win.denormalise(fine)
+
+    def run(normalised: np.ndarray) -> np.ndarray:
+        return inference.upscale_depth_normalised(normalised, model, ensemble=ensemble, planes=planes,
+                                                  batch_size=batch_size, progress=band_progress)
+
     if plan.resample:
-        result = _resampled_along_d(moved, fine, plan.factor, plan.target_mm)
+        resample, wrap = _resampling_along_d(moved, plan.factor, plan.target_mm)
     else:
-        result = sr3d_volume.upscaled_volume(moved, fine, plan.factor, axes=(0,))
-    result = result.replace(array=np.clip(result.array, volume.array.min(), volume.array.max()))
+        resample, wrap = None, lambda fine: sr3d_volume.upscaled_volume(moved, fine, plan.factor, axes=(0,))
+    result = inference.run_in_scanner_units(moved, run, wrap, resample=resample)
     return _permuted(result, np.argsort(perm))

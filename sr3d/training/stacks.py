@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sr3d import baselines, data, degrade, intensity
+from sr3d import baselines, data, degrade, intensity, tiling
 from sr3d import io as sr3d_io
 from sr3d.training.config import TrainConfig
 
@@ -29,9 +29,8 @@ def load_normalised(paths: Sequence[str]) -> list[np.ndarray]:
 
 def predict_planes(model, planes: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """The `final` output of a stage model on (N, h, w) planes -> (N, h', w') float32."""
-    outs = [np.asarray(model(planes[i:i + batch_size, ..., None], training=False)["final"])[..., 0]
-            for i in range(0, planes.shape[0], batch_size)]
-    return np.concatenate(outs).astype(np.float32)
+    return tiling.batched(planes, lambda batch: np.asarray(model(batch[..., None], training=False)["final"])[..., 0],
+                          batch_size).astype(np.float32)
 
 
 def load_hw_model(path: str, scale: int):
