@@ -27,14 +27,9 @@ def thick_scan(shared_data):
 
 
 @pytest.fixture(scope="module")
-def small_scan(thick_scan):
+def small_scan(thick_scan, scan_crop):
     """6 slices x 96 x 96 of the real scan around its centre, with the affine of the crop."""
-    lo = np.array([9, 80, 80])
-    array = thick_scan.array[9:15, 80:176, 80:176]
-    shift = np.eye(4)
-    shift[:3, 3] = lo
-    return sr3d_volume.Volume(array=array, spacing=thick_scan.spacing, affine=thick_scan.affine @ shift,
-                              source_dtype=thick_scan.source_dtype)
+    return scan_crop(thick_scan, np.s_[9:15, 80:176, 80:176])
 
 
 @pytest.fixture(scope="module")
