@@ -1,7 +1,8 @@
-"""Shared fixtures: paths to the real scans in ../shared/data."""
+"""Shared fixtures: paths to the real scans in ../shared/data, crops of them, a tiny model bundle."""
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,6 +26,26 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def ixi_files(shared_data):
     return sorted((shared_data / "ixi-t1-2mm").glob("*.nii.gz"))
+
+
+@pytest.fixture(scope="session")
+def scan_crop():
+    """scan_crop(scan, box) -> Volume: voxels `box` ((D, H, W) slices with starts, e.g.
+    np.s_[40:46, 48:72, 50:70]) of a real scan (a path, read with sr3d.io.load_volume, or a
+    Volume), float32 in scanner units, with its own affine: the origin moved to the first voxel
+    kept, so the crop overlays the scan. Tests that need a file write it with
+    sr3d.io.save_volume (float32: the scan's source dtype when it is scaled, as IXI is)."""
+    from sr3d import io as sr3d_io
+    from sr3d import volume as sr3d_volume
+
+    def crop(scan, box) -> sr3d_volume.Volume:
+        if not isinstance(scan, sr3d_volume.Volume):
+            scan = sr3d_io.load_volume(scan)
+        affine = scan.affine.copy()
+        affine[:3, 3] = scan.affine[:3, :3] @ np.array([s.start for s in box], float) + scan.affine[:3, 3]
+        return sr3d_volume.Volume(scan.array[box].copy(), scan.spacing, affine, source_dtype=scan.source_dtype)
+
+    return crop
 
 
 @pytest.fixture(scope="session")

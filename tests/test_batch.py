@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sr3d import batch
+from sr3d import io as sr3d_io
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -22,13 +23,11 @@ def bundle_dir(tiny_bundle_dir):
 
 
 @pytest.fixture(scope="module")
-def input_dir(tmp_path_factory, ixi_files, shared_data):
+def input_dir(tmp_path_factory, ixi_files, shared_data, scan_crop):
     """Four real NIfTI crops, one DICOM series subdirectory and one truncated file."""
     root = tmp_path_factory.mktemp("in")
     for k, f in enumerate(ixi_files[:4]):
-        img = nib.load(f)
-        crop = img.slicer[20:100, 20:100, 30:46]
-        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), root / f"scan{k}.nii.gz")
+        sr3d_io.save_volume(scan_crop(f, np.s_[30:46, 20:100, 20:100]), root / f"scan{k}.nii.gz")
     series = root / "series_pd"
     series.mkdir()
     for name in sorted((shared_data / "oblique-pd-dicom").glob("brain_0[01][0-9].dcm"))[2:6]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sr3d import batch, cli
+from sr3d import io as sr3d_io
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 GOOD = ["scan0.nii.gz", "scan1.nii.gz", "sub/scan2.nii.gz"]
@@ -26,13 +27,12 @@ def _beam():
 
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory, ixi_files):
+def scans(tmp_path_factory, ixi_files, scan_crop):
     """scans/: three 32 x 32 x 8 crops of real IXI T1 scans (one in a subfolder) and a truncated file."""
     root = tmp_path_factory.mktemp("beam") / "scans"
     (root / "sub").mkdir(parents=True)
     for name, f in zip(GOOD, ixi_files):
-        crop = nib.load(f).slicer[30:62, 34:66, 40:48]
-        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), root / name)
+        sr3d_io.save_volume(scan_crop(f, np.s_[40:48, 34:66, 30:62]), root / name)
     data = (root / "scan0.nii.gz").read_bytes()
     (root / "broken.nii.gz").write_bytes(data[: len(data) // 2])
     return root

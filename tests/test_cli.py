@@ -18,7 +18,6 @@ import pytest
 
 from sr3d import cli, inference, models
 from sr3d import io as sr3d_io
-from sr3d import volume as sr3d_volume
 from sr3d.progress import Step
 
 DICOM_FILES = [f"brain_{i:03d}.dcm" for i in range(5, 11)]   # 6 consecutive slices, 256 x 256
@@ -34,13 +33,10 @@ def _world(affine: np.ndarray, index) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def nifti_crop(tmp_path_factory, ixi_files):
+def nifti_crop(tmp_path_factory, ixi_files, scan_crop):
     """A 6 x 24 x 20 (D, H, W) crop of a real IXI T1 scan written as NIfTI, origin moved with it."""
-    scan = sr3d_io.load_volume(ixi_files[1])
-    affine = scan.affine.copy()
-    affine[:3, 3] = _world(scan.affine, (40, 48, 50))
-    crop = sr3d_volume.Volume(scan.array[40:46, 48:72, 50:70].copy(), scan.spacing, affine)
-    return sr3d_io.save_volume(crop, tmp_path_factory.mktemp("nifti") / "crop.nii.gz")
+    return sr3d_io.save_volume(scan_crop(ixi_files[1], np.s_[40:46, 48:72, 50:70]),
+                               tmp_path_factory.mktemp("nifti") / "crop.nii.gz")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,24 @@
-"""Tests for sr3d.data: aligned patches, blur augmentation, determinism, tf.data pipeline."""
+"""Tests for sr3d.data: aligned patches, blur augmentation, determinism, tf.data pipeline.
+
+Samplers are built as production builds them: from plane stacks (`_sampler`, as sr3d.training
+and sr3d.selfsup feed `PatchSampler`), except where a test checks the `volumes` shortcut itself.
+"""
 import cv2
 import numpy as np
 import pytest
 
-from sr3d import data, degrade
+from sr3d import data, degrade, selfsup
 
 
 def _volume(shape=(6, 20, 24), seed=0):
     rng = np.random.default_rng(seed)
     return rng.random(shape).astype(np.float32)
+
+
+def _sampler(volumes, config: data.PatchConfig) -> data.PatchSampler:
+    """The sampler sr3d.training.train builds: no volumes, the plane stacks of every volume."""
+    stacks = [stack for volume in volumes for stack in data.plane_stacks(volume, config.stage, config.scale)]
+    return data.PatchSampler([], config, stacks=stacks)
 
 
 def _find(stack: np.ndarray, patch: np.ndarray):
@@ -37,31 +47,72 @@ def test_plane_stacks_shapes_and_degradation():
     np.testing.assert_array_equal(cols.hr[7], vol[:, :, 7])
 
 
+def _assert_aligned(lr: np.ndarray, hr: np.ndarray, stacks, ry: int, rx: int):
+    """Each HR patch (B, p*ry, p*rx, 1) is the HR twin of its LR patch (B, p, p, 1) in one of the stacks."""
+    p = lr.shape[1]
+    for k in range(lr.shape[0]):
+        found = False
+        for stack in stacks:
+            for i, y, x in _find(stack.lr, lr[k, ..., 0]):
+                if np.array_equal(stack.hr[i, y * ry:(y + p) * ry, x * rx:(x + p) * rx], hr[k, ..., 0]):
+                    found = True
+        assert found, f"patch {k}: HR target is not the HR twin of its LR patch"
+
+
 @pytest.mark.parametrize("stage,scale", [("hw", 2), ("hw", 3), ("d", 2), ("d", 4)])
 def test_patches_are_aligned(stage, scale):
     vol = _volume((16, 20, 20))
     cfg = data.PatchConfig(stage=stage, scale=scale, patch_size=4, batch_size=6, blur="none",
                            min_contrast=0.0, seed=1)
-    sampler = data.PatchSampler([vol], cfg)
+    sampler = _sampler([vol], cfg)
     lr, hr = sampler.batch(0, 0)
     ry, rx = (scale, scale) if stage == "hw" else (scale, 1)
     assert lr.shape == (6, 4, 4, 1) and hr.shape == (6, 4 * ry, 4 * rx, 1)
-    stacks = data.plane_stacks(vol, stage, scale)
-    for k in range(6):
-        found = False
-        for stack in stacks:
-            for i, y, x in _find(stack.lr, lr[k, ..., 0]):
-                if np.array_equal(stack.hr[i, y * ry:(y + 4) * ry, x * rx:(x + 4) * rx], hr[k, ..., 0]):
-                    found = True
-        assert found, f"patch {k}: HR target is not the HR twin of its LR patch"
+    _assert_aligned(lr, hr, data.plane_stacks(vol, stage, scale), ry, rx)
+
+
+@pytest.mark.parametrize("profile", ["box", "gaussian"])
+def test_patches_of_self_supervised_stacks_are_aligned(profile):
+    # sr3d.selfsup's planes: in-plane slices degraded by a slice profile along one axis (LR
+    # (D, h, w), HR (D, h * r, w)), fed to the sampler as they are, in the way selfsup.train does.
+    vol = _volume((3, 24, 28), seed=2)
+    plan = selfsup.plan_for((4.0, 1.0, 1.0), factor=4)
+    stacks = selfsup.training_stacks(vol, plan, profile)
+    assert [s.lr.shape for s in stacks] == [(3, 6, 28), (3, 7, 24)]
+    cfg = data.PatchConfig(stage="d", scale=4, patch_size=4, batch_size=8, blur="none", min_contrast=0.0, seed=5)
+    lr, hr = data.PatchSampler([], cfg, stacks=stacks).batch(0, 0)
+    assert lr.shape == (8, 4, 4, 1) and hr.shape == (8, 16, 4, 1)
+    _assert_aligned(lr, hr, stacks, 4, 1)
+
+
+@pytest.mark.parametrize("stage,scale", [("hw", 3), ("d", 2)])
+def test_volumes_shortcut_is_the_sampler_of_their_plane_stacks(stage, scale):
+    vols = [_volume((12, 20, 24), 0), _volume((10, 30, 18), 1)]
+    cfg = data.PatchConfig(stage=stage, scale=scale, patch_size=5, batch_size=16, flip_rotate=True,
+                           noise_probability=0.5, max_noise=0.05, seed=4)
+    shortcut, stacked = data.PatchSampler(vols, cfg), _sampler(vols, cfg)
+    assert shortcut.patches_per_epoch == stacked.patches_per_epoch
+    for epoch, step in ((0, 0), (1, 3)):
+        for a, b in zip(shortcut.batch_with_sigmas(epoch, step), stacked.batch_with_sigmas(epoch, step), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stacks_whose_hr_is_not_the_lr_times_the_scale_are_refused():
+    (stack,) = data.plane_stacks(_volume((4, 20, 20)), "hw", 2)
+    cfg = data.PatchConfig(stage="hw", scale=2, patch_size=4)
+    with pytest.raises(ValueError, match=r"plane stack HR shape \(4, 20, 19\) is not its LR shape \(4, 10, 10\) "
+                                         r"times \(2, 2\) \(stage 'hw'\)"):
+        data.PatchSampler([], cfg, stacks=[data.PlaneStack(stack.lr, stack.hr[:, :, :19])])
+    with pytest.raises(ValueError, match=r"times \(2, 1\) \(stage 'd'\)"):
+        data.PatchSampler([], data.PatchConfig(stage="d", scale=2, patch_size=4), stacks=[stack])
 
 
 @pytest.mark.parametrize("stage,count", [("hw", 8), ("d", 4)])
 def test_flip_rotate_applies_one_valid_transform_to_both_patches(stage, count):
     vol = _volume((16, 24, 24))
     cfg = data.PatchConfig(stage=stage, scale=2, patch_size=5, batch_size=64, min_contrast=0.0, seed=3)
-    plain_lr, plain_hr, plain_sigmas = data.PatchSampler([vol], cfg).batch_with_sigmas(1, 2)
-    turned = data.PatchSampler([vol], data.dataclasses.replace(cfg, flip_rotate=True))
+    plain_lr, plain_hr, plain_sigmas = _sampler([vol], cfg).batch_with_sigmas(1, 2)
+    turned = _sampler([vol], data.dataclasses.replace(cfg, flip_rotate=True))
     lr, hr, sigmas = turned.batch_with_sigmas(1, 2)
     np.testing.assert_array_equal(sigmas, plain_sigmas)  # same patches and blur, only turned
     # The transforms, written out independently of sr3d.transforms: (B, h, w) -> (B, h', w').
@@ -80,7 +131,7 @@ def test_flip_rotate_applies_one_valid_transform_to_both_patches(stage, count):
         assert matches, f"patch {i}: LR and HR are not one valid transform of the plain pair"
         used.update(matches)
     assert len(used) == count, f"only transforms {sorted(used)} of {count} were drawn in 64 patches"
-    again = data.PatchSampler([vol], data.dataclasses.replace(cfg, flip_rotate=True)).batch(1, 2)
+    again = _sampler([vol], data.dataclasses.replace(cfg, flip_rotate=True)).batch(1, 2)
     np.testing.assert_array_equal(again[0], lr)
 
 
@@ -89,7 +140,7 @@ def test_flat_fraction_keeps_that_share_of_flat_patches():
     vol[:, 10:30, 10:30] = _volume((12, 20, 20))  # structure in the middle, flat zeros around it
     cfg = data.PatchConfig(stage="hw", scale=2, patch_size=4, batch_size=20, blur="none", seed=2)
     for fraction, flat_expected in ((0.0, 0), (0.25, 5), (0.5, 10)):
-        sampler = data.PatchSampler([vol], data.dataclasses.replace(cfg, flat_fraction=fraction))
+        sampler = _sampler([vol], data.dataclasses.replace(cfg, flat_fraction=fraction))
         for step in range(3):
             hr = sampler.batch(0, step)[1][..., 0]
             span = hr.max(axis=(1, 2)) - hr.min(axis=(1, 2))
@@ -113,8 +164,8 @@ def test_blur_matches_opencv_gaussian():
 def test_blur_probability_and_sigma_range():
     vol = _volume((4, 40, 40))
     cfg = data.PatchConfig(stage="hw", scale=2, patch_size=5, batch_size=2000, min_contrast=0.0, seed=3)
-    lr, _, sigmas = data.PatchSampler([vol], cfg).batch_with_sigmas(0, 0)
-    none = data.PatchSampler([vol], data.dataclasses.replace(cfg, blur="none")).batch(0, 0)[0]
+    lr, _, sigmas = _sampler([vol], cfg).batch_with_sigmas(0, 0)
+    none = _sampler([vol], data.dataclasses.replace(cfg, blur="none")).batch(0, 0)[0]
     blurred = sigmas > 0
     # p = 0.5 over 2000 draws: 5 standard deviations is +-0.056.
     assert 0.44 < blurred.mean() < 0.56
@@ -124,7 +175,7 @@ def test_blur_probability_and_sigma_range():
     np.testing.assert_array_equal(lr[~blurred], none[~blurred])
     visibly = sigmas > 0.3  # side weight exp(-1/(2 sigma^2)) > 0.004
     assert np.all(np.any(lr[visibly] != none[visibly], axis=(1, 2, 3)))
-    fixed = data.PatchSampler([vol], data.dataclasses.replace(cfg, blur="fixed")).batch_with_sigmas(0, 0)[2]
+    fixed = _sampler([vol], data.dataclasses.replace(cfg, blur="fixed")).batch_with_sigmas(0, 0)[2]
     assert set(np.unique(fixed)) == {0.0, 0.5}
 
 
@@ -132,7 +183,7 @@ def test_background_patches_are_skipped():
     vol = np.zeros((4, 40, 40), np.float32)
     vol[:, 20:, 20:] = _volume((4, 20, 20))
     cfg = data.PatchConfig(stage="hw", scale=2, patch_size=3, batch_size=256, blur="none", seed=0)
-    _, hr = data.PatchSampler([vol], cfg).batch(0, 0)
+    _, hr = _sampler([vol], cfg).batch(0, 0)
     span = hr.max(axis=(1, 2, 3)) - hr.min(axis=(1, 2, 3))
     assert np.all(span >= cfg.min_contrast)
 
@@ -140,12 +191,12 @@ def test_background_patches_are_skipped():
 def test_same_seed_same_batches_any_order():
     vols = [_volume((12, 20, 24), 0), _volume((10, 30, 18), 1)]
     cfg = data.PatchConfig(stage="d", scale=2, patch_size=5, batch_size=16, seed=7)
-    a, b = data.PatchSampler(vols, cfg), data.PatchSampler(vols, cfg)
+    a, b = _sampler(vols, cfg), _sampler(vols, cfg)
     later = b.batch(2, 5)
     for step in range(3):
         np.testing.assert_array_equal(a.batch(0, step)[0], b.batch(0, step)[0])
     np.testing.assert_array_equal(a.batch(2, 5)[1], later[1])
-    other = data.PatchSampler(vols, data.dataclasses.replace(cfg, seed=8))
+    other = _sampler(vols, data.dataclasses.replace(cfg, seed=8))
     assert not np.array_equal(other.batch(0, 0)[0], a.batch(0, 0)[0])
     assert not np.array_equal(a.batch(0, 1)[0], a.batch(0, 0)[0])
 
@@ -153,7 +204,7 @@ def test_same_seed_same_batches_any_order():
 def test_dataset_yields_dict_targets_in_plan_order():
     vol = _volume((6, 20, 24))
     cfg = data.PatchConfig(stage="hw", scale=2, patch_size=4, batch_size=8, seed=0)
-    sampler = data.PatchSampler([vol], cfg)
+    sampler = _sampler([vol], cfg)
     batches = list(data.dataset(sampler, [(0, 1, 3), (1, 0, 1)]).as_numpy_iterator())
     assert len(batches) == 3
     expected = [sampler.batch(0, 1), sampler.batch(0, 2), sampler.batch(1, 0)]
@@ -166,7 +217,7 @@ def test_dataset_yields_dict_targets_in_plan_order():
 def test_epoch_size_covers_each_lr_voxel_once():
     vol = _volume((10, 28, 28))
     cfg = data.PatchConfig(stage="hw", scale=2, patch_size=7, batch_size=4)
-    sampler = data.PatchSampler([vol], cfg)
+    sampler = _sampler([vol], cfg)
     assert sampler.patches_per_epoch == 10 * 14 * 14 // 49
     assert sampler.steps_per_epoch() == 10
 
@@ -181,7 +232,7 @@ def test_bad_config_is_rejected(bad):
 
 def test_planes_too_small_for_patches():
     with pytest.raises(ValueError, match="large enough"):
-        data.PatchSampler([_volume((4, 6, 6))], data.PatchConfig(stage="hw", scale=2, patch_size=7))
+        _sampler([_volume((4, 6, 6))], data.PatchConfig(stage="hw", scale=2, patch_size=7))
 
 
 def _keys_weights(scale: int) -> np.ndarray:
@@ -233,8 +284,8 @@ def test_noise_goes_to_contrast_patches_only_and_leaves_the_rest_of_the_batch_as
     vol = _volume((6, 40, 40), seed=3)
     vol[:, :, :16] = 0.25   # a flat region, so the batch has flat patches
     base = dict(stage="hw", scale=2, patch_size=5, batch_size=64, flat_fraction=0.25, blur="none", seed=1)
-    clean = data.PatchSampler([vol], data.PatchConfig(**base))
-    noisy = data.PatchSampler([vol], data.PatchConfig(**base, noise_probability=1.0, max_noise=0.05))
+    clean = _sampler([vol], data.PatchConfig(**base))
+    noisy = _sampler([vol], data.PatchConfig(**base, noise_probability=1.0, max_noise=0.05))
     lr0, hr0 = clean.batch(2, 3)
     lr1, hr1 = noisy.batch(2, 3)
     n_flat = 16

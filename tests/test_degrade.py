@@ -1,24 +1,22 @@
-"""Tests for sr3d.degrade: MATLAB imresize(1/r, 'bicubic') and the HR -> LR simulation.
+"""Tests for sr3d.degrade: MATLAB imresize(1/r, 'bicubic'), the HR -> LR simulation, and the
+slice-profile model of thick slices (box and Gaussian profiles, simulated thick scans).
 
 Golden values come from hand arithmetic (Keys a = -0.5 weights written out as
-fractions), closed forms (constants, linear ramps, sums) and Pillow's
-independent antialiased bicubic resize.
+fractions, box profiles as voxel fractions), closed forms (constants, linear ramps,
+sums, a Gaussian's half maximum) and Pillow's independent antialiased bicubic resize.
 """
 import numpy as np
 import pytest
 from PIL import Image
 
 from sr3d import degrade
+from sr3d import volume as sr3d_volume
 
 # MATLAB bicubic (Keys a = -0.5) for scale 1/2: h(x) = cubic(x / 2) / 2 at the
 # 8 tap distances 3.5, 2.5, 1.5, 0.5 (and mirror), i.e. cubic(1.75), cubic(1.25),
 # cubic(0.75), cubic(0.25) = -3/128, -9/128, 29/128, 111/128 (they sum to 1, so
 # the normalisation changes nothing), each divided by 2.
 _HAND_WEIGHTS_X2 = np.array([-3, -9, 29, 111, 111, 29, -9, -3]) / 256
-
-
-def test_hand_weights_sum_to_one():
-    np.testing.assert_allclose(_HAND_WEIGHTS_X2.sum(), 1.0, rtol=0, atol=0)
 
 
 def test_interior_sample_matches_hand_weights_scale2():
@@ -175,3 +173,89 @@ def test_downscale_axis_rejects_indivisible_length_and_bad_axis():
         degrade.downscale_axis(np.zeros((4, 8)), 2, axis=2)
     with pytest.raises(ValueError, match="repeated axis"):
         degrade.downscale(np.zeros((4, 8)), 2, axes=(1, -1))
+
+
+# ---------------------------------------------------------------------------- slice profiles (thick slices)
+
+def test_box_profile_sums_to_one_with_the_slice_width():
+    np.testing.assert_allclose(degrade.slice_profile(3, "box"), [1 / 3] * 3, rtol=1e-12)
+    np.testing.assert_allclose(degrade.slice_profile(4, "box"), [0.25] * 4, rtol=1e-12)
+    # Width 2.5 fine voxels centred on a voxel: outer taps see 0.75 of their voxel.
+    np.testing.assert_allclose(degrade.slice_profile(2.5, "box", factor=3), [0.3, 0.4, 0.3], rtol=1e-12)
+    # Width 3 centred between two voxels (even factor): 0.5 + 1 + 1 + 0.5.
+    np.testing.assert_allclose(degrade.slice_profile(3, "box", factor=2), [1 / 6, 1 / 3, 1 / 3, 1 / 6], rtol=1e-12)
+
+
+def test_gaussian_profile_has_the_slice_width_as_fwhm():
+    # A Gaussian with full width at half maximum F falls to 1/2 at F/2: g(x)/g(0) = 2^-(2x/F)^2.
+    odd = degrade.slice_profile(3, "gaussian")
+    assert odd.size % 2 == 1
+    centre = odd.size // 2
+    offsets = np.arange(odd.size) - centre
+    np.testing.assert_allclose(odd / odd[centre], 0.5 ** ((2 * offsets / 3) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(odd.sum(), 1.0, rtol=1e-12)
+    even = degrade.slice_profile(4, "gaussian")
+    assert even.size % 2 == 0  # the centre of an even factor's thick voxel lies between two fine voxels
+    offsets = np.arange(even.size) - (even.size - 1) / 2
+    np.testing.assert_allclose(even / even[even.size // 2], 0.5 ** ((2 * offsets / 4) ** 2 - (2 * 0.5 / 4) ** 2),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="profile"):
+        degrade.slice_profile(3, "sinc")
+
+
+@pytest.mark.parametrize("profile", ["box", "gaussian"])
+@pytest.mark.parametrize("factor", [3, 4])
+def test_degrade_along_keeps_a_constant(profile, factor):
+    planes = np.full((3, 12, 24), 3.7, np.float32)  # both in-plane lengths divide by 3 and 4
+    for axis in (1, 2):
+        lr = degrade.degrade_along(planes, factor, axis, profile)
+        assert lr.shape[axis] == planes.shape[axis] // factor
+        np.testing.assert_allclose(lr, 3.7, rtol=1e-6)
+
+
+def test_degrade_along_box_means_of_a_ramp():
+    ramp = np.broadcast_to(np.arange(12, dtype=np.float32)[None, :, None], (2, 12, 3))
+    # Thick voxel i is the mean of fine voxels 3i, 3i+1, 3i+2.
+    np.testing.assert_allclose(degrade.degrade_along(ramp, 3, axis=1)[0, :, 0], [1, 4, 7, 10], rtol=1e-6)
+    ramp16 = np.arange(16, dtype=np.float64).reshape(1, 16)
+    np.testing.assert_allclose(degrade.degrade_along(ramp16, 4, axis=1)[0], [1.5, 5.5, 9.5, 13.5], rtol=1e-12)
+    # Along the last axis of a 3D stack: same numbers.
+    np.testing.assert_allclose(degrade.degrade_along(ramp.transpose(0, 2, 1), 3, axis=2)[1, 2], [1, 4, 7, 10],
+                               rtol=1e-6)
+
+
+def test_degrade_along_gaussian_keeps_a_ramp_away_from_the_borders():
+    # A symmetric kernel maps a linear function to itself at the thick voxel centres 3i + 1.
+    ramp = np.arange(30, dtype=np.float64)[None, :]
+    lr = degrade.degrade_along(ramp, 3, axis=1, profile="gaussian")[0]
+    half = degrade.slice_profile(3, "gaussian").size // 2
+    inner = [i for i in range(10) if 3 * i + 1 - half >= 0 and 3 * i + 1 + half < 30]
+    assert len(inner) >= 6
+    np.testing.assert_allclose(lr[inner], 3 * np.array(inner) + 1, rtol=1e-12)
+
+
+def test_degrade_along_rejects_bad_input():
+    with pytest.raises(ValueError, match="does not divide"):
+        degrade.degrade_along(np.zeros((2, 10, 4)), 3, axis=1)
+    with pytest.raises(ValueError, match="parity"):
+        degrade.degrade_along(np.zeros((2, 12, 4)), 3, axis=1, profile=np.full(4, 0.25))
+
+
+def test_simulated_thick_scan_overlays_the_truth():
+    fine = sr3d_volume.Volume(array=np.random.default_rng(0).random((13, 5, 6)), spacing=(1.0, 0.9, 0.8),
+                              affine=np.diag([1.0, 0.9, 0.8, 1.0]) @ np.array(
+                              [[1, 0, 0, 4], [0, 1, 0, -2], [0, 0, 1, 7], [0, 0, 0, 1.0]]))
+    truth, thick = degrade.simulate_thick_slices(fine, 4)
+    assert truth.shape == (12, 5, 6) and thick.shape == (3, 5, 6)
+    np.testing.assert_allclose(thick.spacing, (4.0, 0.9, 0.8), rtol=1e-12)
+    # The thick scan's D edges are the truth's: continuous index -0.5 and n - 0.5.
+    np.testing.assert_allclose((thick.affine @ [-0.5, 2, 3, 1])[:3], (truth.affine @ [-0.5, 2, 3, 1])[:3], atol=1e-9)
+    np.testing.assert_allclose((thick.affine @ [2.5, 2, 3, 1])[:3], (truth.affine @ [11.5, 2, 3, 1])[:3], atol=1e-9)
+    np.testing.assert_allclose(thick.array[1, 2, 3], truth.array[4:8, 2, 3].mean(), rtol=1e-6)
+
+
+def test_slice_profile_functions_stay_importable_from_selfsup():
+    from sr3d import selfsup
+
+    for name in ("PROFILES", "slice_profile", "degrade_along", "simulate_thick_slices"):
+        assert getattr(selfsup, name) is getattr(degrade, name), name

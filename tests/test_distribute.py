@@ -6,25 +6,19 @@ import subprocess
 import sys
 
 import h5py
-import nibabel as nib
 import numpy as np
 import pytest
+
+from sr3d import io as sr3d_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory, ixi_files):
+def scans(tmp_path_factory, ixi_files, scan_crop):
     out = tmp_path_factory.mktemp("scans")
-    paths = []
-    for f in ixi_files[:2]:
-        img = nib.load(f)
-        crop = img.slicer[30:90, 30:90, 40:52]
-        path = out / f.name
-        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), path)
-        paths.append(str(path))
-    return paths
+    return [str(sr3d_io.save_volume(scan_crop(f, np.s_[40:52, 30:90, 30:90]), out / f.name)) for f in ixi_files[:2]]
 
 
 def _cmd(scans, model_dir, *extra):

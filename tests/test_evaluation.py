@@ -17,6 +17,7 @@ from skimage.metrics import structural_similarity
 
 import sr3d
 from sr3d import degrade, evaluation, metrics
+from sr3d import io as sr3d_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (D, H, W) crop of the middle of each 120 x 120 x 90 scan: 96 px sides keep IFC's 72 px limit
@@ -27,21 +28,17 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def crops(ixi_files, tmp_path_factory):
+def crops(ixi_files, tmp_path_factory, scan_crop):
     """Two held-out IXI scans cropped to CROP, written as float32 NIfTI; returns (paths, HR arrays)."""
     directory = tmp_path_factory.mktemp("crops")
     paths, arrays = [], []
     for source in ixi_files[-2:]:
-        image = nib.load(source)
-        data = np.asarray(image.get_fdata(dtype=np.float32))  # (i, j, k) = (W, H, D)
-        start = [(n - c) // 2 for n, c in zip(data.shape, CROP[::-1])]
-        crop = data[tuple(slice(s, s + c) for s, c in zip(start, CROP[::-1]))]
-        affine = image.affine.copy()
-        affine[:3, 3] += image.affine[:3, :3] @ np.array(start, dtype=np.float64)
-        path = directory / source.name
-        nib.save(nib.Nifti1Image(crop.astype(np.float32), affine), path)
-        paths.append(str(path))
-        arrays.append(np.ascontiguousarray(crop.transpose(2, 1, 0)).astype(np.float64))  # (D, H, W)
+        shape = nib.load(source).shape[::-1]  # (D, H, W)
+        crop = scan_crop(source, tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(shape, CROP)))
+        paths.append(str(sr3d_io.save_volume(crop, directory / source.name)))
+        # Read back with nibabel, as the golden values are: (i, j, k) = (W, H, D).
+        written = nib.load(paths[-1]).get_fdata(dtype=np.float32)
+        arrays.append(np.ascontiguousarray(written.transpose(2, 1, 0)).astype(np.float64))  # (D, H, W)
     return paths, arrays
 
 
@@ -57,22 +54,14 @@ def run_2d(crops, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_3d_cnn(crops, tmp_path_factory):
-    """Baselines plus a tiny randomly initialised CNN bundle at 2x in 3D; returns (results, out_dir, bundle)."""
-    keras = pytest.importorskip("keras")
-    from sr3d import models
-
-    keras.utils.set_random_seed(0)
-    bundle = tmp_path_factory.mktemp("bundle")
-    models.build("hw", 2, filters=4).save(bundle / "hw.keras")
-    models.build("d", 2, filters=4).save(bundle / "d.keras")
-    (bundle / "bundle.json").write_text(json.dumps({"scale": 2}))
+def run_3d_cnn(crops, tmp_path_factory, tiny_bundle_dir):
+    """Baselines plus the tiny random-weight CNN bundle at 2x in 3D; returns (results, out_dir, bundle)."""
     out_dir = tmp_path_factory.mktemp("eval_3d")
-    config = evaluation.EvalConfig(scans=crops[0], scales=(2,), mode="3d", cnn={"cnn": str(bundle)},
+    config = evaluation.EvalConfig(scans=crops[0], scales=(2,), mode="3d", cnn={"cnn": str(tiny_bundle_dir)},
                                    out_dir=str(out_dir))
     results = evaluation.evaluate(config)
     evaluation.write_report(results, out_dir)
-    return results, out_dir, bundle
+    return results, out_dir, tiny_bundle_dir
 
 
 def _lanczos_2d(lr: np.ndarray, scale: int) -> np.ndarray:
@@ -238,8 +227,6 @@ def test_cnn_row_appears_with_a_model_bundle(run_3d_cnn, crops):
     assert (out_dir / "comparison_x2.png").read_bytes()[:8] == PNG_SIGNATURE
     assert results["figures"]["x2"]["psnr"].keys() == set(BASELINES) | {"cnn"}  # every method has a panel
     # The figure's LR panel is the LR slice over the drawn HR slice (3D: D shrunk by 2 too).
-    from sr3d import io as sr3d_io
-
     hr, lr = degrade.simulate_lr(sr3d_io.load_volume(crops[0][-1]).array, 2, "3d")
     slices = results["figure_slices"]["x2"]
     middle = results["figures"]["x2"]["slice_index"]
@@ -248,8 +235,6 @@ def test_cnn_row_appears_with_a_model_bundle(run_3d_cnn, crops):
 
 
 def test_lr_volume_affine_places_lr_voxels_over_their_hr_blocks(crops):
-    from sr3d import io as sr3d_io
-
     volume = sr3d_io.load_volume(crops[0][0])
     _, lr = degrade.simulate_lr(volume.array, 2, "3d")
     lr_volume = evaluation.run._lr_volume(volume, lr, 2, "3d")

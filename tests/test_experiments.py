@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from sr3d import io as sr3d_io
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (W, H, D) crop of the middle of each 120 x 120 x 90 IXI scan: small enough to train and score fast.
 CROP = (40, 40, 6)
@@ -31,20 +33,16 @@ def run_paper():
 
 
 @pytest.fixture(scope="module")
-def quick_table2(run_paper, ixi_files, tmp_path_factory):
+def quick_table2(run_paper, ixi_files, tmp_path_factory, scan_crop):
     """run_paper.py --budget quick --only table2 on crops of the 8 IXI scans, run twice;
     returns (out dir, runs dir, captured log of the second run)."""
     root = tmp_path_factory.mktemp("run_paper")
     shared = root / "shared"
     (shared / "ixi-t1-2mm").mkdir(parents=True)
     for source in ixi_files:
-        image = nib.load(source)
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-        start = [(n - c) // 2 for n, c in zip(data.shape, CROP)]
-        crop = data[tuple(slice(s, s + c) for s, c in zip(start, CROP))]
-        affine = image.affine.copy()
-        affine[:3, 3] += image.affine[:3, :3] @ np.array(start, dtype=np.float64)
-        nib.save(nib.Nifti1Image(crop, affine), shared / "ixi-t1-2mm" / source.name)
+        shape = nib.load(source).shape[::-1]  # (D, H, W); CROP is (i, j, k) = (W, H, D)
+        box = tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(shape, CROP[::-1]))
+        sr3d_io.save_volume(scan_crop(source, box), shared / "ixi-t1-2mm" / source.name)
     argv = ["--budget", "quick", "--only", "table2", "--table2_rows", ",".join(ROWS),
             "--shared_data", str(shared), "--out", str(root / "results"), "--runs_dir", str(root / "runs")]
     run_paper.main(argv)

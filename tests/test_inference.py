@@ -16,7 +16,6 @@ import pytest
 import sr3d
 from sr3d import inference, intensity, models
 from sr3d import io as sr3d_io
-from sr3d import volume as sr3d_volume
 
 CROP = (slice(40, 50), slice(40, 80), slice(40, 76))   # 10 x 40 x 36 voxels (D, H, W) of an IXI T1
 
@@ -32,13 +31,9 @@ def bundles():
 
 
 @pytest.fixture(scope="module")
-def ixi_volume(ixi_files):
+def ixi_volume(ixi_files, scan_crop):
     """A 10 x 40 x 36 crop of a real IXI T1 scan with the crop's own affine (origin moved)."""
-    scan = sr3d_io.load_volume(ixi_files[0])
-    origin_index = np.array([CROP[0].start, CROP[1].start, CROP[2].start], float)
-    affine = scan.affine.copy()
-    affine[:3, 3] = scan.affine[:3, :3] @ origin_index + scan.affine[:3, 3]
-    return sr3d_volume.Volume(scan.array[CROP].copy(), scan.spacing, affine, source_dtype="float32")
+    return scan_crop(ixi_files[0], CROP)
 
 
 @pytest.fixture(scope="module")

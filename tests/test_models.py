@@ -171,17 +171,6 @@ def test_keras_save_load_round_trip(stage, tmp_path):
         np.testing.assert_allclose(after[key], before[key], rtol=1e-6, atol=1e-7)
 
 
-def test_compile_with_loss_per_output():
-    model = models.build("d", 2, filters=4)
-    model.compile(optimizer="adam", loss={"intermediate": "mae", "final": "mae"})
-    rng = np.random.default_rng(5)
-    lr = rng.normal(size=(4, 7, 7, 1)).astype(np.float32)
-    hr = rng.normal(size=(4, 14, 7, 1)).astype(np.float32)
-    logs = model.train_on_batch(lr, {"intermediate": hr, "final": hr}, return_dict=True)
-    assert {"loss", "intermediate_loss", "final_loss"} <= set(logs)
-    np.testing.assert_allclose(logs["loss"], logs["intermediate_loss"] + logs["final_loss"], rtol=1e-5)
-
-
 @pytest.mark.parametrize("bad", [
     lambda: models.build("dh", 2),
     lambda: models.build("hw", 1),

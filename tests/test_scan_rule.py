@@ -12,19 +12,14 @@ import pytest
 from sr3d import cli
 from sr3d import files as sr3d_files
 from sr3d import io as sr3d_io
-from sr3d import volume as sr3d_volume
 
 
 @pytest.fixture(scope="module")
-def nifti_dir(tmp_path_factory, ixi_files):
+def nifti_dir(tmp_path_factory, ixi_files, scan_crop):
     """Two real IXI T1 crops (8 x 48 x 48 mid-brain) as NIfTI files in one directory."""
     directory = tmp_path_factory.mktemp("niftis")
     for k, path in enumerate(ixi_files[:2]):
-        scan = sr3d_io.load_volume(path)
-        affine = scan.affine.copy()
-        affine[:3, 3] = (scan.affine @ [40, 36, 36, 1])[:3]
-        crop = sr3d_volume.Volume(scan.array[40:48, 36:84, 36:84].copy(), scan.spacing, affine)
-        sr3d_io.save_volume(crop, directory / f"scan{k}.nii.gz")
+        sr3d_io.save_volume(scan_crop(path, np.s_[40:48, 36:84, 36:84]), directory / f"scan{k}.nii.gz")
     return directory
 
 

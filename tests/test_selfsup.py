@@ -1,6 +1,6 @@
-"""Tests of sr3d.selfsup: thick-axis detection, the slice-profile degradation, the plan, and short
-end-to-end runs (API and `python -m sr3d upscale --self-supervised`) on a crop of a real
-6.5 mm thick-slice brain MRI."""
+"""Tests of sr3d.selfsup: thick-axis detection, the plan, and short end-to-end runs (API and
+`python -m sr3d upscale --self-supervised`) on a crop of a real 6.5 mm thick-slice brain MRI.
+The slice-profile degradation it trains on is tested in tests/test_degrade.py."""
 import dataclasses
 import json
 import os
@@ -27,14 +27,9 @@ def thick_scan(shared_data):
 
 
 @pytest.fixture(scope="module")
-def small_scan(thick_scan):
+def small_scan(thick_scan, scan_crop):
     """6 slices x 96 x 96 of the real scan around its centre, with the affine of the crop."""
-    lo = np.array([9, 80, 80])
-    array = thick_scan.array[9:15, 80:176, 80:176]
-    shift = np.eye(4)
-    shift[:3, 3] = lo
-    return sr3d_volume.Volume(array=array, spacing=thick_scan.spacing, affine=thick_scan.affine @ shift,
-                              source_dtype=thick_scan.source_dtype)
+    return scan_crop(thick_scan, np.s_[9:15, 80:176, 80:176])
 
 
 @pytest.fixture(scope="module")
@@ -76,85 +71,6 @@ def test_thick_axis_any_axis_and_two_thick_axes():
         selfsup.thick_axis((3.0, 3.0, 1.0))
     with pytest.raises(ValueError, match="positive"):
         selfsup.thick_axis((3.0, 0.0, 1.0))
-
-
-# ---------------------------------------------------------------------------- degradation model
-
-def test_box_profile_sums_to_one_with_the_slice_width():
-    np.testing.assert_allclose(selfsup.slice_profile(3, "box"), [1 / 3] * 3, rtol=1e-12)
-    np.testing.assert_allclose(selfsup.slice_profile(4, "box"), [0.25] * 4, rtol=1e-12)
-    # Width 2.5 fine voxels centred on a voxel: outer taps see 0.75 of their voxel.
-    np.testing.assert_allclose(selfsup.slice_profile(2.5, "box", factor=3), [0.3, 0.4, 0.3], rtol=1e-12)
-    # Width 3 centred between two voxels (even factor): 0.5 + 1 + 1 + 0.5.
-    np.testing.assert_allclose(selfsup.slice_profile(3, "box", factor=2), [1 / 6, 1 / 3, 1 / 3, 1 / 6], rtol=1e-12)
-
-
-def test_gaussian_profile_has_the_slice_width_as_fwhm():
-    # A Gaussian with full width at half maximum F falls to 1/2 at F/2: g(x)/g(0) = 2^-(2x/F)^2.
-    odd = selfsup.slice_profile(3, "gaussian")
-    assert odd.size % 2 == 1
-    centre = odd.size // 2
-    offsets = np.arange(odd.size) - centre
-    np.testing.assert_allclose(odd / odd[centre], 0.5 ** ((2 * offsets / 3) ** 2), rtol=1e-12)
-    np.testing.assert_allclose(odd.sum(), 1.0, rtol=1e-12)
-    even = selfsup.slice_profile(4, "gaussian")
-    assert even.size % 2 == 0  # the centre of an even factor's thick voxel lies between two fine voxels
-    offsets = np.arange(even.size) - (even.size - 1) / 2
-    np.testing.assert_allclose(even / even[even.size // 2], 0.5 ** ((2 * offsets / 4) ** 2 - (2 * 0.5 / 4) ** 2),
-                               rtol=1e-12)
-    with pytest.raises(ValueError, match="profile"):
-        selfsup.slice_profile(3, "sinc")
-
-
-@pytest.mark.parametrize("profile", ["box", "gaussian"])
-@pytest.mark.parametrize("factor", [3, 4])
-def test_degrade_along_keeps_a_constant(profile, factor):
-    planes = np.full((3, 12, 24), 3.7, np.float32)  # both in-plane lengths divide by 3 and 4
-    for axis in (1, 2):
-        lr = selfsup.degrade_along(planes, factor, axis, profile)
-        assert lr.shape[axis] == planes.shape[axis] // factor
-        np.testing.assert_allclose(lr, 3.7, rtol=1e-6)
-
-
-def test_degrade_along_box_means_of_a_ramp():
-    ramp = np.broadcast_to(np.arange(12, dtype=np.float32)[None, :, None], (2, 12, 3))
-    # Thick voxel i is the mean of fine voxels 3i, 3i+1, 3i+2.
-    np.testing.assert_allclose(selfsup.degrade_along(ramp, 3, axis=1)[0, :, 0], [1, 4, 7, 10], rtol=1e-6)
-    ramp16 = np.arange(16, dtype=np.float64).reshape(1, 16)
-    np.testing.assert_allclose(selfsup.degrade_along(ramp16, 4, axis=1)[0], [1.5, 5.5, 9.5, 13.5], rtol=1e-12)
-    # Along the last axis of a 3D stack: same numbers.
-    np.testing.assert_allclose(selfsup.degrade_along(ramp.transpose(0, 2, 1), 3, axis=2)[1, 2], [1, 4, 7, 10],
-                               rtol=1e-6)
-
-
-def test_degrade_along_gaussian_keeps_a_ramp_away_from_the_borders():
-    # A symmetric kernel maps a linear function to itself at the thick voxel centres 3i + 1.
-    ramp = np.arange(30, dtype=np.float64)[None, :]
-    lr = selfsup.degrade_along(ramp, 3, axis=1, profile="gaussian")[0]
-    half = selfsup.slice_profile(3, "gaussian").size // 2
-    inner = [i for i in range(10) if 3 * i + 1 - half >= 0 and 3 * i + 1 + half < 30]
-    assert len(inner) >= 6
-    np.testing.assert_allclose(lr[inner], 3 * np.array(inner) + 1, rtol=1e-12)
-
-
-def test_degrade_along_rejects_bad_input():
-    with pytest.raises(ValueError, match="does not divide"):
-        selfsup.degrade_along(np.zeros((2, 10, 4)), 3, axis=1)
-    with pytest.raises(ValueError, match="parity"):
-        selfsup.degrade_along(np.zeros((2, 12, 4)), 3, axis=1, profile=np.full(4, 0.25))
-
-
-def test_simulated_thick_scan_overlays_the_truth(small_scan):
-    fine = sr3d_volume.Volume(array=np.random.default_rng(0).random((13, 5, 6)), spacing=(1.0, 0.9, 0.8),
-                              affine=np.diag([1.0, 0.9, 0.8, 1.0]) @ np.array(
-                              [[1, 0, 0, 4], [0, 1, 0, -2], [0, 0, 1, 7], [0, 0, 0, 1.0]]))
-    truth, thick = selfsup.simulate_thick_slices(fine, 4)
-    assert truth.shape == (12, 5, 6) and thick.shape == (3, 5, 6)
-    np.testing.assert_allclose(thick.spacing, (4.0, 0.9, 0.8), rtol=1e-12)
-    # The thick scan's D edges are the truth's: continuous index -0.5 and n - 0.5.
-    np.testing.assert_allclose(_world(thick.affine, (-0.5, 2, 3)), _world(truth.affine, (-0.5, 2, 3)), atol=1e-9)
-    np.testing.assert_allclose(_world(thick.affine, (2.5, 2, 3)), _world(truth.affine, (11.5, 2, 3)), atol=1e-9)
-    np.testing.assert_allclose(thick.array[1, 2, 3], truth.array[4:8, 2, 3].mean(), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- plan and training data

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import baselines, cli, degrade, models, study
+from sr3d import baselines, cli, degrade, study
 
 N_CASES = 6
 PAGE_FILES = ("index.html", "study.js", "study.css")
@@ -31,17 +31,9 @@ def scans(ixi_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model")
-    for stage in ("hw", "d"):
-        models.build(stage, 2, filters=4).save(out / f"{stage}.keras")
-    return models.make_bundle(out / "hw.keras", out / "d.keras", out / "bundle", 2)
-
-
-@pytest.fixture(scope="module")
-def config(scans, bundle_dir):
+def config(scans, tiny_bundle_dir):
     return study.StudyConfig(scans=tuple(str(s) for s in scans), methods=("cnn", "lanczos"), scale=2,
-                             n=N_CASES, seed=7, model_dir=str(bundle_dir))
+                             n=N_CASES, seed=7, model_dir=str(tiny_bundle_dir))
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import sys
 import time
 
 import h5py
-import nibabel as nib
 import numpy as np
 import pytest
 
+from sr3d import io as sr3d_io
 from sr3d import training
 from sr3d.training import checkpoints
 
@@ -18,17 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def small_scans(tmp_path_factory, ixi_files):
-    """Crops of three real IXI scans: two to train on, one held out."""
+def small_scans(tmp_path_factory, ixi_files, scan_crop):
+    """12 x 60 x 60 crops of three real IXI scans: two to train on, one held out."""
     out = tmp_path_factory.mktemp("scans")
-    paths = []
-    for f in ixi_files[:2] + ixi_files[-1:]:
-        img = nib.load(f)
-        crop = img.slicer[30:90, 30:90, 40:52]  # (i, j, k) -> Volume (12, 60, 60)
-        path = out / f.name
-        nib.save(nib.Nifti1Image(np.asarray(crop.dataobj, np.float32), crop.affine), path)
-        paths.append(str(path))
-    return paths
+    return [str(sr3d_io.save_volume(scan_crop(f, np.s_[40:52, 30:90, 30:90]), out / f.name))
+            for f in ixi_files[:2] + ixi_files[-1:]]
 
 
 def _config(scans, model_dir, **changes):
@@ -126,15 +120,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_scans, stag
 
 
 @pytest.fixture(scope="module")
-def tiny_hw_model(tmp_path_factory):
-    import keras
-
-    from sr3d import models
-
-    keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("hw") / "hw.keras"
-    models.build("hw", 2, filters=4).save(path)
-    return path
+def tiny_hw_model(tiny_bundle_dir):
+    return tiny_bundle_dir / "hw.keras"
 
 
 def test_cascade_stacks_are_stage_hw_outputs_on_the_3d_degraded_scan(tiny_hw_model):
@@ -157,18 +144,12 @@ def test_cascade_stacks_are_stage_hw_outputs_on_the_3d_degraded_scan(tiny_hw_mod
     np.testing.assert_array_equal(cols.hr[5], hr[:, :, 5])
 
 
-def test_cascade_training_checks_its_stage_hw_model(tmp_path, small_scans, tiny_hw_model):
-    import keras
-
-    from sr3d import models
-
+def test_cascade_training_checks_its_stage_hw_model(tmp_path, small_scans, tiny_hw_model, tiny_bundle_dir):
     with pytest.raises(ValueError, match="stage 'd'"):
         _config(small_scans, tmp_path / "a", stage="hw", hw_model=str(tiny_hw_model))
     with pytest.raises(FileNotFoundError, match="nothing.keras"):
         _config(small_scans, tmp_path / "b", stage="d", hw_model=str(tmp_path / "nothing.keras"))
-    d_model = tmp_path / "d.keras"
-    keras.utils.set_random_seed(0)
-    models.build("d", 2, filters=4).save(d_model)
+    d_model = tiny_bundle_dir / "d.keras"
     with pytest.raises(ValueError, match="d.keras: not a stage-hw network for scale 2"):
         training.train(_config(small_scans, tmp_path / "c", stage="d", hw_model=str(d_model)))
     with pytest.raises(ValueError, match="not a stage-hw network for scale 3"):
