@@ -36,10 +36,10 @@ def test_banded_with_the_receptive_field_as_halo_equals_one_call(rows):
     volume = np.random.default_rng(0).random((2, 9, 4)).astype(np.float32)
     progress = []
     out = tiling.banded(volume, rows, lambda window, keep: _row_sums(window)[:, keep.start * 2:keep.stop * 2],
-                        halo=1, progress=lambda *args: progress.append(args))
+                        halo=1, progress=lambda step: progress.append((step.unit, step.done, step.total, str(step))))
     np.testing.assert_array_equal(out, _row_sums(volume))
     n = len(tiling.bands(9, rows))
-    assert progress == [("bands", i, n) for i in range(1, n + 1)]
+    assert progress == [("bands", i, n, f"{i}/{n} bands") for i in range(1, n + 1)]
 
 
 def test_banded_without_halo_differs_at_band_edges():
