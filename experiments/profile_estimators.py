@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from sr3d import degrade, intensity, selfsup  # noqa: E402
+from sr3d import degrade, selfsup  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,22 +53,13 @@ _RUNS = flags.DEFINE_string("runs", str(REPO / "runs" / "profile_estimators"), "
 _OUT = flags.DEFINE_string("out", str(REPO / "docs" / "thick_slice" / "estimators.md"), "report: Markdown.")
 
 
-def _log_spectrum(array: np.ndarray, axis: int, length: int) -> list:
-    lines = np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
-    lines = lines[lines.std(axis=1) > 0.01]          # as estimate_profile
-    return np.log(selfsup._line_spectrum(lines, length)[1:] + 1e-12).tolist()
-
-
 def case_spectra(volume: sr3d_io.Volume, kind: str, width: float, factor: int) -> dict:
     """Per candidate: the log spectra estimate_profile compares, for each segment length."""
     _, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind, thickness=width / volume.spacing[0])
     plan = selfsup.plan_for(thick.spacing, factor=factor)
-    moved, _ = selfsup._thick_first(thick, plan.axis)
-    x = intensity.window(moved.array).normalise(moved.array).astype(np.float32)
     r = plan.factor
-    fine = [(a, degrade.crop_to_multiple(selfsup._resample_inplane(x, a, mm, plan.network_mm), r, axes=(a,)))
-            for a, mm in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1]))]
-    lengths = [n for n in LENGTHS if n <= x.shape[0] and all(hr.shape[a] // r >= n for a, hr in fine)]
+    fine = selfsup._inplane_fine(thick, plan)
+    lengths = [n for n in LENGTHS if n <= thick.array.shape[plan.axis] and all(hr.shape[a] // r >= n for a, hr in fine)]
     candidates = []
     for candidate in selfsup.PROFILES:
         for fraction in selfsup.ESTIMATE_FRACTIONS:
@@ -77,8 +68,8 @@ def case_spectra(volume: sr3d_io.Volume, kind: str, width: float, factor: int) -
             degraded = [(a, degrade.degrade_along(hr, r, a, kernel)) for a, hr in fine]
             for n in lengths:
                 for a, lr in degraded:
-                    entry[f"inplane{a}_{n}"] = _log_spectrum(lr, a, n)
-                    entry[f"through{a}_{n}"] = _log_spectrum(lr, 0, n)
+                    entry[f"inplane{a}_{n}"] = selfsup._log_spectrum(lr, a, n, thick.source or "volume").tolist()
+                    entry[f"through{a}_{n}"] = selfsup._log_spectrum(lr, 0, n, thick.source or "volume").tolist()
             candidates.append(entry)
     return {"kind": kind, "thickness_mm": width, "factor": factor, "spacing_mm": float(thick.spacing[0]),
             "candidates": candidates}

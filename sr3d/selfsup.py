@@ -223,6 +223,26 @@ def _line_spectrum(lines: np.ndarray, length: int) -> np.ndarray:
     return np.mean(np.abs(np.fft.rfft(segments * window, axis=1)) ** 2, axis=0)
 
 
+def _inplane_fine(volume: sr3d_volume.Volume, plan: ThickSlicePlan) -> list[tuple[int, np.ndarray]]:
+    """(axis, array) for in-plane axes 1 and 2: the scan normalised, thick axis first, resampled along
+    that axis to the network spacing and cropped to a multiple of the factor (what `estimate_profile`
+    degrades by each candidate profile)."""
+    moved, _ = _thick_first(volume, plan.axis)
+    normalised = intensity.window(moved.array).normalise(moved.array).astype(np.float32)
+    return [(axis, degrade.crop_to_multiple(_resample_inplane(normalised, axis, spacing, plan.network_mm),
+                                            plan.factor, axes=(axis,)))
+            for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1]))]
+
+
+def _log_spectrum(array: np.ndarray, axis: int, length: int, name: str) -> np.ndarray:
+    """Log of `_line_spectrum` (DC dropped) of the lines of `array` along `axis`, flat lines left out."""
+    lines = np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
+    lines = lines[lines.std(axis=1) > 0.01]           # flat background says nothing
+    if not lines.size:
+        raise ValueError(f"{name}: the scan is flat: no slice profile to estimate")
+    return np.log(_line_spectrum(lines, length)[1:] + 1e-12)
+
+
 def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = None,
                      kinds: tuple[str, ...] = PROFILES,
                      fractions: tuple[float, ...] = ESTIMATE_FRACTIONS,
@@ -261,26 +281,19 @@ def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
         if kind not in PROFILES:
             raise ValueError(f"profile kinds must be among {PROFILES}, got {kind!r}")
     name = volume.source or "volume"
-    moved, _ = _thick_first(volume, plan.axis)
-    normalised = intensity.window(moved.array).normalise(moved.array).astype(np.float32)
-    length = min(_SPECTRUM_LENGTH, normalised.shape[0])
+    slices = volume.array.shape[plan.axis]
+    length = min(_SPECTRUM_LENGTH, slices)
     if length < 6:
-        raise ValueError(f"{name}: {normalised.shape[0]} slices are too few to estimate the slice profile "
+        raise ValueError(f"{name}: {slices} slices are too few to estimate the slice profile "
                          "(at least 6); give the profile (--slice-profile box|gaussian, --slice-thickness)")
     r = plan.factor
-    fine = []
-    for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1])):
-        hr = degrade.crop_to_multiple(_resample_inplane(normalised, axis, spacing, plan.network_mm), r, axes=(axis,))
+    fine = _inplane_fine(volume, plan)
+    for axis, hr in fine:
         if hr.shape[axis] // r < length:
             raise ValueError(f"{name}: in-plane axis {axis} is too short to estimate the slice profile")
-        fine.append((axis, hr))
 
     def log_spectrum(array: np.ndarray, axis: int) -> np.ndarray:
-        lines = np.moveaxis(array, axis, -1).reshape(-1, array.shape[axis])
-        lines = lines[lines.std(axis=1) > 0.01]           # flat background says nothing
-        if not lines.size:
-            raise ValueError(f"{name}: the scan is flat: no slice profile to estimate")
-        return np.log(_line_spectrum(lines, length)[1:] + 1e-12)
+        return _log_spectrum(array, axis, length, name)
 
     best = None
     for kind in kinds:
