@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from sr3d import inference, intensity, models  # noqa: E402
+from sr3d import inference, intensity, models, upscaling  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     lr = intensity.window(lr).normalise(lr).astype(np.float32)
     bundle = models.load_models(None, 2)
     cases = {"A: bands as before": args.tile_mb / 2, "B: taller bands": args.tile_mb}
-    rows = {name: inference._band_rows(lr.shape, 2, mb, "3d", ensemble=False) for name, mb in cases.items()}
+    rows = {name: upscaling._band_rows(lr.shape, 2, mb, "3d", ensemble=False) for name, mb in cases.items()}
     untiled = inference.upscale_normalised(lr, bundle, tile_mb=None)   # also warms up the traced functions
     times = {name: [] for name in cases}
     max_diff = {}

@@ -4,7 +4,7 @@
 
 For each filter count (untrained x2 stage-hw networks: time does not depend on the weights):
 the median time of one training step (batch 128 of 7 x 7 LR patches, the two-term loss and Adam,
-as sr3d.training compiles it) and of stage hw on 16 slices of 256 x 256 (sr3d.inference's traced
+as sr3d.training compiles it) and of stage hw on 16 slices of 256 x 256 (sr3d.upscaling's traced
 call). The filter counts are interleaved repeat by repeat, so machine load hits them alike;
 ratios are to the first count. Writes OUT/filters.json and OUT/filters.md. The equal-time
 training comparison that uses these ratios is in docs/model_card.md ("Network width").
@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import _report  # noqa: E402
-from sr3d import inference, models, training  # noqa: E402
+from sr3d import models, training, upscaling  # noqa: E402
 
 SCALE, BATCH, PATCH, SLICES, SIDE, STEPS = 2, 128, 7, 16, 256, 10
 
@@ -43,7 +43,7 @@ def _setups(filters: int, rng: np.random.Generator):
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
         return loss
 
-    traced = inference._traced(model)
+    traced = upscaling._traced(model)
     slices = tf.constant(rng.random((SLICES, SIDE, SIDE, 1), dtype=np.float32))
 
     def train_step():

@@ -361,10 +361,10 @@ def _plane_flops(stage: str, plane_shape: tuple, scale: int) -> float:
 
 def batch_sweep(bundle, shape: tuple, sizes: Sizes) -> dict:
     """Per-stage throughput on the volume's plane shapes for each batch size (interleaved rounds)."""
-    from sr3d import inference
+    from sr3d import upscaling
 
     planes = _stage_planes(shape, bundle.scale, sizes.sweep_planes)
-    stages = {(stage, b): inference._Stage(getattr(bundle, stage), b, False, stage)
+    stages = {(stage, b): upscaling._Stage(getattr(bundle, stage), b, False, stage)
               for stage in ("hw", "d") for b in sizes.batch_sizes}
     best = {key: (float("inf"), float("inf")) for key in stages}
     for key, run in stages.items():  # warm-up: tracing and oneDNN primitives
@@ -394,7 +394,7 @@ def calling_ways(bundle, shape: tuple, sizes: Sizes, batch_size: int) -> dict:
     """Same planes through the model called in different ways (interleaved rounds, best time)."""
     import tensorflow as tf
 
-    from sr3d import inference
+    from sr3d import upscaling
 
     planes = _stage_planes(shape, bundle.scale, sizes.sweep_planes)
     results = {}
@@ -403,7 +403,7 @@ def calling_ways(bundle, shape: tuple, sizes: Sizes, batch_size: int) -> dict:
         x = planes[stage]
         jit = tf.function(lambda t, m=model: m(t, training=False)["final"], jit_compile=True)
         ways = {
-            "sr3d _Stage (tf.function, per batch)": inference._Stage(model, batch_size, False, stage),
+            "sr3d _Stage (tf.function, per batch)": upscaling._Stage(model, batch_size, False, stage),
             "tf.function jit_compile=True (XLA)": lambda p: np.concatenate(
                 [jit(p[i:i + batch_size, ..., None]).numpy() for i in range(0, len(p), batch_size)]),
             "model.predict": lambda p, m=model: m.predict(p[..., None], batch_size=batch_size,
@@ -495,16 +495,16 @@ def layer_profile(bundle, shape: tuple, sizes: Sizes) -> dict:
 
 def stage_profile(lr: np.ndarray, bundle, batch_size: int) -> dict:
     """Whole-volume time of stage hw then stage d (untiled), as upscale_normalised runs them."""
-    from sr3d import inference
+    from sr3d import upscaling
 
     flops = stage_flops(lr.shape, bundle.scale)
     r = bundle.scale
     with Meter() as hw_meter:
-        hw_out = inference._Stage(bundle.hw, batch_size, False, "hw")(lr)
+        hw_out = upscaling._Stage(bundle.hw, batch_size, False, "hw")(lr)
     with Meter() as d_meter:
         planes = np.ascontiguousarray(hw_out.transpose(1, 0, 2))
         del hw_out
-        inference._Stage(bundle.d, batch_size, False, "d")(planes)
+        upscaling._Stage(bundle.d, batch_size, False, "d")(planes)
     return {"batch_size": batch_size, "input_shape": list(lr.shape), "scale": r,
             **{stage: {"gflop": flops[stage] / 1e9, "load": meter.record,
                        **_rate(flops[stage], (meter.seconds, meter.record["cpu_seconds"]))}
@@ -575,10 +575,10 @@ def conv_stack_rates(sizes: Sizes) -> dict:
 
 def stage_precision_rates(bundle, shape: tuple, sizes: Sizes) -> dict:
     """Each stage network on the volume's planes (batch 8) in float32 and bfloat16, interleaved."""
-    from sr3d import inference
+    from sr3d import upscaling
 
     planes = _stage_planes(shape, bundle.scale, sizes.sweep_planes)
-    stages = {(stage, p): inference._Stage(getattr(bundle, stage), 8, False, stage, p)
+    stages = {(stage, p): upscaling._Stage(getattr(bundle, stage), 8, False, stage, p)
               for stage in ("hw", "d") for p in PRECISIONS}
     for (stage, _), run in stages.items():
         run(planes[stage][:2])
@@ -690,7 +690,7 @@ def _mem_available_kb() -> int:
 
 def memory_child(shape: tuple, tile_mb: float | None, batch_size: int) -> dict:
     """Runs in a subprocess: peak RSS while upscaling a CT-like volume 2x (VmHWM reset before)."""
-    from sr3d import inference
+    from sr3d import inference, upscaling
 
     bundle, model_source = model_bundle(2)
     inference.upscale_normalised(np.zeros((4, 8, 8), np.float32), bundle, batch_size=batch_size)
@@ -703,7 +703,7 @@ def memory_child(shape: tuple, tile_mb: float | None, batch_size: int) -> dict:
     peak_kb = _status_kb("VmHWM")
     return {"input_shape": list(shape), "output_shape": list(out.shape), "tile_mb": tile_mb,
             "batch_size": batch_size, "source": source, "model": model_source,
-            "rows_per_band": inference._band_rows(shape, 2, tile_mb, "3d", ensemble=False),
+            "rows_per_band": upscaling._band_rows(shape, 2, tile_mb, "3d", ensemble=False),
             "input_mib": lr.nbytes / MIB, "output_mib": out.nbytes / MIB,
             "rss_before_mib": rss_before_kb / 1024, "peak_during_mib": peak_kb / 1024,
             "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -714,10 +714,10 @@ def memory_child(shape: tuple, tile_mb: float | None, batch_size: int) -> dict:
 
 def activation_child(stage: str, rows: int, cols: int, batch_size: int) -> dict:
     """Runs in a subprocess: peak RSS of one batch of (rows, cols) planes through one stage network."""
-    from sr3d import inference
+    from sr3d import upscaling
 
     bundle, _ = model_bundle(2)
-    run = inference._Stage(getattr(bundle, stage), batch_size, False, stage)
+    run = upscaling._Stage(getattr(bundle, stage), batch_size, False, stage)
     run(np.zeros((1, 8, 8), np.float32))
     planes = np.random.default_rng(0).random((batch_size, rows, cols), dtype=np.float32)
     rss_before_kb = _status_kb("VmRSS")

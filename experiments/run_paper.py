@@ -38,7 +38,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sr3d  # noqa: E402
-from sr3d import evaluation, inference, models, training  # noqa: E402
+from sr3d import evaluation, inference, models, training, upscaling  # noqa: E402
 from sr3d import baselines, degrade, intensity, metrics, transforms  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 from sr3d import volume as sr3d_volume  # noqa: E402
@@ -523,7 +523,7 @@ def plot_training_curves(histories: dict[str, str | None], png: pathlib.Path, ti
 def seconds_per_slice(model, repeats: int) -> dict:
     """Wall time of stage hw on one TIMING_LR_SIDE^2 LR slice (batch of 1, after warm-up): median
     and minimum over `repeats` runs (on a shared machine the minimum is the least disturbed)."""
-    stage = inference._Stage(model, batch_size=1, ensemble=False, kind="hw")
+    stage = upscaling._Stage(model, batch_size=1, ensemble=False, kind="hw")
     lr = np.random.default_rng(SEED).random((1, TIMING_LR_SIDE, TIMING_LR_SIDE), dtype=np.float32)
     for _ in range(2):
         stage(lr)
@@ -706,7 +706,7 @@ def ensemble_transforms(entry: dict, scales: tuple[int, ...]) -> dict:
     protocols = _protocols_for(entry)
     out = {}
     for scale in scales:
-        stage = inference._Stage(models.load_models(None, scale).hw, 8, False, "hw")
+        stage = upscaling._Stage(models.load_models(None, scale).hw, 8, False, "hw")
         per_scan = {name: [] for name in [f"transform {k}" for k in range(8)] + ["median (ensemble)", "mean"]}
         for path in entry["scans"]:
             volume = sr3d_io.load_volume(path)

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from sr3d import baselines, data, degrade, intensity, metrics, selfcheck
+from sr3d import baselines, data, degrade, intensity, metrics, selfcheck, upscaling
 
 _MIN_TRAIN_LR_ROWS = 7          # the LR patch side: the rows left for training must hold one patch
 
@@ -147,17 +147,17 @@ def adapt(array: np.ndarray, bundle, mode: str = "3d", config: AdaptConfig = Ada
     on held-out rows whether to keep the result.
 
     array: float32 (D, H, W), scanner units. upscale_fn(normalised, bundle) -> upscaled in `mode`
-    (default `sr3d.inference.upscale_normalised`). Raises ValueError if the scan is too small.
+    (default `sr3d.upscaling.upscale_normalised`). Raises ValueError if the scan is too small.
     """
     import keras
 
-    from sr3d import inference, training
+    from sr3d import training
     from sr3d import models as sr3d_models
 
     start = time.perf_counter()
     if mode not in degrade.MODE_AXES:
         raise ValueError(f"mode must be one of {tuple(degrade.MODE_AXES)}, got {mode!r}")
-    upscale_fn = upscale_fn or (lambda x, b: inference.upscale_normalised(x, b, mode=mode))
+    upscale_fn = upscale_fn or (lambda x, b: upscaling.upscale_normalised(x, b, mode=mode))
     r, axes = bundle.scale, degrade.MODE_AXES[mode]
     min_lr = selfcheck.MIN_SIDE
     win = intensity.window(array)

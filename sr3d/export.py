@@ -70,7 +70,7 @@ def _serving_fns(hw_model, d_model, scale: int):
         plane runs beside a copy of itself): the graph's `sr3d.tiling.batched`. oneDNN takes other
         kernels for a batch of one plane (on Intel AMX a float32 layer then differs in its last bit,
         which a bf16 layer after it can turn into a visible difference), so pairs keep the served
-        numbers those of the Python path, which never runs a batch of one (`sr3d.inference`)."""
+        numbers those of the Python path, which never runs a batch of one (`sr3d.upscaling`)."""
         count = tf.shape(planes)[0]
         paired = tf.concat([planes, planes[count - count % 2:]], axis=0)
         paired = tf.reshape(paired, tf.concat([[-1, 2], tf.shape(planes)[1:]], axis=0))
@@ -79,7 +79,7 @@ def _serving_fns(hw_model, d_model, scale: int):
         return tf.reshape(out, tf.concat([[-1], tf.shape(out)[2:]], axis=0))[:count]
 
     def run(normalised, mode: str):
-        """`sr3d.inference.upscale_normalised` untiled, without ensemble: stage hw on every
+        """`sr3d.upscaling.upscale_normalised` untiled, without ensemble: stage hw on every
         slice, then in 3d stage d on every (D, rW) plane."""
         x = run_planes(hw_model, normalised)                         # (D, rH, rW)
         if mode == "3d":
@@ -88,7 +88,7 @@ def _serving_fns(hw_model, d_model, scale: int):
         return x
 
     def upscale(volume, mode: str):
-        """The steps of `sr3d.inference.run_in_scanner_units` in TensorFlow: normalise -> run ->
+        """The steps of `sr3d.upscaling.run_in_scanner_units` in TensorFlow: normalise -> run ->
         denormalise -> clip to the input's range (the client keeps the grid: no wrap)."""
         volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
         lo, hi = intensity.window_tf(volume)

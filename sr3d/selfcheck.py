@@ -201,7 +201,7 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
 
     array: float32 (D, H, W), scanner units (the scan to be upscaled).
     upscale_normalised: the CNN as a function, normalised (D, H, W) -> upscaled by `scale`
-        in `mode` (e.g. `functools.partial(inference.upscale_normalised, models=bundle, mode=mode)`).
+        in `mode` (e.g. `functools.partial(sr3d.upscaling.upscale_normalised, models=bundle, mode=mode)`).
     min_side: the smallest slice side the network takes (its receptive field).
     noise: how the pair is noise-matched (`noise_matched_pair`): "measured" (default),
         "white", or "none" for the naive check, kept to measure what the matching buys.

@@ -57,7 +57,7 @@ import time
 
 import numpy as np
 
-from sr3d import data, degrade, intensity
+from sr3d import data, degrade, intensity, upscaling
 from sr3d.degrade import PROFILES, degrade_along, simulate_thick_slices, slice_profile  # noqa: F401
 from sr3d import files as sr3d_files
 from sr3d import volume as sr3d_volume
@@ -773,7 +773,7 @@ def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_sp
     spacing target_spacing along the thick axis, the same field of view.
     planes: "dw" (the (thick, W) planes) or "both" (also (thick, H), averaged).
     """
-    from sr3d import inference, models
+    from sr3d import models
 
     if model_or_config is None or isinstance(model_or_config, SelfSupConfig):
         config = model_or_config or SelfSupConfig()
@@ -801,12 +801,12 @@ def upscale_thick(volume: sr3d_volume.Volume, model_or_config=None, *, target_sp
         lambda step: progress(Step(step.unit, step.done, step.total, f"upscaling the thick axis: {step}")))
 
     def run(normalised: np.ndarray) -> np.ndarray:
-        return inference.upscale_depth_normalised(normalised, model, ensemble=ensemble, planes=planes,
+        return upscaling.upscale_depth_normalised(normalised, model, ensemble=ensemble, planes=planes,
                                                   batch_size=batch_size, progress=band_progress)
 
     if plan.resample:
         resample, wrap = _resampling_along_d(moved, plan.factor, plan.target_mm)
     else:
         resample, wrap = None, lambda fine: sr3d_volume.upscaled_volume(moved, fine, plan.factor, axes=(0,))
-    result = inference.run_in_scanner_units(moved, run, wrap, resample=resample)
+    result = upscaling.run_in_scanner_units(moved, run, wrap, resample=resample)
     return _permuted(result, np.argsort(perm))
