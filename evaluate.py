@@ -24,8 +24,9 @@ _METHODS = flags.DEFINE_list("methods", list(baselines.METHODS), "Interpolation 
 _CNN = flags.DEFINE_string("cnn", None, "Model bundle directory (or one with x2/, x4/ bundles) for a "
                            "'cnn' row; 'shipped' for the shipped models.")
 _ENSEMBLE = flags.DEFINE_bool("ensemble", False, "Self-ensemble for the CNN row.")
-_PLANES = flags.DEFINE_enum("planes", "dw", ["dw", "both"], "3D CNN row: stage d on (D, W) planes, or on "
-                            "(D, W) and (D, H) planes averaged.")
+_PLANES = flags.DEFINE_enum("planes", "dw", ["dw", "both", "all"], "3D CNN row: stage d on (D, W) planes, on "
+                            "(D, W) and (D, H) planes averaged, or all: the cascade with each axis once as depth, "
+                            "the three averaged.")
 _PROTOCOLS = flags.DEFINE_list("protocol", list(evaluation.PROTOCOLS), "Scoring protocols, comma-separated: "
                                "float (scan units in a fixed window), paper (8-bit slices, as the authors).")
 _DATA_RANGE = flags.DEFINE_list("data_range", None, "lo,hi window of the float protocol in scanner "

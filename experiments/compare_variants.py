@@ -9,6 +9,9 @@ training variants before running that.
 
     python experiments/compare_variants.py --mode 2d --scale 2 shipped runs/x/hw.keras:ship
 
+A variant ending in `@PLANES` (3d only) runs with `planes=PLANES` (`sr3d.upscaling`): `shipped@all`
+is the cascade with each axis once as depth, the three averaged; `shipped@both`.
+
 --perturb changes each HR slab before it is degraded, to see what in a scan limits the margin:
 `noise:S` adds white Gaussian noise of S times the slab's 0.5-99.5 percentile window to its
 non-background voxels, `blur:S` blurs it in-plane with a Gaussian of S pixels. The last column is
@@ -23,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from sr3d import baselines, degrade, inference, intensity, metrics, models, selfcheck  # noqa: E402
+from sr3d import baselines, degrade, intensity, metrics, models, selfcheck, upscaling  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
 
@@ -41,7 +44,12 @@ def main() -> None:
     r = args.scale
     shipped = models.load_models(None, r)
     bundles = []
+    variant_planes = []
     for variant in args.variants:
+        variant, _, suffix = variant.partition("@")
+        if suffix and (suffix not in upscaling.PLANES or args.mode != "3d"):
+            parser.error(f"{variant}@{suffix}: expected @ one of {upscaling.PLANES}, with --mode 3d")
+        variant_planes.append(suffix or "dw")
         if variant == "shipped":
             bundles.append(shipped)
             continue
@@ -82,8 +90,9 @@ def main() -> None:
 
         lanczos = psnr(baselines.upscale(lr, r, "lanczos", args.mode))
         window = intensity.window(lr)
-        row = [psnr(window.denormalise(inference.upscale_normalised(window.normalise(lr), b, mode=args.mode)))
-               - lanczos for b in bundles]
+        row = [psnr(window.denormalise(upscaling.upscale_normalised(window.normalise(lr), b, mode=args.mode,
+                                                                    planes=planes))) - lanczos
+               for b, planes in zip(bundles, variant_planes)]
         margins.append(row)
         print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.{args.decimals}f}" for m in row)
               + f"   noise {sigma:.4f}", flush=True)

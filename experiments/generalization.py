@@ -49,25 +49,26 @@ def slug(domain: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in domain).strip("_")
 
 
-def run_eval(model: str, groups, out: pathlib.Path, modes, scales) -> None:
+def run_eval(model: str, groups, out: pathlib.Path, modes, scales, planes: str = "dw") -> None:
     for scale in scales:
         for domain, records in groups.items():
             for mode in modes:
-                _eval_one(model, domain, records, out, mode, scale)
+                _eval_one(model, domain, records, out, mode, scale, planes if mode == "3d" else "dw")
 
 
 def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib.Path:
     return out / f"{slug(domain)}_{mode}_x{scale}"
 
 
-def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, scale: int) -> None:
+def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, scale: int,
+              planes: str = "dw") -> None:
     where = report_dir(out, domain, mode, scale)
     if (where / "results.json").exists():
         return
     print(f"evaluating {domain} {mode} x{scale} ({len(records)} scans)", flush=True)
     config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=(scale,),
                                    mode=mode, methods=("lanczos",), cnn={"cnn": model},
-                                   protocols=("float",), with_ifc=False, out_dir=str(where))
+                                   protocols=("float",), with_ifc=False, out_dir=str(where), planes=planes)
     results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
     evaluation.write_report(results, where)
 
@@ -187,13 +188,22 @@ def main() -> None:
     parser.add_argument("--modes", default="3d,2d")
     parser.add_argument("--scales", default="2,4")
     parser.add_argument("--part", default="all", choices=["all", "eval", "selfcheck", "report"])
+    parser.add_argument("--planes", default="dw", choices=["dw", "both", "all"],
+                        help="3d CNN rows (eval part): as evaluate.py --planes; the self-check part runs dw")
+    parser.add_argument("--domains", default="", help="comma-separated domains of DOMAIN_ORDER to keep (default all)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     groups = test_groups(pathlib.Path(args.corpus))
+    if args.domains:
+        keep = args.domains.split(",")
+        unknown = [d for d in keep if d not in groups]
+        if unknown:
+            parser.error(f"--domains: {unknown} not among {list(groups)}")
+        groups = {d: r for d, r in groups.items() if d in keep}
     modes, scales = args.modes.split(","), [int(s) for s in args.scales.split(",")]
     if args.part in ("all", "eval"):
-        run_eval(args.model, groups, out, modes, scales)
+        run_eval(args.model, groups, out, modes, scales, args.planes)
     if args.part in ("all", "selfcheck"):
         run_selfcheck(args.model, groups, out, modes, scales)
     print(report(out, groups, modes, scales))

@@ -137,6 +137,8 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
     network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+    if mode == "3d":
+        report["planes"] = network_options.get("planes", "dw")
 
     def run(normalised: np.ndarray, bundle: ModelBundle) -> np.ndarray:
         """The CNN as the real upscale runs it (the options that change its numbers, not tiling)."""

@@ -195,18 +195,20 @@ def test_upscale_2d_in_process(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
                                _fov_corners(written_in.affine, written_in.shape), rtol=0, atol=1e-4)
 
 
-def test_upscale_planes_both_is_the_api_average(tmp_path, nifti_crop, tiny_bundle_dir, capsys):
-    out = tmp_path / "crop_both.nii.gz"
-    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", "both",
+@pytest.mark.parametrize("planes", ["both", "all"])
+def test_upscale_planes_is_the_api_result(tmp_path, nifti_crop, tiny_bundle_dir, capsys, planes):
+    out = tmp_path / f"crop_{planes}.nii.gz"
+    status = cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", planes,
                        "--precision", "float32"])
     assert status == 0, capsys.readouterr().err
     volume = sr3d_io.load_volume(nifti_crop)
     bundle = models.load_models(tiny_bundle_dir, 2)
-    both = inference.upscale_volume(volume, bundle, planes="both").array
+    expected = inference.upscale_volume(volume, bundle, planes=planes).array
     dw = inference.upscale_volume(volume, bundle, planes="dw").array
     written = sr3d_io.load_volume(out).array
-    np.testing.assert_allclose(written, both, rtol=0, atol=1e-3 * np.abs(both).max())
+    np.testing.assert_allclose(written, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
     assert np.abs(written - dw).max() > 1e-2 * np.abs(dw).max()  # it is not the default path
+    assert json.loads(out.with_suffix("").with_suffix(".json").read_text())["planes"] == planes
 
 
 def test_bundle_command(tmp_path, tiny_bundle_dir, capsys):
@@ -239,7 +241,8 @@ def bad_inputs(tmp_path):
     ("CROP", "out/x.nii.gz", ["--scale", "3"], "the model upscales by 2, not by 3"),
     ("CROP", "out/x.nii.gz", ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     ("CROP", "out/x.nii.gz", ["--tile-mb", "-1"], "--tile-mb must be a positive number of megabytes, got -1"),
-    ("CROP", "out/x.nii.gz", ["--axes", "2d", "--planes", "both"], "--planes applies to stage d"),
+    ("CROP", "out/x.nii.gz", ["--axes", "2d", "--planes", "both"], "--planes applies only with --axes 3d"),
+    ("CROP", "out/x.nii.gz", ["--axes", "2d", "--planes", "all"], "--planes applies only with --axes 3d"),
 ])
 def test_upscale_errors_in_process(bad_inputs, nifti_crop, tiny_bundle_dir, capsys, input_name, output_name,
                                    extra, named):

@@ -246,7 +246,8 @@ def test_lr_volume_affine_places_lr_voxels_over_their_hr_blocks(crops):
 
 @pytest.mark.parametrize("changes", [{"mode": "4d"}, {"methods": ("cubic",)}, {"scales": (1,)},
                                      {"data_range": (5.0, 1.0)}, {"protocols": ("float", "float")},
-                                     {"cnn": {"lanczos": None}}, {"crop_border": -1}, {"planes": "dh"}])
+                                     {"cnn": {"lanczos": None}}, {"crop_border": -1}, {"planes": "dh"},
+                                     {"planes": "all", "mode": "2d"}])
 def test_config_rejects_bad_values(changes):
     with pytest.raises(ValueError):
         evaluation.EvalConfig(scans=("scan.nii.gz",), **changes)

@@ -37,7 +37,8 @@ class EvalConfig:
     out_dir: directory of the report (`write_report`).
     ensemble: self-ensemble for the CNN rows (8 transforms for stage hw, 4 for stage d).
     planes: stage d of the CNN rows in 3D on (D, W) planes ("dw") or on both (D, W) and (D, H)
-        planes, averaged ("both"); see `sr3d.inference`.
+        planes, averaged ("both"), or the cascade with each axis once as depth, the three averaged
+        ("all", mode 3d only); see `sr3d.upscaling`.
     """
 
     scans: tuple[str, ...]
@@ -89,10 +90,12 @@ class EvalConfig:
                 or self.crop_border < 0:
             raise ValueError(f"EvalConfig: crop_border must be a non-negative integer, got {self.crop_border!r}")
         object.__setattr__(self, "out_dir", os.fspath(self.out_dir))
-        from sr3d.inference import PLANES  # no TensorFlow: the name list only
+        from sr3d.upscaling import PLANES  # no TensorFlow: the name list only
 
         if self.planes not in PLANES:
             raise ValueError(f"EvalConfig: planes must be one of {PLANES}, got {self.planes!r}")
+        if self.planes == "all" and self.mode != "3d":
+            raise ValueError(f"EvalConfig: planes 'all' upscales every axis: it needs mode 3d, got {self.mode!r}")
 
     def to_json(self) -> dict:
         """The config as JSON values; CNN entries as their directory, "shipped" or "in-memory"."""
