@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated parts of scan names to keep")
     parser.add_argument("--perturb", default="none", help="none, noise:S or blur:S (see above)")
     parser.add_argument("--decimals", type=int, default=2, help="decimals of the per-scan margins")
+    parser.add_argument("--ensemble", action="store_true", help="self-ensemble every variant (sr3d upscale --ensemble)")
     args = parser.parse_args()
     r = args.scale
     shipped = models.load_models(None, r)
@@ -91,7 +92,8 @@ def main() -> None:
         lanczos = psnr(baselines.upscale(lr, r, "lanczos", args.mode))
         window = intensity.window(lr)
         row = [psnr(window.denormalise(upscaling.upscale_normalised(window.normalise(lr), b, mode=args.mode,
-                                                                    planes=planes))) - lanczos
+                                                                    planes=planes, ensemble=args.ensemble)))
+               - lanczos
                for b, planes in zip(bundles, variant_planes)]
         margins.append(row)
         print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.{args.decimals}f}" for m in row)

@@ -49,11 +49,11 @@ def slug(domain: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in domain).strip("_")
 
 
-def run_eval(model: str, groups, out: pathlib.Path, modes, scales, planes: str = "dw") -> None:
+def run_eval(model: str, groups, out: pathlib.Path, modes, scales, planes: str = "dw", ensemble: bool = False) -> None:
     for scale in scales:
         for domain, records in groups.items():
             for mode in modes:
-                _eval_one(model, domain, records, out, mode, scale, planes if mode == "3d" else "dw")
+                _eval_one(model, domain, records, out, mode, scale, planes if mode == "3d" else "dw", ensemble)
 
 
 def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib.Path:
@@ -61,14 +61,15 @@ def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib
 
 
 def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, scale: int,
-              planes: str = "dw") -> None:
+              planes: str = "dw", ensemble: bool = False) -> None:
     where = report_dir(out, domain, mode, scale)
     if (where / "results.json").exists():
         return
     print(f"evaluating {domain} {mode} x{scale} ({len(records)} scans)", flush=True)
     config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=(scale,),
                                    mode=mode, methods=("lanczos",), cnn={"cnn": model},
-                                   protocols=("float",), with_ifc=False, out_dir=str(where), planes=planes)
+                                   protocols=("float",), with_ifc=False, out_dir=str(where), planes=planes,
+                                   ensemble=ensemble)
     results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
     evaluation.write_report(results, where)
 
@@ -116,10 +117,10 @@ def real_margins(out: pathlib.Path, groups, modes) -> dict:
     return margins
 
 
-def report(out: pathlib.Path, groups, modes, scales) -> str:
+def report(out: pathlib.Path, groups, modes, scales, planes: str = "dw", ensemble: bool = False) -> str:
     lines = ["# Held-out scores per domain and self-check accuracy", "",
-             "Float protocol (PSNR peak = the domain's global HR range, SSIM Gaussian), no IFC, no "
-             "self-ensemble; mean over the domain's test scans; † per-slice PSNR differs from Lanczos at "
+             "Float protocol (PSNR peak = the domain's global HR range, SSIM Gaussian), no IFC, "
+             f"{'self-ensemble' if ensemble else 'no self-ensemble'}, 3D planes {planes!r}; mean over the domain's test scans; † per-slice PSNR differs from Lanczos at "
              "p < 0.001 (Wilcoxon signed-rank). Each cell: Lanczos -> CNN (margin).", "",
              "| domain (test scans) | mode | x | Lanczos PSNR | CNN PSNR | margin dB | Lanczos SSIM | CNN SSIM |",
              "|---|---|---|---|---|---|---|---|"]
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=["all", "eval", "selfcheck", "report"])
     parser.add_argument("--planes", default="dw", choices=["dw", "both", "all"],
                         help="3d CNN rows (eval part): as evaluate.py --planes; the self-check part runs dw")
+    parser.add_argument("--ensemble", action="store_true", help="self-ensemble the CNN rows (eval part)")
     parser.add_argument("--domains", default="", help="comma-separated domains of DOMAIN_ORDER to keep (default all)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
@@ -203,10 +205,10 @@ def main() -> None:
         groups = {d: r for d, r in groups.items() if d in keep}
     modes, scales = args.modes.split(","), [int(s) for s in args.scales.split(",")]
     if args.part in ("all", "eval"):
-        run_eval(args.model, groups, out, modes, scales, args.planes)
+        run_eval(args.model, groups, out, modes, scales, args.planes, args.ensemble)
     if args.part in ("all", "selfcheck"):
         run_selfcheck(args.model, groups, out, modes, scales)
-    print(report(out, groups, modes, scales))
+    print(report(out, groups, modes, scales, args.planes, args.ensemble))
 
 
 if __name__ == "__main__":
