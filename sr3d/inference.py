@@ -137,6 +137,9 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
     network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+    auto = network_options.get("planes") == "auto"
+    if auto:
+        _check_auto_planes(mode, self_check, adapt)
     if mode == "3d":
         report["planes"] = network_options.get("planes", "dw")
 
@@ -152,8 +155,12 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
         report["adaptation"] = adapted.to_json()
         models = adapted.bundle
     check = None
-    if self_check:
+    if auto:
+        chosen, check, report["planes_choice"] = choose_planes(volume, models, r, ensemble, network_options, say)
+        network_options["planes"] = options["planes"] = report["planes"] = chosen
+    elif self_check:
         check = selfcheck.self_check(volume.array, lambda x: run(x, models), r, mode)
+    if self_check:
         if check is None:
             why = selfcheck.check_size(volume.shape, r, mode)
             report["self_check"] = {"skipped": why}
@@ -172,6 +179,41 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
         result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, **options)
         report["method"] = "cnn"
     return result.replace(report=report), models
+
+
+AUTO_PLANES = ("dw", "all")   # what planes "auto" chooses between
+
+
+def _check_auto_planes(mode: str, self_check: bool, adapt) -> None:
+    if mode != "3d":
+        raise ValueError(f"planes 'auto' chooses between the 3D passes (dw, all): it applies to mode 3d, not {mode!r}")
+    if not self_check:
+        raise ValueError("planes 'auto' is chosen by the self-check: drop --no-self-check, or give --planes dw or all")
+    if adapt is not None:
+        raise ValueError("planes 'auto' with adaptation (--adapt): give --planes dw or all")
+
+
+def choose_planes(volume: sr3d_volume.Volume, models: ModelBundle, r: int, ensemble: bool, network_options: dict,
+                   say: Callable[[str], None]):
+    """planes "auto": the self-check run with one pass (dw) and with three orientations (all); the
+    higher self-check PSNR wins (the Lanczos side is the same for both: same region, same seed).
+    dw when the scan is too small for the self-check. Returns (planes, the winner's SelfCheck or
+    None, what to report)."""
+    from sr3d import selfcheck
+
+    checks = {}
+    for planes in AUTO_PLANES:
+        options = {**network_options, "planes": planes}
+        checks[planes] = selfcheck.self_check(
+            volume.array, lambda x: upscale_normalised(x, models, mode="3d", ensemble=ensemble, **options), r, "3d")
+        if checks[planes] is None:
+            say("planes auto: one pass (dw); the scan is too small for the self-check that chooses")
+            return "dw", None, {"chosen": "dw", "why": "the scan is too small for the self-check"}
+    chosen = "all" if checks["all"].margin_db > checks["dw"].margin_db else "dw"
+    say(f"planes auto: {'three orientations (all)' if chosen == 'all' else 'one pass (dw)'}; self-check "
+        f"{checks['all'].margin_db:+.2f} dB with three orientations, {checks['dw'].margin_db:+.2f} dB with one pass")
+    return chosen, checks[chosen], {"chosen": chosen, **{f"{p}_self_check_margin_db": round(c.margin_db, 4)
+                                                         for p, c in checks.items()}}
 
 
 def as_volume(volume_or_path, spacing=None) -> sr3d_volume.Volume:

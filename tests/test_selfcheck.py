@@ -4,13 +4,14 @@ Golden values come from first principles: a Gaussian of known sigma for the nois
 a "CNN" that is Lanczos itself (margin exactly 0) or nearest neighbour (it must lose), and
 the baseline's own Lanczos output for the fallback.
 """
+import functools
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from sr3d import adapt, baselines, cli, degrade, inference, models, selfcheck
+from sr3d import adapt, baselines, cli, degrade, inference, models, selfcheck, upscaling
 from sr3d import io as sr3d_io
 
 
@@ -170,3 +171,48 @@ def test_cli_adapt_writes_report_and_saves_the_kept_bundle(tmp_path, t2_crop, ti
         assert not saved.exists() and "not writing" in err
     assert cli.main(["upscale", str(t2_crop), str(tmp_path / "b.nii.gz"), "--adapt-steps", "3"]) == 2
     assert "--adapt-seconds and --adapt-steps apply only with --adapt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- planes "auto"
+
+def test_planes_auto_takes_the_pass_that_wins_the_self_check(t2_crop, tiny_bundle_dir):
+    volume = sr3d_io.load_volume(t2_crop)
+    bundle = models.load_models(tiny_bundle_dir, 2)
+    checks = {planes: selfcheck.self_check(volume.array, functools.partial(
+        upscaling.upscale_normalised, models=bundle, mode="3d", planes=planes), 2, "3d") for planes in ("dw", "all")}
+    assert None not in checks.values(), "the crop should be big enough for the 3D self-check"
+    chosen = max(checks, key=lambda p: checks[p].margin_db)
+    lines = []
+    result, _ = inference.upscale_checked(volume, bundle, planes="auto", log=lines.append)
+    assert result.report["planes"] == chosen and result.report["planes_choice"]["chosen"] == chosen
+    assert result.report["planes_choice"]["dw_self_check_margin_db"] == round(checks["dw"].margin_db, 4)
+    assert result.report["self_check"]["margin_db"] == round(checks[chosen].margin_db, 4)
+    assert lines[0].startswith("planes auto: ")
+    np.testing.assert_array_equal(result.array, inference.upscale_volume(volume, bundle, planes=chosen).array)
+
+
+def test_planes_auto_falls_back_to_one_pass_on_a_scan_too_small_to_check(tiny_bundle_dir):
+    volume = inference.as_volume(np.random.default_rng(0).random((3, 24, 24)).astype(np.float32), spacing=1.0)
+    result, _ = inference.upscale_checked(volume, models.load_models(tiny_bundle_dir, 2), planes="auto")
+    assert result.report["planes"] == "dw" and "too small" in result.report["planes_choice"]["why"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "2d"}, "planes 'auto' chooses between the 3D passes"),
+    ({"self_check": False}, "planes 'auto' is chosen by the self-check"),
+    ({"adapt": "config"}, "planes 'auto' with adaptation"),
+])
+def test_planes_auto_refuses_what_it_cannot_decide(t2_crop, tiny_bundle_dir, options, message):
+    if options.get("adapt") == "config":
+        options = {"adapt": adapt.AdaptConfig()}
+    with pytest.raises(ValueError, match=message):
+        inference.upscale_checked(sr3d_io.load_volume(t2_crop), models.load_models(tiny_bundle_dir, 2),
+                                  planes="auto", **options)
+
+
+def test_cli_planes_auto_with_no_self_check_is_one_line(tmp_path, t2_crop, tiny_bundle_dir, capsys):
+    out = tmp_path / "auto.nii.gz"
+    assert cli.main(["upscale", str(t2_crop), str(out), "--model", str(tiny_bundle_dir), "--planes", "auto",
+                     "--no-self-check"]) == 2
+    assert "planes 'auto' is chosen by the self-check" in capsys.readouterr().err
+    assert not out.exists()
