@@ -48,7 +48,7 @@ def main() -> None:
         hr = degrade.crop_to_multiple(np.asarray(volume.array, np.float32), scale, axes=(0, 1, 2))
         lr = inference.as_volume(degrade.downscale(hr, scale, axes=(0, 1, 2)),
                                  spacing=tuple(s * scale for s in volume.spacing))
-        chosen, _, choice = inference.choose_planes(lr, models.load_models(None, scale), scale, False, {}, print)
+        chosen, _, choice = inference.choose_planes(lr, models.load_models(None, scale), False, {}, print)
         real = {"dw": one[(scan, scale)], "all": three[(scan, scale)]}
         rows.append({"scan": pathlib.Path(scan).name.split(".")[0], "scale": scale, "real_dw": round(real["dw"], 3),
                      "real_all": round(real["all"], 3), "chosen": chosen, "real_chosen": round(real[chosen], 3),

@@ -18,8 +18,8 @@ from sr3d import baselines, degrade
 from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
 from sr3d.progress import Progress
-from sr3d.upscaling import (AXIS_MODES, MODES, PLANES, clipped_to_range, run_in_scanner_units,  # noqa: F401
-                            upscale_depth_normalised, upscale_normalised)
+from sr3d.upscaling import (AXIS_MODES, MODES, PLANES, clipped_to_range, mean_of_orientations,  # noqa: F401
+                            orientation_passes, run_in_scanner_units, upscale_depth_normalised, upscale_normalised)
 
 if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
     from sr3d.models import ModelBundle
@@ -156,7 +156,7 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
         models = adapted.bundle
     check = None
     if auto:
-        chosen, check, report["planes_choice"] = choose_planes(volume, models, r, ensemble, network_options, say)
+        chosen, check, report["planes_choice"] = choose_planes(volume, models, ensemble, network_options, say)
         network_options["planes"] = options["planes"] = report["planes"] = chosen
     elif self_check:
         check = selfcheck.self_check(volume.array, lambda x: run(x, models), r, mode)
@@ -193,27 +193,29 @@ def _check_auto_planes(mode: str, self_check: bool, adapt) -> None:
         raise ValueError("planes 'auto' with adaptation (--adapt): give --planes dw or all")
 
 
-def choose_planes(volume: sr3d_volume.Volume, models: ModelBundle, r: int, ensemble: bool, network_options: dict,
-                   say: Callable[[str], None]):
-    """planes "auto": the self-check run with one pass (dw) and with three orientations (all); the
-    higher self-check PSNR wins (the Lanczos side is the same for both: same region, same seed).
-    dw when the scan is too small for the self-check. Returns (planes, the winner's SelfCheck or
-    None, what to report)."""
+def choose_planes(volume: sr3d_volume.Volume, models: ModelBundle, ensemble: bool, network_options: dict,
+                  say: Callable[[str], None]):
+    """planes "auto": the self-check scored with one pass (dw) and with three orientations (all) on
+    the same pair (`sr3d.selfcheck.self_checks`; the three passes run once, the first is dw); the
+    higher self-check PSNR wins (the Lanczos side is the same for both). dw when the scan is too
+    small for the self-check. Returns (planes, the winner's SelfCheck or None, what to report)."""
     from sr3d import selfcheck
 
-    checks = {}
-    for planes in AUTO_PLANES:
-        options = {**network_options, "planes": planes}
-        checks[planes] = selfcheck.self_check(
-            volume.array, lambda x: upscale_normalised(x, models, mode="3d", ensemble=ensemble, **options), r, "3d")
-        if checks[planes] is None:
-            say("planes auto: one pass (dw); the scan is too small for the self-check that chooses")
-            return "dw", None, {"chosen": "dw", "why": "the scan is too small for the self-check"}
+    options = {k: v for k, v in network_options.items() if k != "planes"}
+
+    def candidates(lr: np.ndarray) -> dict[str, np.ndarray]:
+        passes = list(orientation_passes(lr, models, ensemble=ensemble, **options))
+        return {"dw": passes[0], "all": mean_of_orientations(passes)}
+
+    checks = selfcheck.self_checks(volume.array, candidates, models.scale, "3d")
+    if checks is None:
+        say("planes auto: one pass (dw); the scan is too small for the self-check that chooses")
+        return "dw", None, {"chosen": "dw", "why": "the scan is too small for the self-check"}
     chosen = "all" if checks["all"].margin_db > checks["dw"].margin_db else "dw"
     say(f"planes auto: {'three orientations (all)' if chosen == 'all' else 'one pass (dw)'}; self-check "
         f"{checks['all'].margin_db:+.2f} dB with three orientations, {checks['dw'].margin_db:+.2f} dB with one pass")
-    return chosen, checks[chosen], {"chosen": chosen, **{f"{p}_self_check_margin_db": round(c.margin_db, 4)
-                                                         for p, c in checks.items()}}
+    return chosen, checks[chosen], {"chosen": chosen, **{f"{p}_self_check_margin_db": round(checks[p].margin_db, 4)
+                                                         for p in AUTO_PLANES}}
 
 
 def as_volume(volume_or_path, spacing=None) -> sr3d_volume.Volume:

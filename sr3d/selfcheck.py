@@ -206,6 +206,18 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
     noise: how the pair is noise-matched (`noise_matched_pair`): "measured" (default),
         "white", or "none" for the naive check, kept to measure what the matching buys.
     """
+    checks = self_checks(array, lambda lr: {"cnn": upscale_normalised(lr)}, scale, mode, seed=seed,
+                         min_side=min_side, noise=noise)
+    return None if checks is None else checks["cnn"]
+
+
+def self_checks(array: np.ndarray, candidates, scale: int, mode: str = "3d", *, seed: int = 0,
+                min_side: int = MIN_SIDE, noise: str = "measured") -> dict[str, SelfCheck] | None:
+    """`self_check` of several upscalers on one and the same pair: the region, the noise-matched
+    pair, Lanczos and its scores are made once. candidates: normalised LR -> {name: its upscaled
+    output} (one call, so candidates can share work, e.g. the passes of `sr3d.upscaling`'s planes
+    "dw" and "all"). Returns {name: SelfCheck} (seconds: the whole check), or None if the scan is
+    too small."""
     start = time.perf_counter()
     array = np.asarray(array, np.float32)
     if mode not in degrade.MODE_AXES:
@@ -221,16 +233,24 @@ def self_check(array: np.ndarray, upscale_normalised, scale: int, mode: str = "3
     sigma = noise_sigma(scan)
     target, lr, s = noise_matched_pair(scan, scale, axes, seed, noise, sigma=sigma)
 
-    cnn = np.clip(upscale_normalised(lr), lo, hi)
+    outputs = {name: np.clip(out, lo, hi) for name, out in candidates(lr).items()}
     lanczos = np.clip(baselines.upscale(lr, scale, "lanczos", mode=mode), lo, hi)
     # SSIM (the slow score) on at most SSIM_SLICES evenly spaced slices; PSNR on all.
     if mode == "d":  # SSIM on the (D, W) planes, the ones the network upscaled
-        target, cnn, lanczos = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (target, cnn, lanczos))
+        target, lanczos = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (target, lanczos))
+        outputs = {name: np.ascontiguousarray(out.transpose(1, 0, 2)) for name, out in outputs.items()}
     some = np.unique(np.linspace(0, target.shape[0] - 1, min(SSIM_SLICES, target.shape[0])).round().astype(int))
-    scores = {name: (metrics.psnr(target, out, 1.0), metrics.ssim(target[some], out[some], 1.0))
-              for name, out in (("cnn", cnn), ("lanczos", lanczos))}
+
+    def score(out: np.ndarray) -> tuple[float, float]:
+        return metrics.psnr(target, out, 1.0), metrics.ssim(target[some], out[some], 1.0)
+
+    lanczos_psnr, lanczos_ssim = score(lanczos)
     width = win.hi - win.lo
-    return SelfCheck(scale=scale, mode=mode, cnn_psnr=scores["cnn"][0], lanczos_psnr=scores["lanczos"][0],
-                     cnn_ssim=scores["cnn"][1], lanczos_ssim=scores["lanczos"][1],
-                     noise_sigma=sigma * width, added_noise=s * width, slices=slices,
-                     seconds=time.perf_counter() - start)
+    checks = {}
+    for name, out in outputs.items():
+        psnr, ssim = score(out)
+        checks[name] = SelfCheck(scale=scale, mode=mode, cnn_psnr=psnr, lanczos_psnr=lanczos_psnr, cnn_ssim=ssim,
+                                 lanczos_ssim=lanczos_ssim, noise_sigma=sigma * width, added_noise=s * width,
+                                 slices=slices, seconds=0.0)
+    seconds = time.perf_counter() - start
+    return {name: dataclasses.replace(check, seconds=seconds) for name, check in checks.items()}

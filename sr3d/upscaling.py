@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -226,8 +226,8 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     if np.ndim(lr) != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {np.shape(lr)}")
     if planes == "all":
-        return _three_orientations(np.asarray(lr, np.float32), models, ensemble=ensemble, batch_size=batch_size,
-                                   tile_mb=tile_mb, progress=progress, precision=precision)
+        return mean_of_orientations(orientation_passes(lr, models, ensemble=ensemble, batch_size=batch_size,
+                                                       tile_mb=tile_mb, progress=progress, precision=precision))
     if mode in AXIS_MODES:
         return _upscale_one_axis(lr, models, AXIS_MODES[mode], ensemble=ensemble, batch_size=batch_size,
                                  tile_mb=tile_mb, progress=progress, precision=precision)
@@ -259,17 +259,25 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     return tiling.banded(lr, rows, run_band, halo=halo, progress=progress)
 
 
-def _three_orientations(lr: np.ndarray, models: ModelBundle, *, progress: Progress | None,
-                        **options) -> np.ndarray:
-    """planes "all": the 3D cascade (planes "dw") with each axis of `lr` once as depth, the three
-    outputs moved back to (rD, rH, rW) and averaged. Summed in place in a fixed order: deterministic."""
-    total = None
+def orientation_passes(lr: np.ndarray, models: ModelBundle, *, progress: Progress | None = None,
+                       **options) -> "Iterator[np.ndarray]":
+    """The 3D cascade (planes "dw") with each axis of `lr` once as depth (ORIENTATIONS), each
+    output moved back to (rD, rH, rW), one pass at a time; the first pass is planes "dw" itself.
+    progress: one count over the passes (`_PassProgress`)."""
+    lr = np.asarray(lr, np.float32)
     for k, order in enumerate(ORIENTATIONS):
         passes = None if progress is None else _PassProgress(progress, k, len(ORIENTATIONS))
-        out = upscale_normalised(np.ascontiguousarray(lr.transpose(order)), models, mode="3d", planes="dw",
+        yield upscale_normalised(np.ascontiguousarray(lr.transpose(order)), models, mode="3d", planes="dw",
                                  progress=passes, **options).transpose(np.argsort(order))
+
+
+def mean_of_orientations(passes: "Iterable[np.ndarray]") -> np.ndarray:
+    """planes "all": the passes of `orientation_passes` summed into a new array in their order and
+    divided by their number (deterministic; the passes are left as they are)."""
+    total = None
+    for out in passes:
         if total is None:
-            total = np.ascontiguousarray(out)
+            total = np.array(out, np.float32, order="C")
         else:
             total += out
     total /= len(ORIENTATIONS)
