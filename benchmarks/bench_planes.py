@@ -9,6 +9,7 @@ as depth, averaged), and of Lanczos (`sr3d.baselines`) on the same LR array, int
 scan downscaled by the factor along every axis, as evaluate.py does. Writes OUT/planes.json and .md.
 """
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -22,7 +23,7 @@ import _report  # noqa: E402
 from sr3d import baselines, degrade, intensity, models, upscaling  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = pathlib.Path(os.environ.get("SR3D_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 DEFAULT = (str(SHARED / "stroke-t1-t2-flair" / "T1.nii.gz"), str(SHARED / "seg3d-head-mr" / "head_MR.nii.gz"))
 PLANE_OPTIONS = ("dw", "both", "all")
 

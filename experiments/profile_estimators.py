@@ -138,7 +138,7 @@ def estimate(case: dict, distance) -> tuple[str, float] | None:
     spacing = case["spacing_mm"] * case["factor"]
     weight = getattr(distance, "prior", 0.0)
     try:
-        scored = [(distance(c) * (1.0 + weight * np.log(c["thickness_mm"] / spacing) ** 2), c["kind"], c["thickness_mm"])
+        scored = [(distance(c) * selfsup.prior_factor(c["thickness_mm"] / spacing, weight), c["kind"], c["thickness_mm"])
                   for c in case["candidates"]]
     except KeyError:
         return None

@@ -217,6 +217,12 @@ _SPECTRUM_LENGTH = 16          # samples per line segment of the spectra compare
 PRIOR_WEIGHT = 0.1
 
 
+def prior_factor(fraction: float, weight: float = PRIOR_WEIGHT) -> float:
+    """What `estimate_profile` multiplies a candidate's spectral distance by: 1 + weight x
+    log(fraction)^2, fraction = thickness / slice spacing (1 for contiguous slices)."""
+    return 1.0 + weight * math.log(fraction) ** 2
+
+
 def _line_spectrum(lines: np.ndarray, length: int) -> np.ndarray:
     """Mean power spectrum (rfft, Hann window, mean removed) of every `length`-sample segment
     (hop length // 2) of the rows of `lines` (N, L)."""
@@ -320,7 +326,7 @@ def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
                 distance = float(np.var(np.mean(inplane, axis=0) - np.mean(through, axis=0)))
             else:
                 distance = float(np.mean([np.mean((a - t) ** 2) for a, t in zip(inplane, through)]))
-            distance *= 1.0 + prior_weight * math.log(fraction) ** 2
+            distance *= prior_factor(fraction, prior_weight)
             if best is None or distance < best[0]:
                 best = (distance, kind, float(fraction))
     distance, kind, fraction = best
