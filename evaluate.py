@@ -27,6 +27,8 @@ _ENSEMBLE = flags.DEFINE_bool("ensemble", False, "Self-ensemble for the CNN row.
 _PLANES = flags.DEFINE_enum("planes", "dw", ["dw", "both", "all"], "3D CNN row: stage d on (D, W) planes, on "
                             "(D, W) and (D, H) planes averaged, or all: the cascade with each axis once as depth, "
                             "the three averaged.")
+_CONSISTENCY = flags.DEFINE_bool("consistency", True, "CNN row: its output made consistent with the LR input, as "
+                                 "sr3d upscale does by default (--noconsistency: the networks' output alone).")
 _PROTOCOLS = flags.DEFINE_list("protocol", list(evaluation.PROTOCOLS), "Scoring protocols, comma-separated: "
                                "float (scan units in a fixed window), paper (8-bit slices, as the authors).")
 _DATA_RANGE = flags.DEFINE_list("data_range", None, "lo,hi window of the float protocol in scanner "
@@ -55,7 +57,7 @@ def main(argv):
             mode=_MODE.value, methods=tuple(_METHODS.value), cnn=cnn, protocols=tuple(_PROTOCOLS.value),
             data_range=None if _DATA_RANGE.value is None else _numbers(_DATA_RANGE.value, float, "data_range"),
             crop_border=_CROP_BORDER.value, with_ifc=not _NO_IFC.value, out_dir=_OUT_DIR.value,
-            ensemble=_ENSEMBLE.value, planes=_PLANES.value)
+            ensemble=_ENSEMBLE.value, planes=_PLANES.value, consistency=_CONSISTENCY.value)
         results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
         paths = evaluation.write_report(results, config.out_dir)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:

@@ -12,6 +12,10 @@ training variants before running that.
 A variant ending in `@PLANES` (3d only) runs with `planes=PLANES` (`sr3d.upscaling`): `shipped@all`
 is the cascade with each axis once as depth, the three averaged; `shipped@both`.
 
+--consistency runs every variant with the consistency step of `sr3d upscale` (`sr3d.degrade.make_consistent`,
+after the passes) and adds a column: Lanczos made consistent the same way (a baseline for what the step
+alone gives).
+
 --perturb changes each HR slab before it is degraded, to see what in a scan limits the margin:
 `noise:S` adds white Gaussian noise of S times the slab's 0.5-99.5 percentile window to its
 non-background voxels, `blur:S` blurs it in-plane with a Gaussian of S pixels. The last column is
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--perturb", default="none", help="none, noise:S or blur:S (see above)")
     parser.add_argument("--decimals", type=int, default=2, help="decimals of the per-scan margins")
     parser.add_argument("--ensemble", action="store_true", help="self-ensemble every variant (sr3d upscale --ensemble)")
+    parser.add_argument("--consistency", action="store_true",
+                        help="the consistency step after every variant, and a Lanczos + consistency column")
     args = parser.parse_args()
     r = args.scale
     shipped = models.load_models(None, r)
@@ -59,7 +65,8 @@ def main() -> None:
                                           d=shipped.d if d == "ship" else models.load(d), scale=r))
     axes = (0, 1, 2) if args.mode == "3d" else (1, 2)
     margins = []
-    print(f"{'scan':24s} {'slab':16s} Lanczos  " + "  ".join(f"v{i}" for i in range(len(bundles))) + "   (CNN - Lanczos, dB; noise sigma / window)")
+    columns = [f"v{i}" for i in range(len(bundles))] + (["Lanczos+c"] if args.consistency else [])
+    print(f"{'scan':24s} {'slab':16s} Lanczos  " + "  ".join(columns) + "   (CNN - Lanczos, dB; noise sigma / window)")
     for path in sorted(glob.glob(f"{args.test}/*.nii.gz")):
         name = pathlib.Path(path).name.split(".")[0]
         if args.only and not any(part in name for part in args.only.split(",")):
@@ -89,12 +96,16 @@ def main() -> None:
         def psnr(y):
             return metrics.psnr(hr, np.clip(y, lo, hi), data_range=hi - lo)
 
-        lanczos = psnr(baselines.upscale(lr, r, "lanczos", args.mode))
+        lanczos_hr = baselines.upscale(lr, r, "lanczos", args.mode)
+        lanczos = psnr(lanczos_hr)
         window = intensity.window(lr)
         row = [psnr(window.denormalise(upscaling.upscale_normalised(window.normalise(lr), b, mode=args.mode,
-                                                                    planes=planes, ensemble=args.ensemble)))
+                                                                    planes=planes, ensemble=args.ensemble,
+                                                                    consistency=args.consistency)))
                - lanczos
                for b, planes in zip(bundles, variant_planes)]
+        if args.consistency:
+            row.append(psnr(degrade.make_consistent(lanczos_hr, lr.astype(np.float32), r, axes)) - lanczos)
         margins.append(row)
         print(f"{name[:24]:24s} {str(hr.shape):16s} {lanczos:6.2f}  " + "  ".join(f"{m:+.{args.decimals}f}" for m in row)
               + f"   noise {sigma:.4f}", flush=True)

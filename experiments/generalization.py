@@ -49,11 +49,13 @@ def slug(domain: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in domain).strip("_")
 
 
-def run_eval(model: str, groups, out: pathlib.Path, modes, scales, planes: str = "dw", ensemble: bool = False) -> None:
+def run_eval(model: str, groups, out: pathlib.Path, modes, scales, planes: str = "dw", ensemble: bool = False,
+             consistency: bool = True) -> None:
     for scale in scales:
         for domain, records in groups.items():
             for mode in modes:
-                _eval_one(model, domain, records, out, mode, scale, planes if mode == "3d" else "dw", ensemble)
+                _eval_one(model, domain, records, out, mode, scale, planes if mode == "3d" else "dw", ensemble,
+                          consistency)
 
 
 def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib.Path:
@@ -61,7 +63,7 @@ def report_dir(out: pathlib.Path, domain: str, mode: str, scale: int) -> pathlib
 
 
 def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, scale: int,
-              planes: str = "dw", ensemble: bool = False) -> None:
+              planes: str = "dw", ensemble: bool = False, consistency: bool = True) -> None:
     where = report_dir(out, domain, mode, scale)
     if (where / "results.json").exists():
         return
@@ -69,12 +71,12 @@ def _eval_one(model: str, domain: str, records, out: pathlib.Path, mode: str, sc
     config = evaluation.EvalConfig(scans=tuple(r["path"] for r in records), scales=(scale,),
                                    mode=mode, methods=("lanczos",), cnn={"cnn": model},
                                    protocols=("float",), with_ifc=False, out_dir=str(where), planes=planes,
-                                   ensemble=ensemble)
+                                   ensemble=ensemble, consistency=consistency)
     results = evaluation.evaluate(config, progress=sr3d_progress.print_line)
     evaluation.write_report(results, where)
 
 
-def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
+def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales, consistency: bool = True) -> None:
     path = out / "selfcheck.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     for scale in scales:
@@ -87,7 +89,8 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales) -> None:
                     if key in done:
                         continue
                     _, lr = degrade.simulate_lr(volume.array, scale, mode)
-                    run = functools.partial(inference.upscale_normalised, models=bundle, mode=mode)
+                    run = functools.partial(inference.upscale_normalised, models=bundle, mode=mode,
+                                            consistency=consistency)
                     entry = {"domain": domain, "scan": record["name"], "scale": scale, "mode": mode}
                     for variant in selfcheck.NOISE_MODELS:
                         check = selfcheck.self_check(lr, run, scale, mode, noise=variant)
@@ -117,10 +120,12 @@ def real_margins(out: pathlib.Path, groups, modes) -> dict:
     return margins
 
 
-def report(out: pathlib.Path, groups, modes, scales, planes: str = "dw", ensemble: bool = False) -> str:
+def report(out: pathlib.Path, groups, modes, scales, planes: str = "dw", ensemble: bool = False,
+           consistency: bool = True) -> str:
     lines = ["# Held-out scores per domain and self-check accuracy", "",
              "Float protocol (PSNR peak = the domain's global HR range, SSIM Gaussian), no IFC, "
-             f"{'self-ensemble' if ensemble else 'no self-ensemble'}, 3D planes {planes!r}; mean over the domain's test scans; † per-slice PSNR differs from Lanczos at "
+             f"{'self-ensemble' if ensemble else 'no self-ensemble'}, 3D planes {planes!r}, "
+             f"{'consistency with the LR' if consistency else 'no consistency step'}; mean over the domain's test scans; † per-slice PSNR differs from Lanczos at "
              "p < 0.001 (Wilcoxon signed-rank). Each cell: Lanczos -> CNN (margin).", "",
              "| domain (test scans) | mode | x | Lanczos PSNR | CNN PSNR | margin dB | Lanczos SSIM | CNN SSIM |",
              "|---|---|---|---|---|---|---|---|"]
@@ -192,6 +197,9 @@ def main() -> None:
     parser.add_argument("--planes", default="dw", choices=["dw", "both", "all"],
                         help="3d CNN rows (eval part): as evaluate.py --planes; the self-check part runs dw")
     parser.add_argument("--ensemble", action="store_true", help="self-ensemble the CNN rows (eval part)")
+    parser.add_argument("--no-consistency", dest="consistency", action="store_false",
+                        help="the networks' output alone, as the reports before 2026-12-03 were made (default: "
+                             "made consistent with the LR, as sr3d upscale does)")
     parser.add_argument("--domains", default="", help="comma-separated domains of DOMAIN_ORDER to keep (default all)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
@@ -205,10 +213,10 @@ def main() -> None:
         groups = {d: r for d, r in groups.items() if d in keep}
     modes, scales = args.modes.split(","), [int(s) for s in args.scales.split(",")]
     if args.part in ("all", "eval"):
-        run_eval(args.model, groups, out, modes, scales, args.planes, args.ensemble)
+        run_eval(args.model, groups, out, modes, scales, args.planes, args.ensemble, args.consistency)
     if args.part in ("all", "selfcheck"):
-        run_selfcheck(args.model, groups, out, modes, scales)
-    print(report(out, groups, modes, scales, args.planes, args.ensemble))
+        run_selfcheck(args.model, groups, out, modes, scales, args.consistency)
+    print(report(out, groups, modes, scales, args.planes, args.ensemble, args.consistency))
 
 
 if __name__ == "__main__":

@@ -380,7 +380,8 @@ def run_table2(args, budget: Budget, out: pathlib.Path) -> dict:
         trained[key] = train_or_skip(config)
     bundles = {row[0]: _load_hw_bundle(runs / row[0] / "model.keras") for row in rows}
     config = evaluation.EvalConfig(scans=test_scans, scales=(2,), mode="2d", methods=("bicubic", "lanczos"),
-                                   cnn=bundles, with_ifc=False, out_dir=str(out / "eval" / "table2"))
+                                   cnn=bundles, with_ifc=False, out_dir=str(out / "eval" / "table2"),
+                                   consistency=False)  # the paper's networks alone
     spec = {"part": "table2", "scans": test_scans, "runs": {k: s["config"] for k, s in trained.items()},
             "methods": config.methods, "with_ifc": False}
     results = evaluate_or_load("table2", config, spec, out)
@@ -561,7 +562,8 @@ def run_table1(args, budget: Budget, out: pathlib.Path) -> dict:
         trained[key] = train_or_skip(config)
         bundles[key] = _load_hw_bundle(runs / key / "model.keras")
     config = evaluation.EvalConfig(scans=test_scans, scales=(2,), mode="2d", methods=("lanczos",),
-                                   cnn=bundles, with_ifc=False, out_dir=str(out / "eval" / "table1"))
+                                   cnn=bundles, with_ifc=False, out_dir=str(out / "eval" / "table1"),
+                                   consistency=False)
     spec = {"part": "table1", "scans": test_scans, "runs": {k: s["config"] for k, s in trained.items()},
             "with_ifc": False}
     results = evaluate_or_load("table1", config, spec, out)
@@ -655,7 +657,8 @@ def run_main(args, budget: Budget, out: pathlib.Path) -> dict:
         tables = {}
         for name, dataset in datasets.items():
             config = evaluation.EvalConfig(scans=dataset["scans"], scales=scales, mode=mode,
-                                           cnn={"cnn": None}, out_dir=str(out / "eval" / f"{name}_{mode}"))
+                                           cnn={"cnn": None}, out_dir=str(out / "eval" / f"{name}_{mode}"),
+                                           consistency=False)  # as docs/results.md was made
             spec = {"part": "main", "scans": dataset["scans"], "mode": mode, "scales": scales,
                     "shipped": fingerprints, "ensemble": False}
             results = evaluate_or_load(f"{name}_{mode}", config, spec, out)

@@ -61,6 +61,7 @@ class ScanOptions:
     against Lanczos on the scan (`sr3d.selfcheck`; its result goes in the report).
     format: "nifti", or "dicom" for a new series directory per scan (`sr3d.dicom_out`).
     tile_mb: memory budget of one band of rows; it changes memory, not the result.
+    consistency: make each output consistent with its scan (`sr3d.inference.upscale_volume`).
     """
 
     scale: int = 2
@@ -71,6 +72,7 @@ class ScanOptions:
     self_check: bool = False
     format: str = "nifti"
     tile_mb: float | None = 256
+    consistency: bool = True
 
     def __post_init__(self):
         from sr3d import precision as sr3d_precision
@@ -89,7 +91,7 @@ class ScanOptions:
         """The options that change an output: a scan made with another key is redone."""
         return {"scale": self.scale, "mode": self.mode, "ensemble": self.ensemble,
                 "regularize": self.regularize, "precision": self.precision, "self_check": self.self_check,
-                "format": self.format}
+                "format": self.format, "consistency": self.consistency}
 
 
 def output_name(scan: pathlib.Path, scale: int, format: str = "nifti") -> str:
@@ -111,7 +113,7 @@ def upscale_loaded(volume: sr3d_volume.Volume, bundle: ModelBundle, options: Sca
         raise ValueError(f"the model upscales by {bundle.scale}, not by {options.scale}")
     result, _ = inference.upscale_checked(volume, bundle, mode=options.mode, ensemble=options.ensemble,
                                           self_check=options.self_check, tile_mb=options.tile_mb,
-                                          precision=options.precision)
+                                          precision=options.precision, consistency=options.consistency)
     if volume.assumptions:
         result.report["assumptions"] = list(volume.assumptions)
     return result
@@ -206,7 +208,8 @@ def _same_dir(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble: bool = False,
                   mode: str = "3d", log: Progress = print, overwrite: bool = False,
-                  regularize: bool = False, precision: str = "float32", tile_mb: float | None = 256) -> BatchResult:
+                  regularize: bool = False, precision: str = "float32", tile_mb: float | None = 256,
+                  consistency: bool = True) -> BatchResult:
     """Upscales every scan in `input_dir` (files and DICOM series subdirectories) into `output_dir`.
 
     OUT_DIR may be IN_DIR or inside it: sr3d's own outputs there (and OUT_DIR itself) are not
@@ -216,10 +219,12 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
     scan fails with a message saying so.
     regularize: resample DICOM series with missing slices or irregular spacing (see `load_volume`).
     precision: "auto", "float32" or "bfloat16" (`sr3d.precision`).
+    consistency: each output made consistent with its scan (`sr3d.inference.upscale_volume`); recorded in
+        the manifest (a manifest of an earlier sr3d, without it, belongs to another output directory).
     log: gets one `sr3d.progress.Step` per event, counting the scans handled (`print` shows the lines).
     """
     options = ScanOptions(scale=scale, mode=mode, ensemble=ensemble, regularize=regularize, precision=precision,
-                          tile_mb=tile_mb)
+                          tile_mb=tile_mb, consistency=consistency)
     out = pathlib.Path(output_dir)
     scans = [s for s in sr3d_files.scans_in(input_dir) if not _same_dir(s, out)]
     if not scans:
@@ -233,6 +238,7 @@ def upscale_batch(input_dir, output_dir, scale: int = 2, model=None, *, ensemble
         settings["regularize"] = True
     if precision != "float32":  # likewise
         settings["precision"] = precision
+    settings["consistency"] = consistency  # always: it changed the default outputs when it came
     manifest = _Manifest(out / MANIFEST, settings)
     from sr3d import models as sr3d_models
 

@@ -165,6 +165,53 @@ def downscale_float32(array: np.ndarray, scale: int, axes: Sequence[int]) -> np.
     return np.ascontiguousarray(out)
 
 
+@functools.lru_cache(maxsize=32)
+def _consistency_weights(n_in: int, scale: int) -> np.ndarray:
+    """(n_in, n_in // scale) float32 right inverse W+ = W^T (W W^T)^-1 of `_imresize_weights`
+    (its rows are linearly independent): W @ W+ = I, and W+ e is the least-norm x with W x = e."""
+    weights = _imresize_weights(n_in, scale)
+    inverse = np.linalg.solve(weights @ weights.T, weights).T.astype(np.float32)
+    inverse.setflags(write=False)
+    return inverse
+
+
+def make_consistent(hr: np.ndarray, lr: np.ndarray, scale: int, axes: Sequence[int],
+                    rows_per_band: int = 64) -> np.ndarray:
+    """Adds to `hr`, in place, the least-squares smallest change after which `downscale(hr, scale,
+    axes)` equals `lr` (to float32 round-off): the orthogonal projection of `hr` onto the HR
+    volumes this degradation maps to `lr` ("data consistency", as in MRI reconstruction; the limit
+    of iterative back-projection, Irani and Peleg 1991).
+
+    hr: float32, `lr`'s shape times `scale` on `axes`; lr: float32. The degradation is separable,
+    so the change is the LR residual `lr - downscale(hr)` taken back through the right inverse
+    of each axis's weights (`_consistency_weights`): a sum of the weights' rows, so it changes only
+    what the degradation sees (no frequency above the LR band is touched, a flat residual adds a
+    flat change). Memory: besides `hr`, the residual upscaled on all axes but the first (1/scale of
+    `hr`) and one band of `rows_per_band` rows along axis 1. Returns `hr`.
+    """
+    scale = check_scale(scale)
+    axes = check_axes(axes, hr.ndim)
+    if hr.dtype != np.float32 or not hr.flags.writeable:
+        raise ValueError(f"sr3d.degrade.make_consistent: hr must be a writeable float32 array, got {hr.dtype}")
+    expected = tuple(n // scale if axis in axes else n for axis, n in enumerate(hr.shape))
+    if any(hr.shape[axis] % scale for axis in axes) or tuple(np.shape(lr)) != expected:
+        raise ValueError(f"sr3d.degrade.make_consistent: hr {hr.shape} is not lr {np.shape(lr)} upscaled by "
+                         f"{scale} on axes {axes}")
+    residual = np.asarray(lr, np.float32) - downscale_float32(hr, scale, sorted(axes))
+    for axis in (a for a in axes if a != 0):
+        inverse = _consistency_weights(hr.shape[axis], scale)
+        residual = np.moveaxis(np.tensordot(inverse, residual, axes=([1], [axis])), 0, axis)
+    if 0 not in axes:
+        hr += residual
+        return hr
+    inverse = _consistency_weights(hr.shape[0], scale)
+    rows = max(1, rows_per_band)
+    for start in range(0, hr.shape[1], rows):  # along the depth axis, one band of rows at a time
+        band = slice(start, start + rows)
+        hr[:, band] += np.tensordot(inverse, residual[:, band], axes=([1], [0]))
+    return hr
+
+
 def simulate_lr(hr: np.ndarray, scale: int, mode: str = "3d") -> tuple[np.ndarray, np.ndarray]:
     """Makes the (ground truth, LR input) pair of the evaluation protocol.
 

@@ -75,6 +75,20 @@ def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
                                         models.load_models(tiny_bundle_dir, scale=2)).array
     np.testing.assert_allclose(np.asarray(written_out.dataobj).transpose(2, 1, 0), expected, rtol=0, atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_x2.json", "crop_x2.nii.gz"]  # + the report
+    assert json.loads((tmp_path / "crop_x2.json").read_text())["consistency"] is True
+
+
+def test_upscale_no_consistency_writes_the_networks_output_alone(tmp_path, nifti_crop, tiny_bundle_dir):
+    out = tmp_path / "plain.nii.gz"
+    assert cli.main(["upscale", str(nifti_crop), str(out), "--model", str(tiny_bundle_dir), "--precision", "float32",
+                     "--no-consistency", "--no-self-check"]) == 0
+    volume, bundle = sr3d_io.load_volume(nifti_crop), models.load_models(tiny_bundle_dir, scale=2)
+    written = sr3d_io.load_volume(out).array
+    np.testing.assert_allclose(written, inference.upscale_volume(volume, bundle, consistency=False).array,
+                               rtol=0, atol=1e-3)
+    # ... which the default changes (the random bundle is far from consistent with its input).
+    assert np.abs(written - inference.upscale_volume(volume, bundle).array).max() > 1.0
+    assert json.loads((tmp_path / "plain.json").read_text())["consistency"] is False
 
 
 class _Clock:

@@ -259,3 +259,41 @@ def test_slice_profile_functions_stay_importable_from_selfsup():
 
     for name in ("PROFILES", "slice_profile", "degrade_along", "simulate_thick_slices"):
         assert getattr(selfsup, name) is getattr(degrade, name), name
+
+
+# ---------------------------------------------------------------------------- consistency with the LR
+
+@pytest.mark.parametrize("axes, scale", [((0, 1, 2), 2), ((1, 2), 2), ((0,), 4), ((2,), 2), ((0, 1, 2), 3)])
+def test_make_consistent_is_the_least_norm_change_to_the_lr(axes, scale):
+    """Golden: the minimum-norm solution of A delta = lr - A hr from a dense least-squares solve
+    (numpy lstsq, SVD), A the degradation's matrix built by degrading each unit volume."""
+    rng = np.random.default_rng(0)
+    shape = tuple(4 * scale if axis in axes else 3 for axis in range(3))
+    hr = rng.normal(size=shape).astype(np.float32)
+    lr = degrade.downscale(rng.normal(size=shape), scale, axes).astype(np.float32)
+    units = np.eye(hr.size).reshape((hr.size,) + shape)
+    matrix = np.stack([degrade.downscale(u, scale, axes).ravel() for u in units], axis=1)
+    delta = np.linalg.lstsq(matrix, lr.ravel().astype(np.float64) - matrix @ hr.ravel(), rcond=None)[0]
+    out = degrade.make_consistent(hr.copy(), lr, scale, axes, rows_per_band=2)
+    np.testing.assert_allclose(out.ravel(), hr.ravel() + delta, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(degrade.downscale(out.astype(np.float64), scale, axes), lr, rtol=0, atol=2e-6)
+
+
+def test_make_consistent_works_in_place_and_leaves_a_consistent_volume_alone():
+    rng = np.random.default_rng(1)
+    hr = rng.normal(size=(8, 12, 10)).astype(np.float32)
+    lr = degrade.downscale(hr, 2, (0, 1, 2))
+    out = hr.copy()
+    assert degrade.make_consistent(out, lr, 2, (0, 1, 2)) is out
+    np.testing.assert_allclose(out, hr, rtol=0, atol=1e-5)
+    # A flat residual is a flat change (the weights' rows sum to one).
+    out = degrade.make_consistent(hr.copy(), lr + np.float32(3.0), 2, (0, 1, 2))
+    np.testing.assert_allclose(out - hr, 3.0, rtol=0, atol=1e-5)
+
+
+def test_make_consistent_rejects_mismatched_shapes_and_dtypes():
+    hr = np.zeros((8, 12, 10), np.float32)
+    with pytest.raises(ValueError, match="is not lr"):
+        degrade.make_consistent(hr, np.zeros((4, 6, 4), np.float32), 2, (0, 1, 2))
+    with pytest.raises(ValueError, match="writeable float32"):
+        degrade.make_consistent(hr.astype(np.float64), np.zeros((4, 6, 5), np.float32), 2, (0, 1, 2))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import sr3d
-from sr3d import inference, intensity, models
+from sr3d import degrade, inference, intensity, models
 from sr3d import io as sr3d_io
 
 CROP = (slice(40, 50), slice(40, 80), slice(40, 76))   # 10 x 40 x 36 voxels (D, H, W) of an IXI T1
@@ -85,6 +85,17 @@ def _hand_3d(bundle, x: np.ndarray, ensemble: bool = False, planes: str = "dw") 
     # Plane x of the batch is hw[:, :, x], of shape (D, rH); its output is column x of the result.
     per_col = _hand_d(bundle.d, hw.transpose(2, 0, 1), ensemble).transpose(1, 2, 0)
     return (per_row + per_col) / 2
+
+
+def _consistent(y: np.ndarray, lr: np.ndarray, scale: int, axes) -> np.ndarray:
+    """Golden for the consistency step, computed another way than sr3d.degrade.make_consistent:
+    y plus the Moore-Penrose pseudo-inverse (numpy, by SVD) of each axis's degradation matrix
+    applied to the LR residual; the residual from the float64 downscale."""
+    residual = np.asarray(lr, np.float64) - degrade.downscale(np.asarray(y, np.float64), scale, axes)
+    for axis in axes:
+        pinv = np.linalg.pinv(degrade._imresize_weights(y.shape[axis], scale))
+        residual = np.moveaxis(np.tensordot(pinv, residual, axes=([1], [axis])), 0, axis)
+    return y + residual
 
 
 class _Bands:
@@ -242,7 +253,7 @@ def loud_bundle():
 
 
 def test_upscale_volume_units_clip_and_shape(loud_bundle, ixi_volume):
-    result = inference.upscale_volume(ixi_volume, loud_bundle, tile_mb=0.2)
+    result = inference.upscale_volume(ixi_volume, loud_bundle, tile_mb=0.2, consistency=False)
     assert result.array.shape == (20, 80, 72)
     window = intensity.window(ixi_volume.array)
     raw = _hand_3d(loud_bundle, window.normalise(ixi_volume.array)) * (window.hi - window.lo) + window.lo
@@ -280,10 +291,31 @@ def test_sr3d_upscale_from_a_nifti_path(tmp_path, tiny_bundle_dir, ixi_volume):
     result = sr3d.upscale(path, scale=2, model=tiny_bundle_dir)
     bundle = models.load_models(tiny_bundle_dir, scale=2)
     window = intensity.window(ixi_volume.array)
-    raw = _hand_3d(bundle, window.normalise(ixi_volume.array)) * (window.hi - window.lo) + window.lo
-    expected = np.clip(raw, ixi_volume.array.min(), ixi_volume.array.max())
-    np.testing.assert_allclose(result.array, expected, rtol=0, atol=1e-3)
+    normalised = window.normalise(ixi_volume.array)
+    for array, consistency in ((result.array, True),
+                               (sr3d.upscale(path, scale=2, model=tiny_bundle_dir, consistency=False).array, False)):
+        out = _hand_3d(bundle, normalised)
+        if consistency:  # the default: made consistent with the input
+            out = _consistent(out, normalised, 2, (0, 1, 2))
+        expected = np.clip(out * (window.hi - window.lo) + window.lo, ixi_volume.array.min(), ixi_volume.array.max())
+        # float32 round-off of the normalised output (about 1e-6 with the step's sums) times the window.
+        np.testing.assert_allclose(array, expected, rtol=0, atol=1e-6 * (window.hi - window.lo) if consistency else 1e-3)
+    assert result.report["consistency"] is True
     np.testing.assert_allclose(result.spacing, np.array(ixi_volume.spacing) / 2)
+
+
+@pytest.mark.parametrize("mode, planes", [("3d", "dw"), ("3d", "all"), ("2d", "dw"), ("d", "dw"), ("w", "dw")])
+def test_consistency_is_one_projection_after_the_passes(bundles, mode, planes):
+    """With consistency the output, downscaled as the training pairs were, is the input again;
+    it is the networks' output (planes "all": the mean of the three passes) plus the least-norm
+    change (golden: `_consistent`); off by default at this level (the served graph's numbers)."""
+    lr = np.random.default_rng(3).uniform(0.0, 1.0, (6, 10, 8)).astype(np.float32)
+    plain = inference.upscale_normalised(lr, bundles[2], mode=mode, planes=planes)
+    made = inference.upscale_normalised(lr, bundles[2], mode=mode, planes=planes, consistency=True)
+    axes = degrade.MODE_AXES[mode]
+    np.testing.assert_allclose(made, _consistent(plain, lr, 2, axes), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(degrade.downscale(made.astype(np.float64), 2, axes), lr, rtol=0, atol=2e-5)
+    assert np.abs(degrade.downscale(plain.astype(np.float64), 2, axes) - lr).max() > 1e-2  # it had work to do
 
 
 # ---------------------------------------------------------------------------- bundles

@@ -39,6 +39,8 @@ class EvalConfig:
     planes: stage d of the CNN rows in 3D on (D, W) planes ("dw") or on both (D, W) and (D, H)
         planes, averaged ("both"), or the cascade with each axis once as depth, the three averaged
         ("all", mode 3d only); see `sr3d.upscaling`.
+    consistency: the CNN rows made consistent with the LR input (`sr3d.inference.upscale_volume`,
+        on by default as in `sr3d upscale`; False: the networks' output alone, as in the paper).
     """
 
     scans: tuple[str, ...]
@@ -53,6 +55,7 @@ class EvalConfig:
     out_dir: str = "results"
     ensemble: bool = False
     planes: str = "dw"
+    consistency: bool = True
 
     def __post_init__(self):
         scans = (self.scans,) if isinstance(self.scans, (str, os.PathLike)) else tuple(self.scans)

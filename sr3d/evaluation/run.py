@@ -74,7 +74,8 @@ def _upscale(method: str, volume: sr3d_volume.Volume, lr: np.ndarray, scale: int
     from sr3d import inference
 
     result = inference.upscale_volume(_lr_volume(volume, lr, scale, config.mode), bundles[method],
-                                      mode=config.mode, ensemble=config.ensemble, planes=config.planes)
+                                      mode=config.mode, ensemble=config.ensemble, planes=config.planes,
+                                      consistency=config.consistency)
     return result.array
 
 
