@@ -31,9 +31,13 @@ mode="d")`, as `sr3d upscale --axes d`; only where a model of the factor is
 shipped) and three self-supervised networks trained for exactly --steps steps,
 seed 0 (reproducible, whatever the load): gap-aware (told the true kind and
 thickness), no-gap (told thickness = spacing, the kind right) and estimated
-(`--slice-profile estimate`). When the estimate equals a profile already
-trained, that network is reused: training is deterministic, so it would be the
-same network.
+(`--slice-profile estimate`: the best candidate), and estimated_mixture (each
+training slice degraded by one of the estimate's nearly-as-good candidates,
+`selfsup.estimate_mixture`; --mixture_temperature and --mixture_top_k override
+its defaults). When the estimate equals a profile already trained, that network
+is reused: training is deterministic, so it would be the same network.
+DEV_SCANS (ds002748 training-split subjects, --scans=dev-sub-01-t1,...) are
+where the mixture's parameters are chosen; they are never in the default scans.
 
 Every run adds its entry to docs/thick_slice/{simulated,real,gaps}.json (reruns
 replace it); --part=report writes docs/thick_slice/results.md from them.
@@ -78,13 +82,20 @@ GAP_SCANS = {
     "stroke-t2": "stroke-t1-t2-flair/T2.nii.gz",
     "stroke-flair": "stroke-t1-t2-flair/FLAIR.nii.gz",
 }
+# ds002748 subjects of the training split (runs/corpus/corpus.json: sub-01..sub-28), to choose the
+# estimate's mixture on; never in the default --scans (those are test scans).
+DEV_SCANS = {
+    "dev-sub-01-t1": "ds002748-t1-1mm/sub-01_T1w.nii.gz",
+    "dev-sub-10-t1": "ds002748-t1-1mm/sub-10_T1w.nii.gz",
+    "dev-sub-19-t1": "ds002748-t1-1mm/sub-19_T1w.nii.gz",
+}
 # (name, profile kind, slice thickness in mm, slice spacing = factor x the scan's D spacing of ~1 mm).
 GAP_CONFIGS = {
     "box4-every5": ("box", 4.0, 5),
     "gauss2.5-every4": ("gaussian", 2.5, 4),
 }
 GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "gap_aware_shipped", "no_gap", "estimated",
-               "estimated_per_axis")
+               "estimated_per_axis", "estimated_mixture")
 # Profile-estimation bias: simulated slices every BIAS_SPACING_MM of these kinds and widths (mm).
 BIAS_SPACING_MM = 5
 BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
@@ -97,6 +108,9 @@ _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "T
 _CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
 _METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
 _STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
+_TEMPERATURE = flags.DEFINE_float("mixture_temperature", None, "gaps: estimated_mixture's temperature "
+                                   "(default selfsup.MIXTURE_TEMPERATURE).")
+_TOP_K = flags.DEFINE_integer("mixture_top_k", None, "gaps: estimated_mixture's top k (default selfsup.MIXTURE_TOP_K).")
 _GAPS_FILE = flags.DEFINE_string("gaps_file", "gaps.json", "gaps: results file in --out_dir (runs in parallel "
                                  "write to different files; the report merges gaps*.json).")
 _OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
@@ -249,7 +263,7 @@ def run_real(name: str, budget: float, out_dir: pathlib.Path, nifti_dir: pathlib
 def _gap_case(name: str, config_name: str):
     """(truth, thick scan, profile kind, thickness mm, factor) of one gap case; deterministic."""
     kind, thickness_mm, factor = GAP_CONFIGS[config_name]
-    volume = sr3d_io.load_volume(SHARED / GAP_SCANS[name])
+    volume = sr3d_io.load_volume(SHARED / {**GAP_SCANS, **DEV_SCANS}[name])
     truth, thick = selfsup.simulate_thick_slices(volume, factor, axis=0, profile=kind,
                                                  thickness=thickness_mm / volume.spacing[0])
     return truth, thick, kind, thickness_mm, factor
@@ -268,7 +282,7 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
     key = f"{name}|{config_name}"
     entry = json.loads(path.read_text()).get(key, {}) if path.exists() else {}
     data_range = (float(truth.array.min()), float(truth.array.max()))
-    entry.update({"scan": _rel(SHARED / GAP_SCANS[name]), "profile": kind, "thickness_mm": thickness_mm,
+    entry.update({"scan": _rel(SHARED / {**GAP_SCANS, **DEV_SCANS}[name]), "profile": kind, "thickness_mm": thickness_mm,
                   "factor": factor, "spacing_mm": list(thick.spacing), "truth_shape": list(truth.shape),
                   "data_range": list(data_range), "steps": steps,
                   "protocol": metrics.float_protocol(data_range, with_ifc=False).describe()})
@@ -282,10 +296,17 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
         config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, init=init, **profile)
         started = time.perf_counter()
         plan = selfsup.plan_for(thick.spacing, factor=factor)
-        resolved = (selfsup.estimate_profile(thick, plan, match=match) if config.profile == "estimate" else
-                    selfsup.resolve_profile(thick, plan, config.profile, config.slice_thickness))
+        if config.profile == "estimate" and config.estimate == "mixture":
+            resolved = selfsup.estimate_mixture(thick, plan, _TEMPERATURE.value, _TOP_K.value, match=match)
+        elif config.profile == "estimate":
+            resolved = selfsup.estimate_profile(thick, plan, match=match)
+        else:
+            resolved = selfsup.resolve_profile(thick, plan, config.profile, config.slice_thickness)
         resolve_seconds = time.perf_counter() - started
-        same = (resolved.kind, round(resolved.thickness_mm, 3), init)
+        if isinstance(resolved, selfsup.ProfileMixture) and len(resolved.candidates) > 1:
+            same = ("mixture", json.dumps(resolved.to_json()["mixture"]["candidates"]), init)
+        else:  # a mixture of one candidate degrades every slice by it: the network of that profile
+            same = (resolved.kind, round(resolved.thickness_mm, 3), init)
         run = {"slice_profile": resolved.to_json(), "profile_seconds": round(resolve_seconds, 2)}
         if same in trained:
             array, run["reused_network_of"] = trained[same]
@@ -331,6 +352,8 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
             selfsup_run(method, profile="estimate")
         elif method == "estimated_per_axis":
             selfsup_run(method, match="per-axis", profile="estimate")
+        elif method == "estimated_mixture":
+            selfsup_run(method, profile="estimate", estimate="mixture")
         else:
             raise app.UsageError(f"--methods: {method!r} is not one of {GAP_METHODS}")
     return entry
@@ -572,7 +595,8 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
              "| scan | slices | Lanczos | cubic | supervised stage d | self-sup. no-gap | self-sup. gap-aware "
              "| self-sup. estimated (estimate) | estimated, per-axis match (estimate) | gap-aware - Lanczos "
              "| gap-aware - no-gap | estimated - gap-aware | self-sup. gap-aware from shipped d "
-             "| from shipped d - Lanczos |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| from shipped d - Lanczos | self-sup. estimated mixture (candidates, weights) "
+             "| mixture - gap-aware |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(scores, method):
         return f"{scores[method]['psnr']:.2f} / {scores[method]['ssim']:.4f}" if method in scores else "-"
@@ -581,6 +605,9 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
         if method not in runs:
             return ""
         profile = runs[method]["slice_profile"]
+        if "mixture" in profile:
+            return " (" + ", ".join(f"{c['kind'][:3]} {c['thickness_mm']:.3g} mm {c['weight']:.0%}"
+                                    for c in profile["mixture"]["candidates"]) + ")"
         return f" ({profile['kind']} {profile['thickness_mm']:.3g} mm)"
 
     def delta(scores, a, b):
@@ -596,7 +623,9 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
                      f"{estimate(runs, 'estimated')} | {cell(s, 'estimated_per_axis')}"
                      f"{estimate(runs, 'estimated_per_axis')} | {delta(s, 'gap_aware', 'lanczos')} | "
                      f"{delta(s, 'gap_aware', 'no_gap')} | {delta(s, 'estimated', 'gap_aware')} | "
-                     f"{cell(s, 'gap_aware_shipped')} | {delta(s, 'gap_aware_shipped', 'lanczos')} |")
+                     f"{cell(s, 'gap_aware_shipped')} | {delta(s, 'gap_aware_shipped', 'lanczos')} | "
+                     f"{cell(s, 'estimated_mixture')}{estimate(runs, 'estimated_mixture')} | "
+                     f"{delta(s, 'estimated_mixture', 'gap_aware')} |")
     times = [r["train_seconds"] for e in cases.values() for r in e["runs"].values() if "train_seconds" in r]
     protocol = re.sub(r"the fixed window \[[^]]*\]", "the scan's own [min, max]",
                       next(iter(cases.values()))["protocol"])

@@ -208,6 +208,73 @@ class SliceProfile:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ProfileMixture:
+    """Slice profiles to train on together, each with its share of the training slices
+    (`estimate_mixture`): the estimate's nearly-as-good candidates beside its best one, so the
+    network does not bet on one profile. candidates: best first, each a distinct kernel on the
+    network grid; weights: their shares, summing to 1. kind, thickness_mm, source and distance
+    are the best candidate's (what `estimate_profile` returns), for readers of a single profile."""
+
+    candidates: tuple[SliceProfile, ...]
+    weights: tuple[float, ...]
+    temperature: float
+    top_k: int
+
+    def __post_init__(self):
+        if not self.candidates or len(self.candidates) != len(self.weights):
+            raise ValueError(f"ProfileMixture: one weight per candidate, got {len(self.candidates)} candidates "
+                             f"and {len(self.weights)} weights")
+        if min(self.weights) < 0 or abs(sum(self.weights) - 1) > 1e-9:
+            raise ValueError(f"ProfileMixture: weights must be >= 0 and sum to 1, got {list(self.weights)}")
+
+    @property
+    def best(self) -> SliceProfile:
+        return self.candidates[0]
+
+    @property
+    def kind(self) -> str:
+        return self.best.kind
+
+    @property
+    def thickness_mm(self) -> float:
+        return self.best.thickness_mm
+
+    @property
+    def source(self) -> str:
+        return f"{self.best.source}; trained on a mixture of {len(self.candidates)} candidates"
+
+    @property
+    def distance(self) -> float | None:
+        return self.best.distance
+
+    def describe(self, plan: ThickSlicePlan) -> str:
+        shares = ", ".join(f"{'box' if c.kind == 'box' else 'Gaussian'} {c.thickness_mm:.3g} mm {w:.0%}"
+                           for c, w in zip(self.candidates, self.weights))
+        return f"{self.best.describe(plan)}; training slices degraded by a mixture: {shares}"
+
+    def to_json(self) -> dict:
+        out = self.best.to_json()
+        out["source"] = self.source
+        out["mixture"] = {"temperature": self.temperature, "top_k": self.top_k,
+                          "candidates": [{**c.to_json(), "weight": round(w, 6)} for c, w in
+                                         zip(self.candidates, self.weights)]}
+        for c in out["mixture"]["candidates"]:
+            del c["source"]
+        return out
+
+    def draws(self, count: int, seed) -> np.ndarray:
+        """Which candidate degrades each of `count` training slices: int (count,). Stratified:
+        candidate i gets round(weight_i x count) slices (largest remainders), in an order shuffled
+        by `seed` (an int or a sequence of ints for np.random.default_rng)."""
+        quota = np.asarray(self.weights) * count
+        counts = np.floor(quota).astype(int)
+        remainders = quota - counts
+        for i in np.argsort(-remainders, kind="stable")[:count - counts.sum()]:
+            counts[i] += 1
+        return np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+
+
 # Candidate thicknesses of `estimate_profile`, as fractions of the slice spacing.
 ESTIMATE_FRACTIONS = tuple(np.round(np.arange(0.3, 1.61, 0.05), 2))
 _SPECTRUM_LENGTH = 16          # samples per line segment of the spectra compared (thick spacing)
@@ -215,6 +282,16 @@ _SPECTRUM_LENGTH = 16          # samples per line segment of the spectra compare
 # distance is multiplied by 1 + PRIOR_WEIGHT x log(thickness / spacing)^2. Chosen on three ds002748
 # subjects of the training split (experiments/profile_estimators.py, "dev"), never on test scans.
 PRIOR_WEIGHT = 0.1
+# `estimate_mixture`: the softmax temperature (relative to the best distance) and how many distinct
+# kernels are kept. The temperature was chosen on three ds002748 subjects of the training split
+# (sub-01, sub-10, sub-19; both gap cases, 1000 steps: experiments/thick_slice.py DEV_SCANS,
+# docs/thick_slice/mixture_dev), between 0.05 and 0.2 with top_k 4, never on test scans.
+MIXTURE_TEMPERATURE = 0.05
+MIXTURE_TOP_K = 4
+# What `--slice-profile estimate` trains on: "best" (the single best candidate, `estimate_profile`)
+# or "mixture" (`estimate_mixture`; measured no better on the test gap cases: "best" stays the default).
+ESTIMATES = ("best", "mixture")
+DEFAULT_ESTIMATE = "best"
 
 
 def prior_factor(fraction: float, weight: float = PRIOR_WEIGHT) -> float:
@@ -291,6 +368,16 @@ def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
     training-split subjects; on six test scans it cut the mean absolute error from 0.90 to 0.81 mm
     and the mean error from -0.56 to -0.18 mm (docs/thick_slice/estimators.md). 0: spectra alone.
     """
+    return profile_candidates(volume, plan, kinds, fractions, match, prior_weight)[0]
+
+
+def profile_candidates(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = None,
+                       kinds: tuple[str, ...] = PROFILES,
+                       fractions: tuple[float, ...] = ESTIMATE_FRACTIONS,
+                       match: str = "shape", prior_weight: float = PRIOR_WEIGHT) -> list[SliceProfile]:
+    """Every candidate profile of `estimate_profile` with its distance (prior included), best
+    first; candidates at the same distance keep the order kinds x fractions (so the first is
+    `estimate_profile`'s answer)."""
     if match not in ("shape", "per-axis"):
         raise ValueError(f"match must be 'shape' or 'per-axis', got {match!r}")
     if plan is None:
@@ -313,7 +400,7 @@ def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
     def log_spectrum(array: np.ndarray, axis: int) -> np.ndarray:
         return _log_spectrum(array, axis, length, name)
 
-    best = None
+    candidates = []
     for kind in kinds:
         for fraction in fractions:
             kernel = slice_profile(fraction * r, kind, r)
@@ -326,24 +413,64 @@ def estimate_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
                 distance = float(np.var(np.mean(inplane, axis=0) - np.mean(through, axis=0)))
             else:
                 distance = float(np.mean([np.mean((a - t) ** 2) for a, t in zip(inplane, through)]))
-            distance *= prior_factor(fraction, prior_weight)
-            if best is None or distance < best[0]:
-                best = (distance, kind, float(fraction))
-    distance, kind, fraction = best
-    return SliceProfile(kind, fraction * plan.thick_mm, "estimated from the scan's spectra", distance)
+            distance *= prior_factor(float(fraction), prior_weight)
+            candidates.append(SliceProfile(kind, float(fraction) * plan.thick_mm, "estimated from the scan's spectra",
+                                           distance))
+    return sorted(candidates, key=lambda c: c.distance)
+
+
+def estimate_mixture(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = None,
+                     temperature: float | None = None, top_k: int | None = None,
+                     **options) -> ProfileMixture:
+    """The estimate as a mixture of candidates (blind-SR kernel augmentation): `profile_candidates`
+    grouped by the kernel they make on the network grid (a box of 1.2 mm and one of 2 mm are the
+    same two taps on a 1 mm grid with an even factor; each group keeps its best candidate), the
+    `top_k` closest groups, weighted by softmax(-(distance / best distance - 1) / temperature):
+    a candidate whose distance is `temperature` x the best one's above it weighs e^-1 of the best.
+    Relative, like the prior, so it weighs alike on scans whose spectra match well or badly.
+    options: those of `estimate_profile` (kinds, fractions, match, prior_weight).
+    Defaults MIXTURE_TEMPERATURE, MIXTURE_TOP_K (chosen on dev subjects: see there).
+
+    Measured (docs/thick_slice.md, 4000 steps, six simulated gap cases of four test scans): within
+    0.05 dB of the single best candidate everywhere, mean -0.03 dB against the network told the
+    true profile (-0.02 for the best alone); it does not fix the T2 Gaussian case (-0.35 dB), whose
+    second-closest kernel is 31% farther than the best and gets no slice: the close candidates are
+    the estimate's neighbours, biased alike. So `--slice-profile estimate` keeps the best
+    (DEFAULT_ESTIMATE).
+    """
+    temperature = MIXTURE_TEMPERATURE if temperature is None else float(temperature)
+    top_k = MIXTURE_TOP_K if top_k is None else top_k
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"mixture temperature must be > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise ValueError(f"mixture top_k must be an integer >= 1, got {top_k!r}")
+    plan = plan_for(volume.spacing) if plan is None else plan
+    groups: dict[tuple, SliceProfile] = {}
+    for candidate in profile_candidates(volume, plan, **options):
+        key = tuple(np.round(slice_profile(candidate.width(plan), candidate.kind, plan.factor), 6))
+        groups.setdefault(key, candidate)                # sorted best first: the best of its kernel
+    chosen = list(groups.values())[:int(top_k)]
+    best = max(chosen[0].distance, 1e-12)
+    logits = np.array([-(c.distance / best - 1) / temperature for c in chosen])
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    return ProfileMixture(tuple(chosen), tuple(float(w) for w in weights), temperature, int(top_k))
 
 
 def resolve_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan, profile: str = "box",
-                    slice_thickness: float | None = None) -> SliceProfile:
+                    slice_thickness: float | None = None,
+                    estimate: str = DEFAULT_ESTIMATE) -> SliceProfile | ProfileMixture:
     """The slice profile to train with: `profile` "estimate" estimates kind and thickness
-    (`estimate_profile`); otherwise the kind given, with thickness `slice_thickness` (mm), else
-    the scan's own (DICOM SliceThickness, when the thick axis is the stacked one), else the
-    slice spacing (contiguous slices)."""
+    (`estimate` "best": `estimate_profile`; "mixture": `estimate_mixture`); otherwise the kind
+    given, with thickness `slice_thickness` (mm), else the scan's own (DICOM SliceThickness, when
+    the thick axis is the stacked one), else the slice spacing (contiguous slices)."""
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
     if profile == "estimate":
         if slice_thickness is not None:
             raise ValueError("a slice thickness with profile 'estimate': the estimate chooses the thickness too; "
                              "give a profile kind (box or gaussian) to use the thickness")
-        return estimate_profile(volume, plan)
+        return estimate_mixture(volume, plan) if estimate == "mixture" else estimate_profile(volume, plan)
     if profile not in PROFILES:
         raise ValueError(f"slice profile must be one of {PROFILES + ('estimate',)}, got {profile!r}")
     if slice_thickness is not None:
@@ -376,6 +503,8 @@ class SelfSupConfig:
     factor / target_spacing: see `plan_for` (at most one; neither: isotropic output).
     profile: slice profile of the simulated thick slices: "box", "gaussian", or "estimate"
         (kind and thickness estimated from the scan: `estimate_profile`).
+    estimate: with profile "estimate": "best" (train on the best candidate) or "mixture"
+        (each training slice degraded by a candidate drawn from `estimate_mixture`, seeded).
     slice_thickness: slice thickness in mm (box width / Gaussian FWHM), thinner than the
         spacing for gaps; None: the scan's own (DICOM SliceThickness), else the spacing.
     time_budget_s: wall-clock training budget in seconds (None: only max_steps stops); the
@@ -396,6 +525,7 @@ class SelfSupConfig:
     target_spacing: float | None = None
     profile: str = "box"
     slice_thickness: float | None = None
+    estimate: str = DEFAULT_ESTIMATE
     time_budget_s: float | None = 180.0
     max_steps: int | None = None
     steps_per_epoch: int = 100
@@ -422,6 +552,8 @@ class SelfSupConfig:
         if self.profile not in PROFILES + ("estimate",):
             raise ValueError(f"SelfSupConfig: profile must be one of {PROFILES + ('estimate',)}, "
                              f"got {self.profile!r}")
+        if self.estimate not in ESTIMATES:
+            raise ValueError(f"SelfSupConfig: estimate must be one of {ESTIMATES}, got {self.estimate!r}")
         if self.slice_thickness is not None and not (math.isfinite(self.slice_thickness)
                                                      and self.slice_thickness > 0):
             raise ValueError(f"SelfSupConfig: slice_thickness must be > 0 mm, got {self.slice_thickness!r}")
@@ -487,7 +619,7 @@ def _resample_inplane(slices: np.ndarray, axis: int, from_mm: float, to_mm: floa
 
 
 def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan,
-                    profile: str | SliceProfile = "box") -> list[data.PlaneStack]:
+                    profile: str | SliceProfile | ProfileMixture = "box", seed: int = 0) -> list[data.PlaneStack]:
     """The (LR, HR) training planes of a normalised scan whose thick axis is D.
 
     normalised: float32 (D, H, W) in network units, D the thick axis. Two stacks: the
@@ -496,13 +628,16 @@ def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan,
     Each HR is the slice resampled along the degraded axis to the network spacing
     thick / r (`plan.network_mm`), its other axis kept at the in-plane spacing, as in the
     (D, W) and (D, H) planes the network sees at inference.
-    profile: a SliceProfile (its thickness may differ from the spacing: gaps, overlaps), or a
-    kind ("box", "gaussian") with the thickness equal to the spacing.
+    profile: a SliceProfile (its thickness may differ from the spacing: gaps, overlaps), a
+    kind ("box", "gaussian") with the thickness equal to the spacing, or a ProfileMixture: each
+    slice of each stack degraded by the candidate `ProfileMixture.draws` gives it, drawn with
+    seed (seed, 1) for the stack degraded along H and (seed, 2) along W.
     """
     r = plan.factor
     if isinstance(profile, str):
         profile = SliceProfile(profile, plan.thick_mm, "assumed equal to the slice spacing")
-    kernel = slice_profile(profile.width(plan), profile.kind, r)
+    candidates = profile.candidates if isinstance(profile, ProfileMixture) else (profile,)
+    kernels = [slice_profile(c.width(plan), c.kind, r) for c in candidates]
     stacks = []
     for axis, spacing in ((1, plan.inplane_mm[0]), (2, plan.inplane_mm[1])):
         hr = _resample_inplane(np.asarray(normalised, np.float32), axis, spacing, plan.network_mm)
@@ -510,7 +645,14 @@ def training_stacks(normalised: np.ndarray, plan: ThickSlicePlan,
             raise ValueError(f"in-plane axis {axis} has {hr.shape[axis]} voxels at {plan.network_mm:.3g} mm, "
                              f"fewer than the factor {r}")
         hr = degrade.crop_to_multiple(hr, r, axes=(axis,))
-        lr = degrade_along(hr, r, axis, kernel)
+        if isinstance(profile, ProfileMixture):
+            which = profile.draws(hr.shape[0], (seed, axis))
+            lr = np.empty(hr.shape[:axis] + (hr.shape[axis] // r,) + hr.shape[axis + 1:], np.float32)
+            for i, kernel in enumerate(kernels):
+                if np.any(which == i):
+                    lr[which == i] = degrade_along(hr[which == i], r, axis, kernel)
+        else:
+            lr = degrade_along(hr, r, axis, kernels[0])
         if axis == 2:
             hr, lr = hr.transpose(0, 2, 1), lr.transpose(0, 2, 1)
         stacks.append(data.PlaneStack(np.ascontiguousarray(lr, np.float32), np.ascontiguousarray(hr, np.float32)))
@@ -524,7 +666,7 @@ class Trained:
 
     model: object
     plan: ThickSlicePlan
-    profile: SliceProfile
+    profile: SliceProfile | ProfileMixture
     steps: int
     seconds: float
     config: SelfSupConfig
@@ -545,14 +687,14 @@ def train_on_scan(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupCon
 
 
 def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
-          progress: Progress | None = None, profile: SliceProfile | None = None) -> Trained:
+          progress: Progress | None = None, profile: SliceProfile | ProfileMixture | None = None) -> Trained:
     """Trains a stage-d network on the scan's own in-plane slices.
 
     volume: the thick-slice scan (any axis may be the thick one). Stops when
     `config.time_budget_s` seconds of training have passed or `config.max_steps` steps are
     done; `progress` gets one line per `config.steps_per_epoch` steps.
-    profile: the slice profile to simulate, if resolved already; default
-    `resolve_profile(volume, plan, config.profile, config.slice_thickness)`.
+    profile: the slice profile (or mixture) to simulate, if resolved already; default
+    `resolve_profile(volume, plan, config.profile, config.slice_thickness, config.estimate)`.
     """
     import keras
     import tensorflow as tf
@@ -562,12 +704,12 @@ def train(volume: sr3d_volume.Volume, config: SelfSupConfig = SelfSupConfig(),
     started = time.perf_counter()
     plan = plan_for(volume.spacing, config.factor, config.target_spacing)
     if profile is None:
-        profile = resolve_profile(volume, plan, config.profile, config.slice_thickness)
+        profile = resolve_profile(volume, plan, config.profile, config.slice_thickness, config.estimate)
         if progress is not None:
             progress(Step("steps", 0, config.max_steps, profile.describe(plan)))
     moved, _ = _thick_first(volume, plan.axis)
     normalised = intensity.window(moved.array).normalise(moved.array)
-    stacks = training_stacks(normalised, plan, profile)
+    stacks = training_stacks(normalised, plan, profile, seed=config.seed)
     patch_config = data.PatchConfig(stage="d", scale=plan.factor, patch_size=config.patch_size,
                                     batch_size=config.batch_size, blur=config.blur,
                                     min_contrast=config.min_contrast, seed=config.seed)

@@ -363,3 +363,94 @@ def test_cli_init_shipped_is_recorded_and_needs_training(tmp_path, small_scan, c
                      "--init", "shipped"]) == 2
     assert "--init" in capsys.readouterr().err
     assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------- the estimate as a mixture of candidates
+
+@pytest.fixture(scope="module")
+def isotropic_thick():
+    """Gaussian 2.5 mm slices every 4 mm simulated from a statistically isotropic 1 mm texture."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(np.random.default_rng(1).standard_normal((64, 64, 64)).astype(np.float32), 1.0)
+    fine = sr3d_volume.Volume(array=np.abs(field) * 100 + 50, spacing=(1.0, 1.0, 1.0), affine=np.eye(4))
+    _, thick = selfsup.simulate_thick_slices(fine, 4, profile="gaussian", thickness=2.5)
+    return thick
+
+
+def test_mixture_weights_are_a_softmax_of_the_relative_distances(isotropic_thick):
+    plan = selfsup.plan_for(isotropic_thick.spacing, factor=4)
+    mixture = selfsup.estimate_mixture(isotropic_thick, plan, temperature=0.2, top_k=3)
+    assert mixture.best == selfsup.estimate_profile(isotropic_thick, plan)
+    assert len(mixture.candidates) == 3
+    # Golden: the three best distinct kernels of profile_candidates, weights exp(-(d / d_best - 1) / T) normalised.
+    kernels, expected = [], []
+    for candidate in selfsup.profile_candidates(isotropic_thick, plan):
+        kernel = selfsup.slice_profile(candidate.thickness_mm / plan.network_mm, candidate.kind, 4)
+        if not any(k.shape == kernel.shape and np.allclose(k, kernel, atol=1e-6) for k in kernels):
+            kernels.append(kernel)
+            expected.append(candidate)
+    expected = expected[:3]
+    assert [(c.kind, c.thickness_mm) for c in mixture.candidates] == [(c.kind, c.thickness_mm) for c in expected]
+    logits = np.array([-(c.distance / expected[0].distance - 1) / 0.2 for c in expected])
+    np.testing.assert_allclose(mixture.weights, np.exp(logits) / np.exp(logits).sum(), rtol=1e-12)
+    assert sum(mixture.weights) == pytest.approx(1.0, abs=1e-12)
+    assert mixture.weights[0] == max(mixture.weights)
+    assert list(mixture.weights) == sorted(mixture.weights, reverse=True)
+    # One kernel: the best profile alone, weight 1. A colder softmax gives the best more weight.
+    assert selfsup.estimate_mixture(isotropic_thick, plan, top_k=1).weights == (1.0,)
+    assert selfsup.estimate_mixture(isotropic_thick, plan, temperature=0.02, top_k=3).weights[0] > mixture.weights[0]
+    with pytest.raises(ValueError, match="temperature"):
+        selfsup.estimate_mixture(isotropic_thick, plan, temperature=0.0)
+    reported = mixture.to_json()
+    assert (reported["kind"], reported["thickness_mm"]) == (mixture.best.kind, round(mixture.best.thickness_mm, 4))
+    assert [c["weight"] for c in reported["mixture"]["candidates"]] == [round(w, 6) for w in mixture.weights]
+    assert "mixture" in mixture.describe(plan)
+
+
+def test_mixture_draws_are_stratified_and_seeded():
+    box, gauss = selfsup.SliceProfile("box", 2.0, "test", 1.0), selfsup.SliceProfile("gaussian", 2.5, "test", 1.1)
+    mixture = selfsup.ProfileMixture((box, gauss), (0.66, 0.34), 0.1, 2)
+    draws = mixture.draws(10, (0, 1))
+    # 6.6 and 3.4 slices: 6 and 3 whole, the one left to the larger remainder (0.6).
+    assert np.bincount(draws, minlength=2).tolist() == [7, 3]
+    np.testing.assert_array_equal(draws, mixture.draws(10, (0, 1)))
+    assert not np.array_equal(draws, mixture.draws(10, (0, 2))) or not np.array_equal(draws, mixture.draws(10, (1, 1)))
+    with pytest.raises(ValueError, match="sum to 1"):
+        selfsup.ProfileMixture((box, gauss), (0.5, 0.6), 0.1, 2)
+
+
+def test_training_stacks_of_a_mixture_degrade_each_slice_by_its_draw():
+    from sr3d import degrade
+
+    plan = selfsup.plan_for((4.0, 1.0, 1.0), factor=4)
+    box, gauss = selfsup.SliceProfile("box", 2.0, "test", 1.0), selfsup.SliceProfile("gaussian", 2.5, "test", 1.1)
+    mixture = selfsup.ProfileMixture((box, gauss), (0.6, 0.4), 0.1, 2)
+    slices = np.random.default_rng(0).random((10, 16, 12)).astype(np.float32)
+    stacks = selfsup.training_stacks(slices, plan, mixture, seed=5)
+    for stack, axis in zip(stacks, (1, 2)):
+        which = mixture.draws(10, (5, axis))
+        for i in range(10):
+            profile = (box, gauss)[which[i]]
+            # Independent degradation: the profile's kernel on the 1 mm grid, every 4th sample.
+            kernel = degrade.slice_profile(profile.thickness_mm, profile.kind, 4)
+            expected = degrade.degrade_along(slices[i], 4, axis - 1, kernel)
+            np.testing.assert_allclose(stack.lr[i], expected if axis == 1 else expected.T, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(stack.hr[i], slices[i] if axis == 1 else slices[i].T)
+    # The box 2 mm slices are the two-tap mean of the middle fine voxels: [0.5, 0.5].
+    i = int(np.flatnonzero(mixture.draws(10, (5, 1)) == 0)[0])
+    np.testing.assert_allclose(stacks[0].lr[i, 1], slices[i, 5:7].mean(axis=0), rtol=1e-6)
+
+
+def test_mixture_training_is_deterministic_and_reported(small_scan, tiny_config):
+    config = dataclasses.replace(tiny_config, profile="estimate", estimate="mixture", max_steps=4)
+    first, second = selfsup.train(small_scan, config), selfsup.train(small_scan, config)
+    assert isinstance(first.profile, selfsup.ProfileMixture)
+    assert first.profile == second.profile
+    for a, b in zip(first.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    reported = first.to_json()["slice_profile"]
+    assert sum(c["weight"] for c in reported["mixture"]["candidates"]) == pytest.approx(1.0, abs=1e-5)
+    assert reported["mixture"]["temperature"] == selfsup.MIXTURE_TEMPERATURE
+    with pytest.raises(ValueError, match="estimate must be"):
+        dataclasses.replace(tiny_config, estimate="average")
