@@ -1,14 +1,17 @@
 """How well `--planes auto` (the self-check chooses one pass or three orientations) picks, per held-out scan.
 
-  python experiments/planes_auto.py [--one docs/model_card/generalization] [--all docs/model_card/planes_all]
-      [--out docs/model_card/planes_auto]
+  python experiments/planes_auto.py [--one docs/model_card/consistency] [--all docs/model_card/consistency_all]
+      [--out docs/model_card/planes_auto] [--no-consistency]
 
 For every 3D report of --one (single pass, `experiments/generalization.py`) and --all (the same with
 `--planes all`): the per-scan real margins over Lanczos (CNN minus Lanczos PSNR against the HR, the
 reports' protocol). For every scan and scale the LR is simulated as evaluate.py does (antialiased
 bicubic along D, H and W) and `sr3d.inference.choose_planes` (what `sr3d upscale --planes auto`
 runs) picks dw or all from the self-check on that LR alone. Writes OUT.md and OUT.json: per scan the
-real margin of dw, of all, of the pick, and whether the pick was the better one.
+real margin of dw, of all, of the pick, and whether the pick was the better one. The self-check runs
+with the consistency step, as the reports of the default --one and --all were made; --no-consistency
+without it (give it reports made with `generalization.py --no-consistency`, e.g.
+docs/model_card/generalization and docs/model_card/planes_all).
 """
 import argparse
 import json
@@ -37,8 +40,9 @@ def per_scan_margins(report_dir: pathlib.Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", default="docs/model_card/generalization")
-    parser.add_argument("--all", default="docs/model_card/planes_all")
+    parser.add_argument("--one", default="docs/model_card/consistency")
+    parser.add_argument("--all", default="docs/model_card/consistency_all")
+    parser.add_argument("--no-consistency", dest="consistency", action="store_false")
     parser.add_argument("--out", default="docs/model_card/planes_auto")
     args = parser.parse_args()
     one, three = per_scan_margins(pathlib.Path(args.one)), per_scan_margins(pathlib.Path(args.all))
@@ -48,7 +52,8 @@ def main() -> None:
         hr = degrade.crop_to_multiple(np.asarray(volume.array, np.float32), scale, axes=(0, 1, 2))
         lr = inference.as_volume(degrade.downscale(hr, scale, axes=(0, 1, 2)),
                                  spacing=tuple(s * scale for s in volume.spacing))
-        chosen, _, choice = inference.choose_planes(lr, models.load_models(None, scale), False, {}, print)
+        chosen, _, choice = inference.choose_planes(lr, models.load_models(None, scale), False,
+                                                    {"consistency": args.consistency}, print)
         real = {"dw": one[(scan, scale)], "all": three[(scan, scale)]}
         rows.append({"scan": pathlib.Path(scan).name.split(".")[0], "scale": scale, "real_dw": round(real["dw"], 3),
                      "real_all": round(real["all"], 3), "chosen": chosen, "real_chosen": round(real[chosen], 3),

@@ -565,8 +565,8 @@ def parser() -> argparse.ArgumentParser:
                     help="3d: stage d on the (D, W) plane of every row (dw), or also on the (D, H) plane of "
                          "every column and the two averaged (both, as the authors' code; needs whole columns "
                          "in memory and twice the stage-d time), or the whole cascade three times, each axis "
-                         "once as depth (axial, coronal, sagittal slices), averaged (all: +0.08 to +0.45 dB on "
-                         "held-out MRI, 3x the time, loses 0.3-0.5 dB on chest CT; the exported SavedModel runs dw), "
+                         "once as depth (axial, coronal, sagittal slices), averaged (all: +0.05 to +0.38 dB on "
+                         "held-out MRI, 3x the time, loses 0.35-0.58 dB on chest CT; the exported SavedModel runs dw), "
                          "or auto: dw or all, whichever wins the self-check on this scan (the self-check then "
                          "runs 4x)")
     up.add_argument("--no-consistency", dest="no_consistency", action="store_true",
