@@ -6,7 +6,9 @@ For each scan and scale: wall time of `sr3d.upscaling.upscale_normalised` (shipp
 3d, default precision) with planes "dw" (the paper's single pass), "both" and "all" (each axis once
 as depth, averaged), and of Lanczos (`sr3d.baselines`) on the same LR array, interleaved over
 --rounds rounds (best time of each), and each option's ratio to "dw" and to Lanczos. The LR is the
-scan downscaled by the factor along every axis, as evaluate.py does. Writes OUT/planes.json and .md.
+scan downscaled by the factor along every axis, as evaluate.py does. Also the consistency step that
+`sr3d upscale` runs after the passes (`sr3d.upscaling.make_consistent` on a copy of the dw output;
+"consistency", its ratio to dw and to Lanczos). Writes OUT/planes.json and .md.
 """
 import argparse
 import os
@@ -45,6 +47,8 @@ def main() -> None:
             x = intensity.window(lr).normalise(lr)
             runs = {p: (lambda p=p: upscaling.upscale_normalised(x, bundle, planes=p)) for p in PLANE_OPTIONS}
             runs["lanczos"] = lambda: baselines.upscale(lr, scale, "lanczos", "3d")
+            dw_out = upscaling.upscale_normalised(x, bundle)
+            runs["consistency"] = lambda: upscaling.make_consistent(dw_out.copy(), x, scale, "3d")
             upscaling.upscale_normalised(x[:4, :32, :32], bundle, planes="all")  # trace every plane shape once
             best = {name: float("inf") for name in runs}
             for _ in range(args.rounds):
@@ -55,17 +59,20 @@ def main() -> None:
             row = {"scan": pathlib.Path(path).name, "lr_shape": list(lr.shape), "scale": scale,
                    "seconds": {k: round(v, 2) for k, v in best.items()},
                    "ratio_to_dw": {p: round(best[p] / best["dw"], 2) for p in PLANE_OPTIONS},
-                   "ratio_to_lanczos": {p: round(best[p] / best["lanczos"], 1) for p in PLANE_OPTIONS}}
+                   "ratio_to_lanczos": {p: round(best[p] / best["lanczos"], 1) for p in PLANE_OPTIONS + ("consistency",)},
+                   "consistency_to_dw": round(best["consistency"] / best["dw"], 3)}
             rows.append(row)
             print(row, flush=True)
     cpu = _report.cpu_name()
     lines = [f"3D plane options, time per LR volume ({cpu}; `python benchmarks/bench_planes.py`; best of "
              f"{args.rounds} interleaved rounds, same process)", "",
-             "| scan | LR shape | x | Lanczos s | dw s | both s (x dw) | all s (x dw) | all / Lanczos |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| scan | LR shape | x | Lanczos s | dw s | both s (x dw) | all s (x dw) | all / Lanczos | "
+             "consistency step s (x dw, x Lanczos) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['scan']} | {' x '.join(map(str, r['lr_shape']))} | {r['scale']} | {r['seconds']['lanczos']} | "
               f"{r['seconds']['dw']} | {r['seconds']['both']} ({r['ratio_to_dw']['both']:.2f}) | {r['seconds']['all']} "
-              f"({r['ratio_to_dw']['all']:.2f}) | {r['ratio_to_lanczos']['all']:.1f} |" for r in rows]
+              f"({r['ratio_to_dw']['all']:.2f}) | {r['ratio_to_lanczos']['all']:.1f} | {r['seconds']['consistency']} "
+              f"({r['consistency_to_dw']:.3f}, {r['ratio_to_lanczos']['consistency']:.1f}) |" for r in rows]
     _report.write_report(args.out, "planes", {"cpu": cpu, "rounds": args.rounds, "rows": rows}, lines)
 
 

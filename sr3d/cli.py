@@ -572,7 +572,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-consistency", dest="no_consistency", action="store_true",
                     help="write the networks' output as it is. By default it is then made consistent with the "
                          "input: the smallest change after which it, downscaled as the training pairs were, is the "
-                         "input again (+0.1 to +0.2 dB on held-out scans for the time of a Lanczos upscale; "
+                         "input again (+0.04 to +0.23 dB on held-out scans for 2-9%% more time; "
                          "docs/model_card.md \"Consistency with the input\"); the exported SavedModel and ONNX "
                          "graphs do not do it")
     up.add_argument("--tile-mb", dest="tile_mb", type=float, default=256,

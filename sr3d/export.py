@@ -9,7 +9,7 @@ layout TF Serving polls, holding one SavedModel with these signatures:
                     window, normalisation, its inverse and the clip to the input's
                     range inside the graph: the same arithmetic as `sr3d.inference`
                     with `consistency=False` (the graph has no consistency step:
-                    `sr3d upscale` adds it by default, +0.1-0.2 dB on held-out scans).
+                    `sr3d upscale` adds it by default, +0.04-0.23 dB on held-out scans).
   upscale_2d        volume [D, H, W] -> upscaled [D, rH, rW] (stage hw only).
   stage_hw          images: float32 [B, h, w, 1], normalised units -> final [B, rh, rw, 1].
   stage_d           images: float32 [B, d, w, 1], normalised units -> final [B, rd, w, 1].
