@@ -22,7 +22,6 @@ import functools
 import json
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -95,13 +94,11 @@ def run_selfcheck(model: str, groups, out: pathlib.Path, modes, scales, consiste
                     for variant in selfcheck.NOISE_MODELS:
                         check = selfcheck.self_check(lr, run, scale, mode, noise=variant)
                         entry[variant] = None if check is None else check.to_json()
-                    tick = time.perf_counter()
                     done[key] = entry
                     sr3d_files.write_json(path, done)
                     print(f"self-check {key}: " + ", ".join(
                         f"{v} {entry[v]['margin_db']:+.2f} dB" if entry[v] else f"{v} too small"
                         for v in selfcheck.NOISE_MODELS), flush=True)
-                    del tick
 
 
 def real_margins(out: pathlib.Path, groups, modes) -> dict:

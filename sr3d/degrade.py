@@ -160,9 +160,13 @@ def downscale_float32(array: np.ndarray, scale: int, axes: Sequence[int]) -> np.
     scans on every upscale; the evaluation protocol and training keep the float64 `downscale`."""
     out = np.asarray(array, np.float32)
     for axis in axes:
-        weights = _imresize_weights(out.shape[axis], scale).astype(np.float32)
-        out = np.moveaxis(np.tensordot(weights, out, axes=([1], [axis])), 0, axis)
+        out = _along(_imresize_weights(out.shape[axis], scale).astype(np.float32), out, axis)
     return np.ascontiguousarray(out)
+
+
+def _along(matrix: np.ndarray, array: np.ndarray, axis: int) -> np.ndarray:
+    """`matrix` (m, n) applied to every line of `array` along `axis` (length n -> m)."""
+    return np.moveaxis(np.tensordot(matrix, array, axes=([1], [axis])), 0, axis)
 
 
 @functools.lru_cache(maxsize=32)
@@ -199,8 +203,7 @@ def make_consistent(hr: np.ndarray, lr: np.ndarray, scale: int, axes: Sequence[i
                          f"{scale} on axes {axes}")
     residual = np.asarray(lr, np.float32) - downscale_float32(hr, scale, sorted(axes))
     for axis in (a for a in axes if a != 0):
-        inverse = _consistency_weights(hr.shape[axis], scale)
-        residual = np.moveaxis(np.tensordot(inverse, residual, axes=([1], [axis])), 0, axis)
+        residual = _along(_consistency_weights(hr.shape[axis], scale), residual, axis)
     if 0 not in axes:
         hr += residual
         return hr
@@ -208,7 +211,7 @@ def make_consistent(hr: np.ndarray, lr: np.ndarray, scale: int, axes: Sequence[i
     rows = max(1, rows_per_band)
     for start in range(0, hr.shape[1], rows):  # along the depth axis, one band of rows at a time
         band = slice(start, start + rows)
-        hr[:, band] += np.tensordot(inverse, residual[:, band], axes=([1], [0]))
+        hr[:, band] += _along(inverse, residual[:, band], 0)
     return hr
 
 

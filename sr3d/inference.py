@@ -118,10 +118,12 @@ def lanczos_volume(volume: sr3d_volume.Volume, scale: int, mode: str = "3d") -> 
 
 
 def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str = "3d", ensemble: bool = False,
-                    self_check: bool = True, fallback: str | None = None, adapt=None,
+                    self_check: bool = True, fallback: str | None = None, adapt=None, consistency: bool = True,
                     log: Callable[[str], None] | None = None, **options) -> tuple[sr3d_volume.Volume, ModelBundle]:
     """`upscale_volume` with the self-check on the scan (`sr3d.selfcheck`), optional test-time
     adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
+
+    consistency: as for `upscale_volume`; the self-check and adaptation run with it too.
 
     fallback: None (always the CNN) or "lanczos": write the Lanczos result when the CNN loses
     the self-check (lower PSNR). log: called with one line per event (the self-check
@@ -142,9 +144,9 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
                          f"one-axis mode {mode!r}")
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
-    network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size", "consistency")}
-    network_options.setdefault("consistency", True)  # upscale_volume's default: the self-check scores what is written
-    report["consistency"] = network_options["consistency"]
+    # The options that change the CNN's numbers: the self-check and adaptation score what is written.
+    network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
+    network_options["consistency"] = report["consistency"] = consistency
     auto = network_options.get("planes") == "auto"
     if auto:
         _check_auto_planes(mode, self_check, adapt)
@@ -184,7 +186,7 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
         result = lanczos_volume(volume, r, mode)
         report["method"] = "lanczos (fallback: the CNN lost the self-check)"
     else:
-        result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, **options)
+        result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, consistency=consistency, **options)
         report["method"] = "cnn"
     return result.replace(report=report), models
 
