@@ -19,7 +19,7 @@ from sr3d import io as sr3d_io
 from sr3d import volume as sr3d_volume
 from sr3d.progress import Progress
 from sr3d.upscaling import (AXIS_MODES, MODES, PLANES, clipped_to_range, make_consistent,  # noqa: F401
-                            mean_of_orientations, orientation_passes, run_in_scanner_units,
+                            fuse_orientations, orientation_fusion_beta, orientation_passes, run_in_scanner_units,
                             upscale_depth_normalised, upscale_normalised)
 
 if TYPE_CHECKING:  # sr3d.models imports Keras: imported where a network runs
@@ -188,6 +188,8 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
     else:
         result = upscale_volume(volume, models, mode=mode, ensemble=ensemble, consistency=consistency, **options)
         report["method"] = "cnn"
+        if report.get("planes") == "all":
+            report["orientation_fusion_beta"] = orientation_fusion_beta(models)
     return result.replace(report=report), models
 
 
@@ -216,7 +218,7 @@ def choose_planes(volume: sr3d_volume.Volume, models: ModelBundle, ensemble: boo
 
     def candidates(lr: np.ndarray) -> dict[str, np.ndarray]:
         passes = list(orientation_passes(lr, models, ensemble=ensemble, **options))
-        chosen = {"all": mean_of_orientations(passes), "dw": passes[0]}
+        chosen = {"all": fuse_orientations(passes, orientation_fusion_beta(models)), "dw": passes[0]}
         if consistency:  # once per candidate, as upscale_normalised does after the passes
             chosen = {p: make_consistent(out, lr, models.scale, "3d") for p, out in chosen.items()}
         return chosen

@@ -242,6 +242,11 @@ def load_models(model_dir: str | pathlib.Path | None = None, scale: int = 2) -> 
             raise ValueError(f"{directory / BUNDLE_JSON}: not valid JSON ({error}); rewrite or remove it") from None
         if not isinstance(info, dict):
             raise ValueError(f"{directory / BUNDLE_JSON}: not a bundle description (a JSON object is expected)")
+    fusion = info.get("orientation_fusion", {"beta": 0.0})
+    beta = fusion.get("beta") if isinstance(fusion, dict) else None
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 100:
+        raise ValueError(f"{directory / BUNDLE_JSON}: orientation_fusion must be {{\"beta\": a number in [0, 100)}}, "
+                         f"got {fusion!r}")
     if model_dir is not None and "scale" in info and int(info["scale"]) != scale:
         raise ValueError(f"{directory}: the model upscales by {info['scale']}, not by {scale}")
     hw, d = (load(directory / MODEL_FILES[stage]) for stage in ("hw", "d"))

@@ -236,8 +236,9 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
                                  tile_mb=tile_mb, progress=progress, precision=precision)
         return make_consistent(out, lr, models.scale, mode)
     if planes == "all":
-        return mean_of_orientations(orientation_passes(lr, models, ensemble=ensemble, batch_size=batch_size,
-                                                       tile_mb=tile_mb, progress=progress, precision=precision))
+        return fuse_orientations(orientation_passes(lr, models, ensemble=ensemble, batch_size=batch_size,
+                                                    tile_mb=tile_mb, progress=progress, precision=precision),
+                                 orientation_fusion_beta(models))
     if mode in AXIS_MODES:
         return _upscale_one_axis(lr, models, AXIS_MODES[mode], ensemble=ensemble, batch_size=batch_size,
                                  tile_mb=tile_mb, progress=progress, precision=precision)
@@ -286,6 +287,48 @@ def orientation_passes(lr: np.ndarray, models: ModelBundle, *, progress: Progres
         passes = None if progress is None else _PassProgress(progress, k, len(ORIENTATIONS))
         yield upscale_normalised(np.ascontiguousarray(lr.transpose(order)), models, mode="3d", planes="dw",
                                  progress=passes, **options).transpose(np.argsort(order))
+
+
+def orientation_fusion_beta(models: ModelBundle) -> float:
+    """The bundle's `orientation_fusion` beta (bundle.json, checked by `sr3d.models.load_models`; 0 when
+    absent: the plain mean)."""
+    return float(models.info.get("orientation_fusion", {}).get("beta", 0.0))
+
+
+def fuse_orientations(passes: "Iterable[np.ndarray]", beta: float = 0.0) -> np.ndarray:
+    """planes "all": the three passes of `orientation_passes` (in their order) made one.
+
+    beta 0: their mean (`mean_of_orientations`). beta > 0: a mean per spatial frequency k whose
+    weights favour, along each direction, the passes that resolved it in-plane. Pass j ran stage d
+    along axis a_j = ORIENTATIONS[j][0] and stage hw on the other two; its weight at k is
+    exp(-beta f_j) / sum_i exp(-beta f_i), with f_j = k_{a_j}^2 / |k|^2 the share of k along a_j
+    (k in cycles per voxel). The weights sum to 1 at every k, so what the passes agree on passes
+    unchanged (a flat volume, a shared structure); only their disagreement is weighed. At k = 0 and
+    wherever k is equally along every axis the weights are 1/3 (the mean). Measured on central slabs
+    of the corpus (docs/model_card.md, "Three orientations"): beta is chosen per bundle on its
+    training and validation scans and stored in its bundle.json (`orientation_fusion_beta`).
+    Computed with real FFTs in float32 (periodic: the weights act on the passes' differences, which
+    wrap across the borders); memory about 4.5 times the output's, against 2 for the mean.
+    """
+    if beta == 0:
+        return mean_of_orientations(passes)
+    from scipy import fft
+
+    total = weights_sum = shape = None
+    for j, out in enumerate(passes):
+        if total is None:
+            shape = out.shape
+            freqs = [fft.fftfreq(n).astype(np.float32) for n in shape[:-1]] + [fft.rfftfreq(shape[-1]).astype(np.float32)]
+            grids = [f.reshape([-1 if i == axis else 1 for i in range(3)]) ** 2 for axis, f in enumerate(freqs)]
+            norm = grids[0] + grids[1] + grids[2]
+            norm[0, 0, 0] = 1.0                                        # k = 0: every share 0, equal weights
+            weights_sum = sum(np.exp(-beta * grids[o[0]] / norm) for o in ORIENTATIONS)
+            total = np.zeros(norm.shape, np.complex64)
+        elif out.shape != shape:
+            raise ValueError(f"fuse_orientations: pass {j} has shape {out.shape}, pass 0 {shape}")
+        weight = np.exp(-beta * grids[ORIENTATIONS[j][0]] / norm) / weights_sum
+        total += fft.rfftn(np.asarray(out, np.float32)) * weight
+    return np.ascontiguousarray(fft.irfftn(total, s=shape), np.float32)
 
 
 def mean_of_orientations(passes: "Iterable[np.ndarray]") -> np.ndarray:

@@ -222,7 +222,10 @@ def test_upscale_planes_is_the_api_result(tmp_path, nifti_crop, tiny_bundle_dir,
     written = sr3d_io.load_volume(out).array
     np.testing.assert_allclose(written, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
     assert np.abs(written - dw).max() > 1e-2 * np.abs(dw).max()  # it is not the default path
-    assert json.loads(out.with_suffix("").with_suffix(".json").read_text())["planes"] == planes
+    sidecar = json.loads(out.with_suffix("").with_suffix(".json").read_text())
+    assert sidecar["planes"] == planes
+    # The test bundle has no orientation_fusion in its bundle.json: the plain mean of the passes.
+    assert sidecar.get("orientation_fusion_beta") == (0.0 if planes == "all" else None)
 
 
 def test_bundle_command(tmp_path, tiny_bundle_dir, capsys):
