@@ -112,7 +112,7 @@ def upscale_loaded(volume: sr3d_volume.Volume, bundle: ModelBundle, options: Sca
     if bundle.scale != options.scale:
         raise ValueError(f"the model upscales by {bundle.scale}, not by {options.scale}")
     result, _ = inference.upscale_checked(volume, bundle, mode=options.mode, ensemble=options.ensemble,
-                                          self_check=options.self_check, tile_mb=options.tile_mb,
+                                          self_check=options.self_check, planes="dw", tile_mb=options.tile_mb,
                                           precision=options.precision, consistency=options.consistency)
     if volume.assumptions:
         result.report["assumptions"] = list(volume.assumptions)

@@ -210,7 +210,7 @@ def cmd_upscale(args) -> int:
     if selfsup_only:
         raise ValueError(f"{', '.join(selfsup_only)} apply only with --self-supervised (with --adapt: "
                          "--adapt-steps, --adapt-seconds)")
-    if args.planes != "dw" and args.axes != "3d":
+    if args.planes not in (None, "dw") and args.axes != "3d":
         raise ValueError("--planes applies only with --axes 3d (stage d's planes, or all three orientations)")
     if getattr(args, "target_spacing", None) is not None or getattr(args, "slice_profile", None):
         raise ValueError("--target-spacing and --slice-profile apply only with --self-supervised")
@@ -561,14 +561,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--axes", choices=["3d", "2d", "d", "h", "w", "thick"], default="3d",
                     help="3d: all axes; 2d: in-plane only (H, W); d, h or w: that axis only, with the bundle's "
                          "stage d (for thick-slice scans); thick: the axis with the largest spacing")
-    up.add_argument("--planes", choices=["dw", "both", "all", "auto"], default="dw",
-                    help="3d: stage d on the (D, W) plane of every row (dw), or also on the (D, H) plane of "
-                         "every column and the two averaged (both, as the authors' code; needs whole columns "
-                         "in memory and twice the stage-d time), or the whole cascade three times, each axis "
-                         "once as depth (axial, coronal, sagittal slices), averaged (all: +0.05 to +0.38 dB on "
-                         "held-out MRI, 3x the time, loses 0.35-0.58 dB on chest CT; the exported SavedModel runs dw), "
-                         "or auto: dw or all, whichever wins the self-check on this scan (the self-check then "
-                         "runs 4x)")
+    up.add_argument("--planes", choices=["dw", "both", "all", "auto"], default=None,
+                    help="3d: stage d on the (D, W) plane of every row (dw, one pass), or also on the (D, H) "
+                         "plane of every column and the two averaged (both, as the authors' code; needs whole "
+                         "columns in memory and twice the stage-d time), or the whole cascade three times, each "
+                         "axis once as depth (axial, coronal, sagittal slices), fused per spatial frequency (all: "
+                         "+0.08 to +0.39 dB over one pass on held-out MRI at 3D x2, 3x the time, 0.34 dB less on "
+                         "chest CT), or auto: dw or all, whichever wins the self-check on this scan (3-4x the time "
+                         "of dw when all wins). Default: auto in 3d, dw with --no-self-check or --adapt and in the "
+                         "other --axes (docs/model_card.md \"Three orientations\"); the exported SavedModel runs dw")
     up.add_argument("--no-consistency", dest="no_consistency", action="store_true",
                     help="write the networks' output as it is. By default it is then made consistent with the "
                          "input: the smallest change after which it, downscaled as the training pairs were, is the "

@@ -124,6 +124,8 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
     adaptation first (`adapt`: an `sr3d.adapt.AdaptConfig`) and optional fallback.
 
     consistency: as for `upscale_volume`; the self-check and adaptation run with it too.
+    planes (in options): as for `upscale_volume`, or "auto"; None or absent: `default_planes`
+    ("auto" in mode 3d with the self-check and without adaptation, else "dw").
 
     fallback: None (always the CNN) or "lanczos": write the Lanczos result when the CNN loses
     the self-check (lower PSNR). log: called with one line per event (the self-check
@@ -143,6 +145,8 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
         raise ValueError(f"adaptation (--adapt) fine-tunes both stages: it applies to modes 3d and 2d, not to "
                          f"one-axis mode {mode!r}")
     check_upscalable(volume, r, mode)  # before the self-check and adaptation spend any time
+    if options.get("planes") is None:
+        options["planes"] = default_planes(mode, self_check, adapt)
     report = {"scale": r, "mode": mode, "ensemble": ensemble, "model": models.info.get("note", "")}
     # The options that change the CNN's numbers: the self-check and adaptation score what is written.
     network_options = {k: v for k, v in options.items() if k in ("planes", "precision", "batch_size")}
@@ -194,6 +198,13 @@ def upscale_checked(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: st
 
 
 AUTO_PLANES = ("dw", "all")   # what planes "auto" chooses between
+
+
+def default_planes(mode: str, self_check: bool, adapt) -> str:
+    """The planes of `upscale_checked` (`sr3d upscale`, `sr3d.upscale`) when none is given: "auto" in
+    mode 3d with the self-check on and no adaptation (the self-check picks one pass or three
+    orientations; docs/model_card.md "Three orientations"), else "dw" (one pass)."""
+    return "auto" if mode == "3d" and self_check and adapt is None else "dw"
 
 
 def _check_auto_planes(mode: str, self_check: bool, adapt) -> None:

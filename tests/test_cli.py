@@ -58,7 +58,9 @@ def _fov_corners(affine: np.ndarray, shape) -> np.ndarray:
 def test_upscale_nifti_subprocess(tmp_path, nifti_crop, tiny_bundle_dir):
     out = tmp_path / "crop_x2.nii.gz"
     # --precision float32: compared below with the library's float32 result (the CLI's default is auto).
-    result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2", "--precision", "float32")
+    # --planes dw: one pass, whose progress totals are checked below (the default, auto, may run three).
+    result = _sr3d("upscale", nifti_crop, out, "--model", tiny_bundle_dir, "--scale", "2", "--precision", "float32",
+                   "--planes", "dw")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     # The progress bar (stderr is not a terminal: plain lines) ends with the totals of a 6 x 24 x 20 scan.
@@ -316,7 +318,8 @@ def test_upscale_default_precision_is_auto(tmp_path, nifti_crop, tiny_bundle_dir
         capsys.readouterr().err
     volume = sr3d_io.load_volume(nifti_crop)
     bundle = models.load_models(tiny_bundle_dir, 2)
-    expected = inference.upscale_volume(volume, bundle, precision="auto").array
+    planes = json.loads(out.with_suffix("").with_suffix(".json").read_text())["planes"]  # the default: auto's pick
+    expected = inference.upscale_volume(volume, bundle, precision="auto", planes=planes).array
     written = sr3d_io.load_volume(out).array
     np.testing.assert_allclose(written, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     assert cli.parser().parse_args(["upscale-batch", "a", "b"]).precision == "auto"

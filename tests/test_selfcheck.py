@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import sr3d
+
 from sr3d import adapt, baselines, cli, degrade, inference, models, selfcheck, upscaling
 from sr3d import io as sr3d_io
 
@@ -98,7 +100,8 @@ def test_without_fallback_the_cnn_is_written_with_a_warning(tmp_path, t2_crop, t
     assert "warning: on this scan's self-check the CNN scores below Lanczos" in capsys.readouterr().err
     volume = sr3d_io.load_volume(t2_crop)
     bundle = models.load_models(tiny_bundle_dir, 2)
-    expected = inference.upscale_volume(volume, bundle, consistency=False).array
+    planes = json.loads((tmp_path / "cnn.json").read_text())["planes"]   # chosen by the default, planes auto
+    expected = inference.upscale_volume(volume, bundle, consistency=False, planes=planes).array
     np.testing.assert_array_equal(sr3d_io.load_volume(out).array, np.asarray(
         sr3d_io.load_volume(out).array))  # the file reads back
     np.testing.assert_allclose(sr3d_io.load_volume(out).array, np.rint(expected)
@@ -194,6 +197,27 @@ def test_planes_auto_takes_the_pass_that_wins_the_self_check(t2_crop, tiny_bundl
     assert result.report["self_check"]["margin_db"] == round(checks[chosen].margin_db, 4)
     assert lines[0].startswith("planes auto: ")
     np.testing.assert_array_equal(result.array, inference.upscale_volume(volume, bundle, planes=chosen).array)
+
+
+def test_auto_is_the_default_planes_in_3d_with_the_self_check(t2_crop, tiny_bundle_dir, tmp_path, capsys):
+    """sr3d upscale and sr3d.upscale choose the planes by the self-check unless told otherwise;
+    without the self-check, with adaptation and outside mode 3d they run one pass (dw)."""
+    volume = sr3d_io.load_volume(t2_crop)
+    bundle = models.load_models(tiny_bundle_dir, 2)
+    explicit, _ = inference.upscale_checked(volume, bundle, planes="auto", precision="float32")
+    default = sr3d.upscale(volume, model=bundle, precision="float32")
+    assert default.report["planes_choice"] == explicit.report["planes_choice"]
+    np.testing.assert_array_equal(default.array, explicit.array)
+    out = tmp_path / "default.nii.gz"
+    assert cli.main(["upscale", str(t2_crop), str(out), "--model", str(tiny_bundle_dir), "--precision", "float32"]) == 0
+    assert "planes auto: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "default.json").read_text())["planes_choice"] == explicit.report["planes_choice"]
+    quiet = sr3d.upscale(volume, model=bundle, self_check=False)
+    assert quiet.report["planes"] == "dw" and "planes_choice" not in quiet.report
+    assert "planes" not in sr3d.upscale(volume, model=bundle, mode="2d").report
+    assert [inference.default_planes(m, c, a) for m, c, a in [
+        ("3d", True, None), ("3d", False, None), ("3d", True, object()), ("2d", True, None), ("d", True, None)]] \
+        == ["auto", "dw", "dw", "dw", "dw"]
 
 
 def test_planes_auto_falls_back_to_one_pass_on_a_scan_too_small_to_check(tiny_bundle_dir):
