@@ -574,8 +574,8 @@ def parser() -> argparse.ArgumentParser:
                     help="write the networks' output as it is. By default it is then made consistent with the "
                          "input: the smallest change after which it, downscaled as the training pairs were, is the "
                          "input again (+0.04 to +0.23 dB on held-out scans for 2-9%% more time; "
-                         "docs/model_card.md \"Consistency with the input\"); the exported SavedModel and ONNX "
-                         "graphs do not do it")
+                         "docs/model_card.md \"Consistency with the input\"); the exported SavedModel does it too "
+                         "(its *_no_consistency signatures do not), the ONNX stage networks do not")
     up.add_argument("--tile-mb", dest="tile_mb", type=float, default=256,
                     help="memory budget of one band of rows in MB (default 256)")
     up.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="planes per network call")

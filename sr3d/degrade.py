@@ -8,6 +8,9 @@ H and W of every slice; "3d" also shrinks D.
 
 Pixel centres follow MATLAB/PIL/cv2: output sample i (0-based) sits at input
 coordinate (i + 0.5) * r - 0.5, so LR voxel i covers HR voxels i*r .. i*r+r-1.
+
+The consistency step (`make_consistent`) has a TensorFlow twin for graphs whose lengths are known
+only when they run (`make_consistent_tf`, in the served SavedModel); TensorFlow is imported there.
 """
 import functools
 import math
@@ -78,12 +81,13 @@ def crop_to_multiple(array: np.ndarray, scale: int, axes: Sequence[int] = (0, 1,
     return array[tuple(index)]
 
 
-def _cubic(x: np.ndarray) -> np.ndarray:
-    """Keys cubic convolution kernel with a = -0.5 (MATLAB's and PIL's bicubic)."""
-    ax = np.abs(x)
+def _cubic(x, where=np.where):
+    """Keys cubic convolution kernel with a = -0.5 (MATLAB's and PIL's bicubic); where=tf.where
+    evaluates it on a TensorFlow tensor (`imresize_weights_tf`)."""
+    ax = abs(x)
     ax2, ax3 = ax * ax, ax * ax * ax
-    return np.where(ax <= 1, 1.5 * ax3 - 2.5 * ax2 + 1,
-                    np.where(ax <= 2, -0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2, 0.0))
+    return where(ax <= 1, 1.5 * ax3 - 2.5 * ax2 + 1,
+                 where(ax <= 2, -0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2, 0.0))
 
 
 @functools.lru_cache(maxsize=32)
@@ -236,6 +240,65 @@ def simulate_lr(hr: np.ndarray, scale: int, mode: str = "3d") -> tuple[np.ndarra
     hr_cropped = crop_to_multiple(hr, scale, axes)
     lr = downscale(hr_cropped, scale, axes)
     return np.array(hr_cropped, dtype=_output_dtype(hr), order="C"), lr
+
+
+# ---------------------------------------------------------------------------- TensorFlow twins
+# For graphs whose lengths are known only when they run (the served SavedModel, `sr3d.export`):
+# the weights are built in the graph from the runtime length, with the arithmetic of the numpy
+# functions above (tests/test_degrade.py checks them against each other).
+
+def imresize_weights_tf(n_in, scale: int):
+    """TensorFlow twin of `_imresize_weights`: n_in an integer scalar (tensor) -> float64
+    (n_in // scale, n_in) tensor; the same taps, row normalisation and fold-back, the taps that
+    fold onto one input sample summed (scatter_nd adds duplicate indices)."""
+    import tensorflow as tf
+
+    n_in = tf.cast(n_in, tf.int64)
+    n_out = n_in // scale
+    centres = (tf.range(n_out, dtype=tf.float64) + 0.5) * scale - 0.5
+    offsets = tf.range(4 * scale + 2, dtype=tf.float64)
+    indices = tf.floor(centres - 2 * scale)[:, None] + offsets[None, :]
+    weights = _cubic((centres[:, None] - indices) / scale, tf.where) / scale
+    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
+    period = tf.math.floormod(tf.cast(indices, tf.int64), 2 * n_in)
+    columns = tf.where(period < n_in, period, 2 * n_in - 1 - period)
+    rows = tf.broadcast_to(tf.range(n_out)[:, None], tf.shape(columns))
+    return tf.scatter_nd(tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2]), tf.reshape(weights, [-1]),
+                         tf.stack([n_out, n_in]))
+
+
+def consistency_weights_tf(n_in, scale: int):
+    """TensorFlow twin of `_consistency_weights`: float32 (n_in, n_in // scale) right inverse of
+    `imresize_weights_tf`, solved in float64."""
+    import tensorflow as tf
+
+    weights = imresize_weights_tf(n_in, scale)
+    inverse = tf.linalg.solve(tf.matmul(weights, weights, transpose_b=True), weights)
+    return tf.cast(tf.transpose(inverse), tf.float32)
+
+
+def _along_tf(matrix, array, axis: int):
+    """`_along` for a tensor of static rank: `matrix` (m, n) applied along `axis` (length n -> m)."""
+    import tensorflow as tf
+
+    dims = "bcdefgh"[:array.shape.rank]
+    return tf.einsum(f"a{dims[axis]},{dims}->{dims.replace(dims[axis], 'a')}", matrix, array)
+
+
+def make_consistent_tf(hr, lr, scale: int, axes: Sequence[int]):
+    """TensorFlow twin of `make_consistent`: float32 tensors hr (lr's shape times `scale` on
+    `axes`, lengths known when the graph runs) and lr -> hr plus the change, a new tensor.
+    Memory: besides hr, the change (grown from lr's size one axis at a time) and the sum."""
+    import tensorflow as tf
+
+    axes = check_axes(axes, hr.shape.rank)
+    residual = hr
+    for axis in sorted(axes):  # float32 weights, as `downscale_float32`
+        residual = _along_tf(tf.cast(imresize_weights_tf(tf.shape(hr)[axis], scale), tf.float32), residual, axis)
+    residual = lr - residual
+    for axis in sorted(axes, reverse=True):
+        residual = _along_tf(consistency_weights_tf(tf.shape(hr)[axis], scale), residual, axis)
+    return hr + residual
 
 
 # ---------------------------------------------------------------------------- thick slices

@@ -5,16 +5,22 @@ layout TF Serving polls, holding one SavedModel with these signatures:
 
   serving_default   volume: float32 [D, H, W] in the scan's own units (HU for CT)
                     -> upscaled: float32 [rD, rH, rW], same units. Stage hw on every
-                    slice, then stage d on every (D, rW) plane, with the intensity
-                    window, normalisation, its inverse and the clip to the input's
-                    range inside the graph: the same arithmetic as `sr3d.inference`
-                    with `consistency=False` (the graph has no consistency step:
-                    `sr3d upscale` adds it by default, +0.04-0.23 dB on held-out scans).
-  upscale_2d        volume [D, H, W] -> upscaled [D, rH, rW] (stage hw only).
+                    slice, then stage d on every (D, rW) plane, then the consistency step
+                    (`sr3d.degrade.make_consistent_tf`), with the intensity window,
+                    normalisation, its inverse and the clip to the input's range inside the
+                    graph: the same arithmetic as `sr3d upscale` (`sr3d.inference` with its
+                    default `consistency=True`).
+  upscale_2d        volume [D, H, W] -> upscaled [D, rH, rW]: stage hw, then the consistency
+                    step on H and W.
+  upscale_3d_no_consistency, upscale_2d_no_consistency
+                    the same without the consistency step: the networks' output alone, as
+                    `sr3d upscale --no-consistency` (`consistency=False`) writes it.
   stage_hw          images: float32 [B, h, w, 1], normalised units -> final [B, rh, rw, 1].
   stage_d           images: float32 [B, d, w, 1], normalised units -> final [B, rd, w, 1].
 
-The archive is written with `keras.export.ExportArchive` tracking both models,
+The consistency step builds its weights in the graph from the volume's D, H and W, which are
+known only when it runs; it costs a few MB for axes up to ~1000 voxels and one output-sized
+tensor more. The archive is written with `keras.export.ExportArchive` tracking both models,
 which TF Serving's session-based loader (and `saved_model_cli run`) can load;
 a plain `tf.saved_model.save` of a `tf.Module` holding Keras 3 models cannot.
 Slices and planes go through the networks one at a time (`tf.map_fn`), so the
@@ -27,7 +33,7 @@ import pathlib
 import shutil
 import time
 
-from sr3d import intensity
+from sr3d import degrade, intensity
 from sr3d import precision as sr3d_precision
 
 
@@ -40,7 +46,8 @@ def min_volume_shape(scale: int, mode: str) -> tuple[int, int, int]:
     return (2 if mode == "3d" else 1, side, side)
 
 
-def _serving_fns(hw_model, d_model, scale: int):
+def _serving_fns(hw_model, d_model, scale: int) -> dict:
+    """Signature name -> the function `export_archive` saves under it (see the module docstring)."""
     import tensorflow as tf
 
     def checked(tensor, mode: str | None):
@@ -89,19 +96,28 @@ def _serving_fns(hw_model, d_model, scale: int):
             x = tf.transpose(run_planes(d_model, x), [1, 0, 2])     # (rD, rH, rW)
         return x
 
-    def upscale(volume, mode: str):
-        """The steps of `sr3d.upscaling.run_in_scanner_units` in TensorFlow: normalise -> run ->
-        denormalise -> clip to the input's range (the client keeps the grid: no wrap)."""
+    def upscale(volume, mode: str, consistency: bool):
+        """The steps of `sr3d.upscaling.run_in_scanner_units` in TensorFlow: normalise -> run
+        (and the consistency step, as `upscale_normalised(consistency=True)`) -> denormalise ->
+        clip to the input's range (the client keeps the grid: no wrap)."""
         volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
         lo, hi = intensity.window_tf(volume)
         normalised = (volume - lo) / (hi - lo)
         result = run(normalised, mode)
+        if consistency:
+            result = degrade.make_consistent_tf(result, normalised, scale, degrade.MODE_AXES[mode])
         result = result * (hi - lo) + lo                             # denormalise
         return {"upscaled": tf.clip_by_value(result, tf.reduce_min(volume), tf.reduce_max(volume))}
 
-    return (lambda volume: upscale(volume, "3d"), lambda volume: upscale(volume, "2d"),
-            lambda images: {"final": hw_model(checked(images, None), training=False)["final"]},
-            lambda images: {"final": d_model(checked(images, None), training=False)["final"]})
+    def volume_fn(mode: str, consistency: bool):
+        return lambda volume: upscale(volume, mode, consistency)
+
+    def stage_fn(model):
+        return lambda images: {"final": model(checked(images, None), training=False)["final"]}
+
+    return {"serving_default": volume_fn("3d", True), "upscale_2d": volume_fn("2d", True),
+            "upscale_3d_no_consistency": volume_fn("3d", False), "upscale_2d_no_consistency": volume_fn("2d", False),
+            "stage_hw": stage_fn(hw_model), "stage_d": stage_fn(d_model)}
 
 
 def export_archive(bundle, path: str | os.PathLike, precision: str = "float32") -> pathlib.Path:
@@ -121,14 +137,12 @@ def export_archive(bundle, path: str | os.PathLike, precision: str = "float32") 
     image_spec = tf.TensorSpec([None, None, None, 1], tf.float32, name="images")
     hw_model, d_model = (sr3d_precision.network(model, stage_precision) for model, stage_precision
                          in zip((bundle.hw, bundle.d), sr3d_precision.stage_precisions(precision, bundle.scale)))
-    serve_3d, serve_2d, stage_hw, stage_d = _serving_fns(hw_model, d_model, bundle.scale)
     archive = keras.export.ExportArchive()
     archive.track(hw_model)
     archive.track(d_model)
-    archive.add_endpoint("serving_default", serve_3d, input_signature=[volume_spec])
-    archive.add_endpoint("upscale_2d", serve_2d, input_signature=[volume_spec])
-    archive.add_endpoint("stage_hw", stage_hw, input_signature=[image_spec])
-    archive.add_endpoint("stage_d", stage_d, input_signature=[image_spec])
+    for name, fn in _serving_fns(hw_model, d_model, bundle.scale).items():
+        spec = image_spec if name.startswith("stage_") else volume_spec
+        archive.add_endpoint(name, fn, input_signature=[spec])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -87,7 +87,8 @@ def upscale_volume(volume: sr3d_volume.Volume, models: ModelBundle, *, mode: str
     The result has the upscaled affine (voxel sizes / r, same physical extent).
     consistency: the output made consistent with the input under the training degradation
     (`sr3d.upscaling.make_consistent`; on by default: +0.04-0.23 dB on held-out scans, docs/model_card.md
-    "Consistency with the input"); False gives the networks' output alone, as the served graph does.
+    "Consistency with the input"); False gives the networks' output alone, as the served graph's
+    `*_no_consistency` signatures do (`sr3d.export`).
     """
     r = models.scale
     mode = resolve_mode(mode, volume.spacing)

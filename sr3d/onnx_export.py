@@ -9,8 +9,9 @@ layout of the SavedModel export (`export.py --format onnx`). Each file is one st
   output "final"   float32; hw: [N, r h, r w, 1] ((H, W) slices); d: [N, r d, w, 1] ((D, W) planes)
 
 Running a volume (stage hw on every slice, then stage d on every (D, W) plane, as
-`sr3d.upscaling.upscale_normalised`) stays with the caller: the chained volume model of the
-SavedModel export holds a TensorFlow while-loop over planes, which is not converted here.
+`sr3d.upscaling.upscale_normalised`, and the consistency step, `sr3d.degrade.make_consistent`)
+stays with the caller: the chained volume model of the SavedModel export holds a TensorFlow
+while-loop over planes, which is not converted here.
 Needs the `onnx` extra (`pip install "sr3d[onnx]"`: tf2onnx, onnxruntime).
 """
 from __future__ import annotations

@@ -204,7 +204,8 @@ def upscale_normalised(lr: np.ndarray, models: ModelBundle, *, mode: str = "3d",
     consistency: make the output consistent with `lr` under the training degradation
     (`sr3d.degrade.make_consistent`: the smallest change after which the output, downscaled as
     the networks' training pairs were, is `lr` again); once, after the passes (with planes "all",
-    on their mean). Off here, as in the served graph; `sr3d.inference` turns it on by default.
+    on their mean). Off here; `sr3d.inference` turns it on by default, as the served graph's
+    default signatures do (`sr3d.export`).
 
     tile_mb: memory budget of one band of rows (None: the whole volume in one band).
     precision: "float32", "bfloat16" (bf16 convolutions, float32 in and out) or "auto"

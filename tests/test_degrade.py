@@ -263,10 +263,12 @@ def test_slice_profile_functions_stay_importable_from_selfsup():
 
 # ---------------------------------------------------------------------------- consistency with the LR
 
-@pytest.mark.parametrize("axes, scale", [((0, 1, 2), 2), ((1, 2), 2), ((0,), 4), ((2,), 2), ((0, 1, 2), 3)])
-def test_make_consistent_is_the_least_norm_change_to_the_lr(axes, scale):
-    """Golden: the minimum-norm solution of A delta = lr - A hr from a dense least-squares solve
-    (numpy lstsq, SVD), A the degradation's matrix built by degrading each unit volume."""
+CONSISTENCY_CASES = [((0, 1, 2), 2), ((1, 2), 2), ((0,), 4), ((2,), 2), ((0, 1, 2), 3)]
+
+
+def _least_norm_golden(axes, scale):
+    """(hr, lr, hr + delta): delta the minimum-norm solution of A delta = lr - A hr from a dense
+    least-squares solve (numpy lstsq, SVD), A the degradation's matrix built by degrading each unit volume."""
     rng = np.random.default_rng(0)
     shape = tuple(4 * scale if axis in axes else 3 for axis in range(3))
     hr = rng.normal(size=shape).astype(np.float32)
@@ -274,9 +276,42 @@ def test_make_consistent_is_the_least_norm_change_to_the_lr(axes, scale):
     units = np.eye(hr.size).reshape((hr.size,) + shape)
     matrix = np.stack([degrade.downscale(u, scale, axes).ravel() for u in units], axis=1)
     delta = np.linalg.lstsq(matrix, lr.ravel().astype(np.float64) - matrix @ hr.ravel(), rcond=None)[0]
+    return hr, lr, (hr.ravel() + delta).reshape(shape)
+
+
+@pytest.mark.parametrize("axes, scale", CONSISTENCY_CASES)
+def test_make_consistent_is_the_least_norm_change_to_the_lr(axes, scale):
+    hr, lr, expected = _least_norm_golden(axes, scale)
     out = degrade.make_consistent(hr.copy(), lr, scale, axes, rows_per_band=2)
-    np.testing.assert_allclose(out.ravel(), hr.ravel() + delta, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
     np.testing.assert_allclose(degrade.downscale(out.astype(np.float64), scale, axes), lr, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("axes, scale", CONSISTENCY_CASES)
+def test_make_consistent_tf_is_the_least_norm_change_with_lengths_known_at_run_time(axes, scale):
+    import tensorflow as tf
+
+    hr, lr, expected = _least_norm_golden(axes, scale)
+    spec = tf.TensorSpec([None, None, None], tf.float32)  # as in the served graph
+    traced = tf.function(lambda h, l: degrade.make_consistent_tf(h, l, scale, axes), input_signature=[spec, spec])
+    np.testing.assert_allclose(traced(hr, lr).numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tf_weights_equal_the_numpy_ones(scale):
+    """The graph's imresize weights for a length known when it runs are `_imresize_weights`, and
+    its right inverse (solved in float64, kept in float32) is one: W @ W+ = I."""
+    import tensorflow as tf
+
+    traced = tf.function(lambda n: (degrade.imresize_weights_tf(n, scale), degrade.consistency_weights_tf(n, scale)),
+                         input_signature=[tf.TensorSpec([], tf.int32)])
+    for n in (scale, 3 * scale, 5 * scale + 1, 17 * scale, 64 * scale, 255 * scale):  # odd multiples included
+        weights, inverse = (t.numpy() for t in traced(tf.constant(n)))
+        assert weights.shape == (n // scale, n) and inverse.shape == (n, n // scale)
+        np.testing.assert_allclose(weights, degrade._imresize_weights(n, scale), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(degrade._imresize_weights(n, scale) @ inverse, np.eye(n // scale),
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(inverse, degrade._consistency_weights(n, scale), rtol=0, atol=1e-7)
 
 
 def test_make_consistent_works_in_place_and_leaves_a_consistent_volume_alone():

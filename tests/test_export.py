@@ -3,7 +3,8 @@ process (tf.saved_model.load, tf.data, saved_model_cli) gets the Python path's n
 
 The SavedModel is exported once per module from the random-weight test bundle and run once in
 a fresh Python process (`_LOADER`); the tests compare its outputs with `sr3d.inference` and the
-Keras models in this process.
+Keras models in this process. The consistency step's first-principles check traces the functions
+the export saves in this process, with networks that output zero (no second export).
 """
 import pathlib
 import re
@@ -14,11 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from sr3d import export, inference, models
+from sr3d import degrade, export, inference, intensity, models
 from sr3d import io as sr3d_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SIGNATURES = ("serving_default", "upscale_2d", "stage_hw", "stage_d")
+SIGNATURES = ("serving_default", "upscale_2d", "upscale_3d_no_consistency", "upscale_2d_no_consistency",
+              "stage_hw", "stage_d")
 
 # Runs in a fresh process: argv[1] = SavedModel directory, argv[2] = inputs .npz, argv[3] = outputs .npz.
 _LOADER = """
@@ -36,6 +38,8 @@ np.savez(sys.argv[3],
          signatures=np.array(sorted(sig.keys())),
          serving_default=sig["serving_default"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
          upscale_2d=sig["upscale_2d"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
+         upscale_3d_no_consistency=sig["upscale_3d_no_consistency"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
+         upscale_2d_no_consistency=sig["upscale_2d_no_consistency"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
          stage_hw=sig["stage_hw"](images=tf.constant(inputs["images"]))["final"].numpy(),
          stage_d=sig["stage_d"](images=tf.constant(inputs["images"]))["final"].numpy(),
          mapped=np.stack([v.numpy() for v in mapped]))
@@ -90,16 +94,19 @@ def test_layout_is_what_tf_serving_polls(exported):
     assert sorted(p.name for p in path.parent.iterdir()) == ["1"], "no temporary directory is left"
 
 
-def test_fresh_process_lists_the_four_signatures(exported):
+def test_fresh_process_lists_the_six_signatures(exported):
     _, _, outputs = exported
     assert sorted(outputs["signatures"]) == sorted(SIGNATURES)
 
 
-@pytest.mark.parametrize("signature, mode", [("serving_default", "3d"), ("upscale_2d", "2d")])
-def test_served_volume_matches_python_inference(exported, bundle, ct_volume, signature, mode):
+@pytest.mark.parametrize("signature, mode, consistency", [
+    ("serving_default", "3d", True), ("upscale_2d", "2d", True),
+    ("upscale_3d_no_consistency", "3d", False), ("upscale_2d_no_consistency", "2d", False),
+])
+def test_served_volume_matches_python_inference(exported, bundle, ct_volume, signature, mode, consistency):
     _, _, outputs = exported
-    # The served graph runs the networks alone: no consistency step (sr3d.upscaling.make_consistent).
-    expected = inference.upscale_volume(ct_volume, bundle, mode=mode, consistency=False).array
+    # The default signatures end with the consistency step, as `sr3d upscale`; *_no_consistency do not.
+    expected = inference.upscale_volume(ct_volume, bundle, mode=mode, consistency=consistency).array
     data_range = float(ct_volume.array.max() - ct_volume.array.min())
     assert outputs[signature].shape == expected.shape == ((24 if mode == "3d" else 12), 96, 80)
     np.testing.assert_allclose(outputs[signature], expected, rtol=0, atol=1e-4 * data_range)
@@ -120,8 +127,48 @@ def test_stage_signatures_match_the_keras_models(exported, bundle, stage):
 def test_signature_inside_a_tf_data_map(exported, bundle, ct_volume):
     _, inputs, outputs = exported
     for served, volume in zip(outputs["mapped"], inputs["batch"]):
-        expected = inference.upscale_volume(ct_volume.replace(array=volume), bundle, consistency=False).array
+        expected = inference.upscale_volume(ct_volume.replace(array=volume), bundle).array
         np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4 * float(volume.max() - volume.min()))
+
+
+def _smooth_ramp(n: int, first: int, last: int) -> np.ndarray:
+    """0 up to sample `first`, 1 from `last` on, smootherstep between (continuous to the second derivative)."""
+    t = np.clip((np.arange(n) - first) / (last - first), 0.0, 1.0)
+    return t * t * t * (t * (6 * t - 15) + 10)
+
+
+@pytest.mark.parametrize("signature, mode", [("serving_default", "3d"), ("upscale_2d", "2d")])
+def test_served_output_downscales_to_its_input(tiny_bundle_dir, signature, mode):
+    """First principles, not the Python path: the served output downscaled as the training pairs
+    were (`sr3d.degrade.downscale`, float64) is the input again, to float32 round-off.
+
+    The clip to the input's range would hide it, and random networks make it act on every input
+    (their sub-pixel phases overshoot the input's extremes; 23% of the CT crop's voxels with the
+    module's bundle). With networks that output zero, the output is the consistency step's alone
+    (the normalised input through each axis's right inverse), which on this product of smooth
+    ramps stays inside the input's range. Traced here from the functions the export saves (one
+    export per module)."""
+    import tensorflow as tf
+
+    zero = models.load_models(tiny_bundle_dir, scale=2)
+    for model in (zero.hw, zero.d):
+        conv10 = model.get_layer("conv10")
+        conv10.set_weights([np.zeros_like(w) for w in conv10.get_weights()])
+    serve = tf.function(export._serving_fns(zero.hw, zero.d, 2)[signature],
+                        input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+    profile = _smooth_ramp(12, 2, 9)[:, None, None] * _smooth_ramp(48, 0, 47)[:, None] * _smooth_ramp(40, 0, 39)
+    volume = (-1000.0 + 1400.0 * profile).astype(np.float32)
+    data_range = 1400.0
+    served = serve(tf.constant(volume))["upscaled"].numpy()
+    axes = degrade.MODE_AXES[mode]
+    assert served.shape == tuple(2 * n if axis in axes else n for axis, n in enumerate(volume.shape))
+    # The clip has nothing to do: the same step in numpy stays inside the input's range.
+    window = intensity.window(volume)
+    step = window.denormalise(degrade.make_consistent(np.zeros(served.shape, np.float32),
+                                                      window.normalise(volume), 2, axes))
+    assert volume.min() - 1e-6 * data_range <= step.min() and step.max() <= volume.max() + 1e-6 * data_range
+    np.testing.assert_allclose(degrade.downscale(served, 2, axes), volume, rtol=0, atol=1e-6 * data_range)
+    assert served.std() > 0.1 * data_range, "a constant output would make the check empty"
 
 
 def test_export_refuses_an_existing_version(exported, bundle):

@@ -148,8 +148,8 @@ def test_bf16_saved_model_serves_the_python_bf16_numbers(tmp_path, tiny_bundle, 
     path = export.export(tiny_bundle, tmp_path, "sr3d", version=1, precision="bfloat16")
     served = tf.saved_model.load(str(path)).signatures["serving_default"](volume=tf.constant(volume.array))
     served = served["upscaled"].numpy()
-    bf16 = inference.upscale_volume(volume, tiny_bundle, precision="bfloat16", consistency=False).array  # as served
-    fp32 = inference.upscale_volume(volume, tiny_bundle, precision="float32", consistency=False).array
+    bf16 = inference.upscale_volume(volume, tiny_bundle, precision="bfloat16").array  # as served
+    fp32 = inference.upscale_volume(volume, tiny_bundle, precision="float32").array
     data_range = float(volume.array.max() - volume.array.min())
     np.testing.assert_allclose(served, bf16, rtol=0, atol=1e-5 * data_range)
     assert np.abs(served - fp32).max() > 1e-4 * data_range, "the served graph must run in bf16"
