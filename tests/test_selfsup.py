@@ -322,6 +322,74 @@ def test_estimate_profile_rejects_an_unknown_match(thick_scan):
         selfsup.estimate_profile(thick_scan, match="spectra")
 
 
+# ---------------------------------------------------------------------------- the population reference
+
+def _texture(seed: int, d_slope_log10: float = 0.0) -> sr3d_volume.Volume:
+    """A 1 mm texture, statistically isotropic, or with d_slope_log10 more log10 power along D than
+    across it at the fine Nyquist frequency (linear in frequency): anisotropic anatomy."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal((96, 96, 96)).astype(np.float32), 1.0)
+    gain = 10 ** (d_slope_log10 * np.abs(np.fft.fftfreq(96))[:, None, None])   # amplitude: half the log10 power
+    field = np.real(np.fft.ifft(np.fft.fft(field, axis=0) * gain, axis=0)).astype(np.float32)
+    return sr3d_volume.Volume(array=np.abs(ndimage.gaussian_filter(field, 0.7)) * 100 + 50, spacing=(1.0, 1.0, 1.0),
+                              affine=np.eye(4))
+
+
+def test_anisotropy_table_interpolates_and_the_shipped_one_covers_the_match():
+    table = selfsup.AnisotropyTable((0.01, 0.02, 0.04), {"SI": (0.1, -0.2, 0.3)})
+    np.testing.assert_allclose(table.correction("SI", [0.01, 0.02, 0.04]), [0.1, -0.2, 0.3], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table.correction("SI", [0.005, 0.03, 0.08]), [0.1, 0.05, 0.3], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="no direction 'AP'"):
+        table.correction("AP", [0.01])
+    shipped = selfsup.population_table()
+    assert sorted(shipped.log10_difference) == sorted(selfsup.WORLD_DIRECTIONS)
+    # The match's frequencies k / (16 x spacing), k = 1..8, for slices every 3 to 7 mm.
+    assert min(shipped.frequencies_cpmm) <= 1 / (16 * 7) and max(shipped.frequencies_cpmm) >= 8 / (16 * 3)
+    assert selfsup.AnisotropyTable.from_json(json.loads(json.dumps(shipped.to_json()))).to_json() == shipped.to_json()
+    assert selfsup.world_direction(np.eye(4), 0) == "LR"
+    assert selfsup.world_direction(sr3d_volume.Volume(np.zeros((2, 2, 2), np.float32), (1, 1, 1),
+                                                      np.diag([1.0, 1.0, 1.0, 1.0])[:, [2, 1, 0, 3]]).affine, 0) == "SI"
+
+
+def test_population_reference_on_an_isotropic_volume_changes_nothing():
+    # Golden from first principles: alike axes give a flat residual at the true profile, and a table of
+    # zeros leaves every distance, so the estimate, as it was (exact: the simulated Gaussian 3 mm).
+    _, thick = selfsup.simulate_thick_slices(_texture(0), 4, profile="gaussian", thickness=3.0)
+    plan = selfsup.plan_for(thick.spacing, factor=4)
+    frequencies, residual = selfsup.match_residual(thick, "gaussian", 3.0, plan)
+    np.testing.assert_allclose(frequencies, np.arange(1, 9) / 64, rtol=1e-9)
+    np.testing.assert_allclose(residual - residual.mean(), 0, atol=0.02)
+    zeros = selfsup.AnisotropyTable(tuple(frequencies), {"LR": (0.0,) * 8})
+    plain = selfsup.estimate_profile(thick, plan, prior_weight=0.0)
+    corrected = selfsup.estimate_profile(thick, plan, prior_weight=0.0, reference=zeros)
+    assert (plain.kind, plain.thickness_mm) == (corrected.kind, corrected.thickness_mm) == ("gaussian", pytest.approx(3.0))
+    assert corrected.distance == pytest.approx(plain.distance, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind, width", [("gaussian", 3.0), ("box", 4.0)])
+def test_population_reference_returns_the_profile_of_a_volume_with_the_tables_anisotropy(kind, width):
+    # A texture with more fine detail along D than across it: the in-plane reference reads that as a
+    # thinner profile; a table that holds exactly this anisotropy (the residual at the true profile)
+    # gives the simulated profile back (golden: the simulated kind and width, both candidates).
+    _, thick = selfsup.simulate_thick_slices(_texture(0, d_slope_log10=2.0), 4, profile=kind, thickness=width)
+    plan = selfsup.plan_for(thick.spacing, factor=4)
+    frequencies, residual = selfsup.match_residual(thick, kind, width, plan)
+    table = selfsup.AnisotropyTable(tuple(frequencies), {"LR": tuple(residual)})
+    plain = selfsup.estimate_profile(thick, plan, prior_weight=0.0)
+    corrected = selfsup.estimate_profile(thick, plan, prior_weight=0.0, reference=table)
+    assert plain.thickness_mm < width - 0.1          # thinner: gaussian 2.8 and 2.4 mm
+    assert corrected.kind == kind and corrected.thickness_mm == pytest.approx(width)
+    assert corrected.distance == pytest.approx(0.0, abs=1e-9)
+
+
+def test_population_reference_rejects_bad_options(thick_scan):
+    with pytest.raises(ValueError, match="reference must be"):
+        selfsup.estimate_profile(thick_scan, reference="scan")
+    with pytest.raises(ValueError, match="shrink must be"):
+        selfsup.estimate_profile(thick_scan, reference="population", shrink=1.5)
+
+
 # ---------------------------------------------------------------------------- starting from the shipped stage d
 
 def test_init_shipped_starts_from_the_shipped_network(small_scan, tiny_config):
