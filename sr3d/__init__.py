@@ -19,7 +19,8 @@ def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, 
     result when the CNN loses; adapt=True (or an sr3d.adapt.AdaptConfig) fine-tunes the
     networks on the scan first (`sr3d.adapt`).
     options: mode, spacing, self_check, fallback, adapt, planes, batch_size, tile_mb, precision,
-    progress (see sr3d.inference.upscale).
+    progress (see sr3d.inference.upscale). planes defaults to "auto" in 3D (the self-check picks one
+    pass or three orientations; "dw" without the self-check or with adapt: `inference.default_planes`).
     """
     from sr3d import inference
 

@@ -567,8 +567,8 @@ def parser() -> argparse.ArgumentParser:
                          "columns in memory and twice the stage-d time), or the whole cascade three times, each "
                          "axis once as depth (axial, coronal, sagittal slices), fused per spatial frequency (all: "
                          "+0.08 to +0.39 dB over one pass on held-out MRI at 3D x2, 3x the time, 0.34 dB less on "
-                         "chest CT), or auto: dw or all, whichever wins the self-check on this scan (3-4x the time "
-                         "of dw when all wins). Default: auto in 3d, dw with --no-self-check or --adapt and in the "
+                         "chest CT), or auto: dw or all, whichever wins the self-check on this scan (about 3x the "
+                         "time of dw when all wins, the same when dw does). Default: auto in 3d, dw with --no-self-check or --adapt and in the "
                          "other --axes (docs/model_card.md \"Three orientations\"); the exported SavedModel runs dw")
     up.add_argument("--no-consistency", dest="no_consistency", action="store_true",
                     help="write the networks' output as it is. By default it is then made consistent with the "

@@ -281,6 +281,8 @@ def upscale(volume_or_path, scale: int = 2, ensemble: bool = False, model=None, 
         result is in the returned Volume's `report`, and a warning is issued when the CNN loses.
     fallback: "lanczos" writes the Lanczos result when the CNN loses the self-check.
     adapt: an `sr3d.adapt.AdaptConfig` (or True for the defaults): fine-tune on the scan first.
+    planes (in options): "dw", "both", "all" or "auto"; default `default_planes` (auto in 3D with the
+        self-check and without adapt, else dw).
     """
     import warnings
 
