@@ -569,7 +569,8 @@ def parser() -> argparse.ArgumentParser:
                          "+0.08 to +0.39 dB over one pass on held-out MRI at 3D x2, 3x the time, 0.34 dB less on "
                          "chest CT), or auto: dw or all, whichever wins the self-check on this scan (about 3x the "
                          "time of dw when all wins, the same when dw does). Default: auto in 3d, dw with --no-self-check or --adapt and in the "
-                         "other --axes (docs/model_card.md \"Three orientations\"); the exported SavedModel runs dw")
+                         "other --axes (docs/model_card.md \"Three orientations\"); the exported SavedModel runs dw "
+                         "(serving_default) or all (upscale_3d_all), not auto")
     up.add_argument("--no-consistency", dest="no_consistency", action="store_true",
                     help="write the networks' output as it is. By default it is then made consistent with the "
                          "input: the smallest change after which it, downscaled as the training pairs were, is the "

@@ -10,6 +10,14 @@ layout TF Serving polls, holding one SavedModel with these signatures:
                     normalisation, its inverse and the clip to the input's range inside the
                     graph: the same arithmetic as `sr3d upscale` (`sr3d.inference` with its
                     default `consistency=True`).
+  upscale_3d_all    volume [D, H, W] -> upscaled [rD, rH, rW]: `sr3d upscale --planes all`: the
+                    cascade of serving_default three times, each axis once as depth, the three
+                    outputs fused per spatial frequency with the bundle's beta (read at export:
+                    `sr3d.upscaling.orientation_fusion_beta`, 0 = their mean;
+                    `sr3d.upscaling.fuse_orientations_tf`), then the consistency step: three times
+                    the time of serving_default. The same limits on the volume as serving_default,
+                    as the Python path has. `--planes auto` (the self-check's choice) is not served:
+                    a client that wants it picks between the two signatures.
   upscale_2d        volume [D, H, W] -> upscaled [D, rH, rW]: stage hw, then the consistency
                     step on H and W.
   upscale_3d_no_consistency, upscale_2d_no_consistency
@@ -33,7 +41,7 @@ import pathlib
 import shutil
 import time
 
-from sr3d import degrade, intensity
+from sr3d import degrade, intensity, upscaling
 from sr3d import precision as sr3d_precision
 
 
@@ -46,8 +54,11 @@ def min_volume_shape(scale: int, mode: str) -> tuple[int, int, int]:
     return (2 if mode == "3d" else 1, side, side)
 
 
-def _serving_fns(hw_model, d_model, scale: int) -> dict:
-    """Signature name -> the function `export_archive` saves under it (see the module docstring)."""
+def _serving_fns(hw_model, d_model, scale: int, beta: float = 0.0) -> dict:
+    """Signature name -> the function `export_archive` saves under it (see the module docstring).
+
+    beta: the bundle's orientation fusion (`sr3d.upscaling.orientation_fusion_beta`), a constant of
+    the graph's `upscale_3d_all`."""
     import tensorflow as tf
 
     def checked(tensor, mode: str | None):
@@ -96,26 +107,35 @@ def _serving_fns(hw_model, d_model, scale: int) -> dict:
             x = tf.transpose(run_planes(d_model, x), [1, 0, 2])     # (rD, rH, rW)
         return x
 
-    def upscale(volume, mode: str, consistency: bool):
+    def run_all(normalised):
+        """planes "all": `run` with each axis once as depth (`sr3d.upscaling.orientation_passes`),
+        the three outputs fused as `sr3d.upscaling.fuse_orientations` does."""
+        passes = [tf.transpose(run(tf.transpose(normalised, order), "3d"), [order.index(axis) for axis in range(3)])
+                  for order in upscaling.ORIENTATIONS]
+        return upscaling.fuse_orientations_tf(passes, beta)
+
+    def upscale(volume, mode: str, consistency: bool, planes: str = "dw"):
         """The steps of `sr3d.upscaling.run_in_scanner_units` in TensorFlow: normalise -> run
         (and the consistency step, as `upscale_normalised(consistency=True)`) -> denormalise ->
         clip to the input's range (the client keeps the grid: no wrap)."""
+        # planes "all" takes the checks of mode 3d, as `sr3d.inference.check_upscalable` does.
         volume = checked(tf.convert_to_tensor(volume, tf.float32), mode)
         lo, hi = intensity.window_tf(volume)
         normalised = (volume - lo) / (hi - lo)
-        result = run(normalised, mode)
+        result = run_all(normalised) if planes == "all" else run(normalised, mode)
         if consistency:
             result = degrade.make_consistent_tf(result, normalised, scale, degrade.MODE_AXES[mode])
         result = result * (hi - lo) + lo                             # denormalise
         return {"upscaled": tf.clip_by_value(result, tf.reduce_min(volume), tf.reduce_max(volume))}
 
-    def volume_fn(mode: str, consistency: bool):
-        return lambda volume: upscale(volume, mode, consistency)
+    def volume_fn(mode: str, consistency: bool, planes: str = "dw"):
+        return lambda volume: upscale(volume, mode, consistency, planes)
 
     def stage_fn(model):
         return lambda images: {"final": model(checked(images, None), training=False)["final"]}
 
-    return {"serving_default": volume_fn("3d", True), "upscale_2d": volume_fn("2d", True),
+    return {"serving_default": volume_fn("3d", True), "upscale_3d_all": volume_fn("3d", True, "all"),
+            "upscale_2d": volume_fn("2d", True),
             "upscale_3d_no_consistency": volume_fn("3d", False), "upscale_2d_no_consistency": volume_fn("2d", False),
             "stage_hw": stage_fn(hw_model), "stage_d": stage_fn(d_model)}
 
@@ -140,7 +160,8 @@ def export_archive(bundle, path: str | os.PathLike, precision: str = "float32") 
     archive = keras.export.ExportArchive()
     archive.track(hw_model)
     archive.track(d_model)
-    for name, fn in _serving_fns(hw_model, d_model, bundle.scale).items():
+    beta = upscaling.orientation_fusion_beta(bundle)
+    for name, fn in _serving_fns(hw_model, d_model, bundle.scale, beta).items():
         spec = image_spec if name.startswith("stage_") else volume_spec
         archive.add_endpoint(name, fn, input_signature=[spec])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -315,21 +315,65 @@ def fuse_orientations(passes: "Iterable[np.ndarray]", beta: float = 0.0) -> np.n
         return mean_of_orientations(passes)
     from scipy import fft
 
-    total = weights_sum = shape = None
+    total = weights = shape = None
     for j, out in enumerate(passes):
         if total is None:
             shape = out.shape
             freqs = [fft.fftfreq(n).astype(np.float32) for n in shape[:-1]] + [fft.rfftfreq(shape[-1]).astype(np.float32)]
-            grids = [f.reshape([-1 if i == axis else 1 for i in range(3)]) ** 2 for axis, f in enumerate(freqs)]
-            norm = grids[0] + grids[1] + grids[2]
-            norm[0, 0, 0] = 1.0                                        # k = 0: every share 0, equal weights
-            weights_sum = sum(np.exp(-beta * grids[o[0]] / norm) for o in ORIENTATIONS)
-            total = np.zeros(norm.shape, np.complex64)
+            weights = orientation_weights([f.reshape([-1 if i == axis else 1 for i in range(3)]) ** 2
+                                           for axis, f in enumerate(freqs)], beta)
+            total = np.zeros(shape[:-1] + (freqs[-1].size,), np.complex64)
         elif out.shape != shape:
             raise ValueError(f"fuse_orientations: pass {j} has shape {out.shape}, pass 0 {shape}")
-        weight = np.exp(-beta * grids[ORIENTATIONS[j][0]] / norm) / weights_sum
-        total += fft.rfftn(np.asarray(out, np.float32)) * weight
+        total += fft.rfftn(np.asarray(out, np.float32)) * next(weights)
     return np.ascontiguousarray(fft.irfftn(total, s=shape), np.float32)
+
+
+def orientation_weights(squared_freqs: list, beta: float, xp=np) -> Iterator:
+    """The weights of `fuse_orientations`, one pass of ORIENTATIONS at a time: exp(-beta f_j) /
+    sum_i exp(-beta f_i) at every k of the real spectrum, f_j = k_{a_j}^2 / |k|^2.
+
+    squared_freqs: k_d^2, k_h^2, k_w^2 (cycles per voxel, float32) as grids that broadcast to the
+    spectrum's shape. xp: numpy, or `tf.math` for the served graph (`fuse_orientations_tf`): the
+    same float32 arithmetic in either.
+    """
+    # k = 0: every share 0 / tiny = 0, equal weights (|k|^2 is at least 1/n^2 everywhere else).
+    norm = xp.maximum(squared_freqs[0] + squared_freqs[1] + squared_freqs[2], np.finfo(np.float32).tiny)
+    terms = [lambda axis=order[0]: xp.exp(-beta * squared_freqs[axis] / norm) for order in ORIENTATIONS]
+    # Each pass's term is computed twice rather than kept: one spectrum-sized weight alive, not three.
+    weights_sum = terms[0]() + terms[1]() + terms[2]()
+    for term in terms:
+        yield term() / weights_sum
+
+
+def fuse_orientations_tf(passes: list, beta: float = 0.0):
+    """`fuse_orientations` in TensorFlow, for graphs whose (rD, rH, rW) is known only when they run
+    (`sr3d.export`): the same frequency grids, weights and float32 real FFTs; beta 0, the passes'
+    mean in the order of `mean_of_orientations`. passes: the three float32 [rD, rH, rW] tensors."""
+    import tensorflow as tf
+
+    if beta == 0:
+        total = passes[0]
+        for out in passes[1:]:
+            total += out
+        return total / len(ORIENTATIONS)
+    shape = tf.shape(passes[0])
+
+    def freqs(n, real: bool = False):
+        """scipy.fft.fftfreq(n) (rfftfreq(n) if real): i * (1 / n) in float64, then float32."""
+        i = tf.range(n // 2 + 1 if real else n)
+        if not real:
+            i = tf.where(i <= (n - 1) // 2, i, i - n)
+        return tf.cast(tf.cast(i, tf.float64) * (1.0 / tf.cast(n, tf.float64)), tf.float32)
+
+    grids = [freqs(shape[0]), freqs(shape[1]), freqs(shape[2], real=True)]
+    weights = orientation_weights([tf.reshape(f, [-1 if i == axis else 1 for i in range(3)]) ** 2
+                                   for axis, f in enumerate(grids)], beta, tf.math)
+    total = None
+    for out in passes:
+        term = tf.signal.rfft3d(out) * tf.cast(next(weights), tf.complex64)
+        total = term if total is None else total + term
+    return tf.signal.irfft3d(total, fft_length=shape)
 
 
 def mean_of_orientations(passes: "Iterable[np.ndarray]") -> np.ndarray:

@@ -3,9 +3,10 @@ process (tf.saved_model.load, tf.data, saved_model_cli) gets the Python path's n
 
 The SavedModel is exported once per module from the random-weight test bundle and run once in
 a fresh Python process (`_LOADER`); the tests compare its outputs with `sr3d.inference` and the
-Keras models in this process. The consistency step's first-principles check traces the functions
-the export saves in this process, with networks that output zero (no second export).
+Keras models in this process. The consistency step's first-principles check and the orientation
+fusion with a nonzero beta trace the functions the export saves in this process (no second export).
 """
+import dataclasses
 import pathlib
 import re
 import shutil
@@ -15,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 
-from sr3d import degrade, export, inference, intensity, models
+from sr3d import degrade, export, inference, intensity, models, upscaling
 from sr3d import io as sr3d_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SIGNATURES = ("serving_default", "upscale_2d", "upscale_3d_no_consistency", "upscale_2d_no_consistency",
-              "stage_hw", "stage_d")
+SIGNATURES = ("serving_default", "upscale_3d_all", "upscale_2d", "upscale_3d_no_consistency",
+              "upscale_2d_no_consistency", "stage_hw", "stage_d")
 
 # Runs in a fresh process: argv[1] = SavedModel directory, argv[2] = inputs .npz, argv[3] = outputs .npz.
 _LOADER = """
@@ -37,6 +38,7 @@ mapped = tf.data.Dataset.from_tensor_slices(batch).map(
 np.savez(sys.argv[3],
          signatures=np.array(sorted(sig.keys())),
          serving_default=sig["serving_default"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
+         upscale_3d_all=sig["upscale_3d_all"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
          upscale_2d=sig["upscale_2d"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
          upscale_3d_no_consistency=sig["upscale_3d_no_consistency"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
          upscale_2d_no_consistency=sig["upscale_2d_no_consistency"](volume=tf.constant(inputs["volume"]))["upscaled"].numpy(),
@@ -94,19 +96,20 @@ def test_layout_is_what_tf_serving_polls(exported):
     assert sorted(p.name for p in path.parent.iterdir()) == ["1"], "no temporary directory is left"
 
 
-def test_fresh_process_lists_the_six_signatures(exported):
+def test_fresh_process_lists_the_seven_signatures(exported):
     _, _, outputs = exported
     assert sorted(outputs["signatures"]) == sorted(SIGNATURES)
 
 
-@pytest.mark.parametrize("signature, mode, consistency", [
-    ("serving_default", "3d", True), ("upscale_2d", "2d", True),
-    ("upscale_3d_no_consistency", "3d", False), ("upscale_2d_no_consistency", "2d", False),
+@pytest.mark.parametrize("signature, mode, consistency, planes", [
+    ("serving_default", "3d", True, "dw"), ("upscale_3d_all", "3d", True, "all"), ("upscale_2d", "2d", True, "dw"),
+    ("upscale_3d_no_consistency", "3d", False, "dw"), ("upscale_2d_no_consistency", "2d", False, "dw"),
 ])
-def test_served_volume_matches_python_inference(exported, bundle, ct_volume, signature, mode, consistency):
+def test_served_volume_matches_python_inference(exported, bundle, ct_volume, signature, mode, consistency, planes):
     _, _, outputs = exported
     # The default signatures end with the consistency step, as `sr3d upscale`; *_no_consistency do not.
-    expected = inference.upscale_volume(ct_volume, bundle, mode=mode, consistency=consistency).array
+    # The test bundle has no orientation_fusion: upscale_3d_all is the three passes' mean (beta 0).
+    expected = inference.upscale_volume(ct_volume, bundle, mode=mode, consistency=consistency, planes=planes).array
     data_range = float(ct_volume.array.max() - ct_volume.array.min())
     assert outputs[signature].shape == expected.shape == ((24 if mode == "3d" else 12), 96, 80)
     np.testing.assert_allclose(outputs[signature], expected, rtol=0, atol=1e-4 * data_range)
@@ -124,6 +127,24 @@ def test_stage_signatures_match_the_keras_models(exported, bundle, stage):
     np.testing.assert_allclose(outputs[f"stage_{stage}"], expected, rtol=0, atol=1e-5)
 
 
+def test_served_three_orientations_fuse_with_the_bundles_beta(exported, bundle, ct_volume):
+    """beta 3.0 in the bundle's info: upscale_3d_all, traced here from the functions the export saves
+    with the beta `export_archive` reads, against the Python path's `fuse_orientations`."""
+    import tensorflow as tf
+
+    _, _, outputs = exported
+    fused = dataclasses.replace(bundle, info={**bundle.info, "orientation_fusion": {"beta": 3.0}})
+    fns = export._serving_fns(fused.hw, fused.d, 2, upscaling.orientation_fusion_beta(fused))
+    serve = tf.function(fns["upscale_3d_all"], input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+    served = serve(tf.constant(ct_volume.array))["upscaled"].numpy()
+    expected = inference.upscale_volume(ct_volume, fused, planes="all").array
+    atol = 1e-4 * float(ct_volume.array.max() - ct_volume.array.min())
+    assert served.shape == expected.shape == (24, 96, 80)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=atol)
+    # The exported graph (beta 0) is the mean: beta 3 must move the numbers well past the tolerance.
+    assert np.abs(expected - outputs["upscale_3d_all"]).max() > 10 * atol
+
+
 def test_signature_inside_a_tf_data_map(exported, bundle, ct_volume):
     _, inputs, outputs = exported
     for served, volume in zip(outputs["mapped"], inputs["batch"]):
@@ -137,7 +158,8 @@ def _smooth_ramp(n: int, first: int, last: int) -> np.ndarray:
     return t * t * t * (t * (6 * t - 15) + 10)
 
 
-@pytest.mark.parametrize("signature, mode", [("serving_default", "3d"), ("upscale_2d", "2d")])
+@pytest.mark.parametrize("signature, mode", [("serving_default", "3d"), ("upscale_3d_all", "3d"),
+                                             ("upscale_2d", "2d")])
 def test_served_output_downscales_to_its_input(tiny_bundle_dir, signature, mode):
     """First principles, not the Python path: the served output downscaled as the training pairs
     were (`sr3d.degrade.downscale`, float64) is the input again, to float32 round-off.
@@ -256,6 +278,7 @@ def _bad_volumes(good: np.ndarray) -> dict:
         "single_slice": (good[:1], ">= 2 slices"),
         "2x2x2": (good[:2, :2, :2], "receptive"),
         "thin_slices": (good[:, :12, :], "receptive"),
+        "narrow_slices": (good[:, :, :12], "receptive"),
         "empty": (good[:0], ">= 2 slices"),
         "empty_rows": (good[:, :0, :], "receptive"),
     }
@@ -271,6 +294,26 @@ def test_served_graph_refuses_bad_volumes_with_invalid_argument(exported, case):
     loaded = tf.saved_model.load(str(path))
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(words)):
         loaded.signatures["serving_default"](volume=tf.constant(volume))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("single_slice", "sr3d: 3d upscaling needs a volume of >= 2 slices (D)"),
+    ("thin_slices", "sr3d: slices (H, W) must be >= 17 x 17 voxels"),
+    ("narrow_slices", "sr3d: slices (H, W) must be >= 17 x 17 voxels"),
+])
+def test_served_three_orientations_refuse_what_the_python_path_refuses(exported, bundle, ct_volume, case, message):
+    """Each axis is depth in one pass, but planes "all" is held to the limits of one 3D pass, as in
+    `sr3d.inference.check_upscalable`: D >= 2 and H, W at least the receptive field (the CT crop's
+    12 slices pass in both, see the parity test above)."""
+    import tensorflow as tf
+
+    path, inputs, _ = exported
+    volume, _ = _bad_volumes(inputs["volume"])[case]
+    with pytest.raises(ValueError, match="3D upscaling needs at least 2 slices|receptive field"):
+        inference.upscale_volume(ct_volume.replace(array=volume), bundle, planes="all")
+    loaded = tf.saved_model.load(str(path))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+        loaded.signatures["upscale_3d_all"](volume=tf.constant(volume))
 
 
 def test_served_2d_signature_accepts_one_slice_but_not_nan(exported):
