@@ -34,6 +34,18 @@ from sr3d import baselines, degrade, intensity, metrics, models, selfcheck, upsc
 from sr3d import io as sr3d_io  # noqa: E402
 
 
+def central_slab(x: np.ndarray, depth: int = 64, side: int = 256) -> np.ndarray:
+    """The slab scored here: at most `depth` central slices, at most `side` x `side` central voxels."""
+    if x.shape[0] > depth:
+        c = x.shape[0] // 2
+        x = x[c - depth // 2:c + depth // 2]
+    for axis in (1, 2):
+        if x.shape[axis] > side:
+            c = x.shape[axis] // 2
+            x = np.take(x, np.arange(c - side // 2, c + side // 2), axis=axis)
+    return x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", help="HW:D .keras pairs ('ship' = the shipped stage) or 'shipped'")
@@ -71,14 +83,7 @@ def main() -> None:
         name = pathlib.Path(path).name.split(".")[0]
         if args.only and not any(part in name for part in args.only.split(",")):
             continue
-        x = np.asarray(sr3d_io.load_volume(path).array, np.float32)
-        if x.shape[0] > args.max_depth:
-            c = x.shape[0] // 2
-            x = x[c - args.max_depth // 2:c + args.max_depth // 2]
-        for axis in (1, 2):
-            if x.shape[axis] > 256:
-                c = x.shape[axis] // 2
-                x = np.take(x, np.arange(c - 128, c + 128), axis=axis)
+        x = central_slab(np.asarray(sr3d_io.load_volume(path).array, np.float32), args.max_depth)
         low_p, high_p = np.percentile(x, [0.5, 99.5])
         kind, _, amount = args.perturb.partition(":")
         if kind == "noise":

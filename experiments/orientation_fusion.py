@@ -14,7 +14,6 @@ and validation slabs together; the test slabs play no part in the choice. Writes
 OUT/results.md (per slab and per beta, means per split, the choice per scale).
 """
 import argparse
-import json
 import pathlib
 import sys
 
@@ -24,20 +23,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sr3d import baselines, degrade, intensity, metrics, models, upscaling  # noqa: E402
 from sr3d import files as sr3d_files  # noqa: E402
 from sr3d import io as sr3d_io  # noqa: E402
+from compare_variants import central_slab  # noqa: E402  (experiments/, beside this script)
 
 SPLITS = ("train", "val", "test")
-
-
-def central_slab(x: np.ndarray, depth: int = 64, side: int = 256) -> np.ndarray:
-    """The slab experiments/compare_variants.py scores: at most `depth` central slices, `side` x `side`."""
-    if x.shape[0] > depth:
-        c = x.shape[0] // 2
-        x = x[c - depth // 2:c + depth // 2]
-    for axis in (1, 2):
-        if x.shape[axis] > side:
-            c = x.shape[axis] // 2
-            x = np.take(x, np.arange(c - side // 2, c + side // 2), axis=axis)
-    return x
 
 
 def passes_of(path: pathlib.Path, scale: int, bundle, cache: pathlib.Path) -> dict:

@@ -272,7 +272,13 @@ def consistency_weights_tf(n_in, scale: int):
     `imresize_weights_tf`, solved in float64."""
     import tensorflow as tf
 
-    weights = imresize_weights_tf(n_in, scale)
+    return _right_inverse_tf(imresize_weights_tf(n_in, scale))
+
+
+def _right_inverse_tf(weights):
+    """float32 W+ = W^T (W W^T)^-1 of a float64 `imresize_weights_tf` matrix, solved in float64."""
+    import tensorflow as tf
+
     inverse = tf.linalg.solve(tf.matmul(weights, weights, transpose_b=True), weights)
     return tf.cast(tf.transpose(inverse), tf.float32)
 
@@ -292,12 +298,14 @@ def make_consistent_tf(hr, lr, scale: int, axes: Sequence[int]):
     import tensorflow as tf
 
     axes = check_axes(axes, hr.shape.rank)
+    # Each axis's weights once, for the downscale and for its right inverse.
+    weights = {axis: imresize_weights_tf(tf.shape(hr)[axis], scale) for axis in axes}
     residual = hr
     for axis in sorted(axes):  # float32 weights, as `downscale_float32`
-        residual = _along_tf(tf.cast(imresize_weights_tf(tf.shape(hr)[axis], scale), tf.float32), residual, axis)
+        residual = _along_tf(tf.cast(weights[axis], tf.float32), residual, axis)
     residual = lr - residual
     for axis in sorted(axes, reverse=True):
-        residual = _along_tf(consistency_weights_tf(tf.shape(hr)[axis], scale), residual, axis)
+        residual = _along_tf(_right_inverse_tf(weights[axis]), residual, axis)
     return hr + residual
 
 
