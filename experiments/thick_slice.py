@@ -108,6 +108,8 @@ _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "T
 _CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
 _METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
 _STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
+_SEED = flags.DEFINE_integer("seed", 0, "gaps: seed of each self-supervised network (give each seed its own "
+                             "--out_dir: a case's results are keyed by scan and configuration).")
 _TEMPERATURE = flags.DEFINE_float("mixture_temperature", None, "gaps: estimated_mixture's temperature "
                                    "(default selfsup.MIXTURE_TEMPERATURE).")
 _TOP_K = flags.DEFINE_integer("mixture_top_k", None, "gaps: estimated_mixture's top k (default selfsup.MIXTURE_TOP_K).")
@@ -274,7 +276,7 @@ def _score(truth: np.ndarray, array: np.ndarray, data_range) -> dict:
     return {"psnr": score["psnr"], "ssim": score["ssim"]}
 
 
-def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Path) -> dict:
+def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Path, seed: int = 0) -> dict:
     """Scores `methods` on one gap case and stores each in gaps.json as soon as it is done."""
     import sr3d
 
@@ -284,7 +286,7 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
     data_range = (float(truth.array.min()), float(truth.array.max()))
     entry.update({"scan": _rel(SHARED / {**GAP_SCANS, **DEV_SCANS}[name]), "profile": kind, "thickness_mm": thickness_mm,
                   "factor": factor, "spacing_mm": list(thick.spacing), "truth_shape": list(truth.shape),
-                  "data_range": list(data_range), "steps": steps,
+                  "data_range": list(data_range), "steps": steps, "seed": seed,
                   "protocol": metrics.float_protocol(data_range, with_ifc=False).describe()})
     entry.setdefault("scores", {})
     entry.setdefault("runs", {})
@@ -293,7 +295,8 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
     trained = {}  # profile (kind, thickness rounded) -> network output, to reuse identical trainings
 
     def selfsup_run(method: str, match: str = "shape", init: str = "random", **profile) -> None:
-        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=0, init=init, **profile)
+        config = selfsup.SelfSupConfig(factor=factor, time_budget_s=None, max_steps=steps, seed=seed, init=init,
+                                       **profile)
         started = time.perf_counter()
         plan = selfsup.plan_for(thick.spacing, factor=factor)
         if config.profile == "estimate" and config.estimate == "mixture":
@@ -591,7 +594,7 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
         return []
     lines = ["## Slice gaps, simulated from real 1 mm scans (ground truth known)", "",
              "PSNR (dB) / SSIM against the 1 mm truth on its grid. Self-supervised networks: "
-             f"{next(iter(cases.values()))['steps']} steps, seed 0.", "",
+             f"{next(iter(cases.values()))['steps']} steps, seed {next(iter(cases.values())).get('seed', 0)}.", "",
              "| scan | slices | Lanczos | cubic | supervised stage d | self-sup. no-gap | self-sup. gap-aware "
              "| self-sup. estimated (estimate) | estimated, per-axis match (estimate) | gap-aware - Lanczos "
              "| gap-aware - no-gap | estimated - gap-aware | self-sup. gap-aware from shipped d "
@@ -709,7 +712,8 @@ def main(argv):
     elif _PART.value == "gaps":
         for name in _SCANS.value or list(GAP_SCANS):
             for config_name in _CONFIGS.value or list(GAP_CONFIGS):
-                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / _GAPS_FILE.value)
+                run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / _GAPS_FILE.value,
+                         _SEED.value)
     elif _PART.value == "bias":
         for name in _SCANS.value or list(GAP_SCANS) + [ISOTROPIC_FIELD]:
             run_bias(name, out_dir / "bias.json")
