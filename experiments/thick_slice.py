@@ -571,7 +571,7 @@ def write_report(out_dir: pathlib.Path) -> pathlib.Path:
                          f"{e['train_seconds']:.0f} s |")
         lines += ["", f"Data consistency: {next(iter(real.values()))['data_consistency_note']}.",
                   f"In-plane task: {next(iter(real.values()))['in_plane_task_note']}.", ""]
-    lines += _gaps_report(out_dir) + _bias_report(out_dir) + _figures_report(out_dir)
+    lines += _gaps_report(out_dir) + _seeds_report(out_dir) + _bias_report(out_dir) + _figures_report(out_dir)
     path = out_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -586,6 +586,38 @@ def _merged_gaps(out_dir: pathlib.Path) -> dict:
             into["scores"].update(entry["scores"])
             into["runs"].update(entry["runs"])
     return merged
+
+
+def _seeds_report(out_dir: pathlib.Path) -> list[str]:
+    """Estimated - gap-aware and gap-aware - Lanczos (PSNR, dB) per seed, with their mean and sample
+    standard deviation over seeds: the gap cases of `out_dir` and of its seed*/ folders (one per
+    --seed), for the cases that have all three networks in at least two of them."""
+    runs = {}                                        # case -> seed -> (estimated - gap-aware, gap-aware - Lanczos)
+    for folder in [out_dir, *sorted(out_dir.glob("seed*/"))]:
+        for key, entry in _merged_gaps(folder).items():
+            s = entry["scores"]
+            if all(m in s for m in ("estimated", "gap_aware", "lanczos")):
+                runs.setdefault(key, {})[entry.get("seed", 0)] = (
+                    s["estimated"]["psnr"] - s["gap_aware"]["psnr"], s["gap_aware"]["psnr"] - s["lanczos"]["psnr"])
+    runs = {key: seeds for key, seeds in runs.items() if len(seeds) > 1}
+    if not runs:
+        return []
+
+    def cell(values) -> str:
+        return " / ".join(f"{v:+.2f}" for v in values)
+
+    def spread(values) -> str:
+        return f"{np.mean(values):+.2f} +- {np.std(values, ddof=1):.2f}"
+
+    lines = ["## Over seeds: estimated - gap-aware and gap-aware - Lanczos (PSNR, dB)", "",
+             "| case | seeds | estimated - gap-aware, per seed | mean +- sd | gap-aware - Lanczos, per seed "
+             "| mean +- sd |", "|---|---|---|---|---|---|"]
+    for key in sorted(runs):
+        seeds = sorted(runs[key])
+        est, lz = [runs[key][k][0] for k in seeds], [runs[key][k][1] for k in seeds]
+        lines.append(f"| {key.replace('|', ', ')} | {', '.join(map(str, seeds))} | {cell(est)} | {spread(est)} "
+                     f"| {cell(lz)} | {spread(lz)} |")
+    return lines + [""]
 
 
 def _gaps_report(out_dir: pathlib.Path) -> list[str]:
