@@ -109,7 +109,8 @@ _CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFI
 _METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
 _STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
 _SEED = flags.DEFINE_integer("seed", 0, "gaps: seed of each self-supervised network (give each seed its own "
-                             "--out_dir: a case's results are keyed by scan and configuration).")
+                             "--out_dir: a case's results are keyed by scan and configuration, and a run refuses "
+                             "a case that holds another seed or number of steps).")
 _TEMPERATURE = flags.DEFINE_float("mixture_temperature", None, "gaps: estimated_mixture's temperature "
                                    "(default selfsup.MIXTURE_TEMPERATURE).")
 _TOP_K = flags.DEFINE_integer("mixture_top_k", None, "gaps: estimated_mixture's top k (default selfsup.MIXTURE_TOP_K).")
@@ -283,6 +284,10 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
     truth, thick, kind, thickness_mm, factor = _gap_case(name, config_name)
     key = f"{name}|{config_name}"
     entry = json.loads(path.read_text()).get(key, {}) if path.exists() else {}
+    held = (entry.get("steps"), entry.get("seed", 0))     # entries before --seed were all seed 0
+    if entry.get("scores") and held != (steps, seed):
+        raise app.UsageError(f"{path}: {key} holds networks of {held[0]} steps, seed {held[1]}, not {steps} and "
+                             f"{seed}: give this run its own --out_dir or --gaps_file")
     data_range = (float(truth.array.min()), float(truth.array.max()))
     entry.update({"scan": _rel(SHARED / {**GAP_SCANS, **DEV_SCANS}[name]), "profile": kind, "thickness_mm": thickness_mm,
                   "factor": factor, "spacing_mm": list(thick.spacing), "truth_shape": list(truth.shape),
@@ -624,9 +629,10 @@ def _gaps_report(out_dir: pathlib.Path) -> list[str]:
     cases = _merged_gaps(out_dir)
     if not cases:
         return []
+    first = next(iter(cases.values()))
     lines = ["## Slice gaps, simulated from real 1 mm scans (ground truth known)", "",
              "PSNR (dB) / SSIM against the 1 mm truth on its grid. Self-supervised networks: "
-             f"{next(iter(cases.values()))['steps']} steps, seed {next(iter(cases.values())).get('seed', 0)}.", "",
+             f"{first['steps']} steps, seed {first.get('seed', 0)}.", "",
              "| scan | slices | Lanczos | cubic | supervised stage d | self-sup. no-gap | self-sup. gap-aware "
              "| self-sup. estimated (estimate) | estimated, per-axis match (estimate) | gap-aware - Lanczos "
              "| gap-aware - no-gap | estimated - gap-aware | self-sup. gap-aware from shipped d "
