@@ -96,17 +96,23 @@ GAP_CONFIGS = {
 }
 GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "gap_aware_shipped", "no_gap", "estimated",
                "estimated_per_axis", "estimated_mixture")
+# Methods only on request (--methods): "espreso" trains the self-supervised network on the slice profile the
+# peer ECLARE's estimator ESPRESO found (a Gaussian of its FWHM), read from --espreso_dir, written by
+# experiments/espreso_peer.py from the thick scans of --part=export_gaps.
+PEER_METHODS = ("espreso",)
 # Profile-estimation bias: simulated slices every BIAS_SPACING_MM of these kinds and widths (mm).
 BIAS_SPACING_MM = 5
 BIAS_WIDTHS_MM = (2.0, 3.0, 4.0, 6.0)
 BIAS_MATCHES = ("per-axis", "shape")
 
-_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "bias", "figures", "report"], "What to run.")
+_PART = flags.DEFINE_enum("part", "report", ["simulate", "supervised", "real", "gaps", "export_gaps", "bias", "figures",
+                                             "report"], "What to run.")
 _SCANS = flags.DEFINE_list("scans", None, "Scan names (default: all of the part).")
 _FACTORS = flags.DEFINE_list("factors", ["3", "4"], "Simulated slice-thickness factors.")
 _BUDGET = flags.DEFINE_float("budget", selfsup.SelfSupConfig().time_budget_s, "Training budget in seconds.")
 _CONFIGS = flags.DEFINE_list("configs", None, "gaps: configurations of GAP_CONFIGS (default: all).")
-_METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS} (default: all).")
+_METHODS = flags.DEFINE_list("methods", None, f"gaps: methods among {GAP_METHODS + PEER_METHODS} (default: all "
+                              f"but {PEER_METHODS}).")
 _STEPS = flags.DEFINE_integer("steps", 1200, "gaps: training steps of each self-supervised network.")
 _SEED = flags.DEFINE_integer("seed", 0, "gaps: seed of each self-supervised network (give each seed its own "
                              "--out_dir: a case's results are keyed by scan and configuration, and a run refuses "
@@ -116,6 +122,8 @@ _TEMPERATURE = flags.DEFINE_float("mixture_temperature", None, "gaps: estimated_
 _TOP_K = flags.DEFINE_integer("mixture_top_k", None, "gaps: estimated_mixture's top k (default selfsup.MIXTURE_TOP_K).")
 _GAPS_FILE = flags.DEFINE_string("gaps_file", "gaps.json", "gaps: results file in --out_dir (runs in parallel "
                                  "write to different files; the report merges gaps*.json).")
+_ESPRESO_DIR = flags.DEFINE_string("espreso_dir", str(REPO / "docs" / "thick_slice" / "espreso"), "gaps, method espreso: the "
+                                   "<scan>_<config>.json files of experiments/espreso_peer.py.")
 _OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "docs" / "thick_slice"), "Results directory.")
 _NIFTI_DIR = flags.DEFINE_string("nifti_dir", "/tmp/sr3d_thick_slice", "Where upscaled real scans are written "
                                  "(not in docs: the thick-slice scans may not be redistributed).")
@@ -272,6 +280,35 @@ def _gap_case(name: str, config_name: str):
     return truth, thick, kind, thickness_mm, factor
 
 
+def espreso_profile(path: pathlib.Path, thick: sr3d_io.Volume) -> dict:
+    """What ESPRESO (experiments/espreso_peer.py) found for this thick scan: its PSF's FWHM in mm (ESPRESO's
+    kernel is on the finest in-plane grid, so FWHM voxels x the smallest in-plane spacing), checked against
+    the scan's own slice spacing, which ESPRESO read from the same file."""
+    if not path.exists():
+        raise app.UsageError(f"{path}: no ESPRESO estimate; run --part=export_gaps, then experiments/espreso_peer.py")
+    found = json.loads(path.read_text())
+    inplane = min(float(v) for v in thick.spacing[1:])
+    if abs(found["slice_separation"] - thick.spacing[0] / inplane) > 1e-2:
+        raise app.UsageError(f"{path}: ESPRESO ran on slices {found['slice_separation']} in-plane voxels apart, "
+                             f"this case's are {thick.spacing[0] / inplane:.3f}: not this scan")
+    return {"thickness_mm": round(found["fwhm_inplane_voxels"] * inplane, 4), "psf": found["psf"],
+            "seconds": round(found["seconds"], 1), "file": _rel(path)}
+
+
+def export_gaps(name: str, config_name: str, nifti_dir: pathlib.Path) -> pathlib.Path:
+    """Writes one gap case's thick scan as NIfTI (for a peer tool); never overwrites a different file."""
+    _, thick, *_ = _gap_case(name, config_name)
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    path = nifti_dir / f"{name}_{config_name}.nii.gz"
+    if path.exists():
+        old = sr3d_io.load_volume(path)
+        if old.shape != thick.shape or not np.allclose(old.array, thick.array, atol=1e-3):
+            raise app.UsageError(f"{path}: exists and holds another scan; move it away first")
+        return path
+    sr3d_io.save_volume(thick, path)
+    return path
+
+
 def _score(truth: np.ndarray, array: np.ndarray, data_range) -> dict:
     score = metrics.score_volume(truth, array, metrics.float_protocol(data_range, with_ifc=False))
     return {"psnr": score["psnr"], "ssim": score["ssim"]}
@@ -362,8 +399,12 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
             selfsup_run(method, match="per-axis", profile="estimate")
         elif method == "estimated_mixture":
             selfsup_run(method, profile="estimate", estimate="mixture")
+        elif method == "espreso":
+            found = espreso_profile(pathlib.Path(_ESPRESO_DIR.value) / f"{name}_{config_name}.json", thick)
+            entry["espreso"] = found
+            selfsup_run(method, profile="gaussian", slice_thickness=found["thickness_mm"])
         else:
-            raise app.UsageError(f"--methods: {method!r} is not one of {GAP_METHODS}")
+            raise app.UsageError(f"--methods: {method!r} is not one of {GAP_METHODS + PEER_METHODS}")
     return entry
 
 
@@ -576,7 +617,8 @@ def write_report(out_dir: pathlib.Path) -> pathlib.Path:
                          f"{e['train_seconds']:.0f} s |")
         lines += ["", f"Data consistency: {next(iter(real.values()))['data_consistency_note']}.",
                   f"In-plane task: {next(iter(real.values()))['in_plane_task_note']}.", ""]
-    lines += _gaps_report(out_dir) + _seeds_report(out_dir) + _bias_report(out_dir) + _figures_report(out_dir)
+    lines += (_gaps_report(out_dir) + _seeds_report(out_dir) + _espreso_report(out_dir) + _bias_report(out_dir)
+              + _figures_report(out_dir))
     path = out_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -622,6 +664,42 @@ def _seeds_report(out_dir: pathlib.Path) -> list[str]:
         est, lz = [runs[key][k][0] for k in seeds], [runs[key][k][1] for k in seeds]
         lines.append(f"| {key.replace('|', ', ')} | {', '.join(map(str, seeds))} | {cell(est)} | {spread(est)} "
                      f"| {cell(lz)} | {spread(lz)} |")
+    return lines + [""]
+
+
+def _espreso_report(out_dir: pathlib.Path) -> list[str]:
+    """The peer's estimate (ESPRESO, method "espreso") beside sr3d's: per gap case the true profile, both
+    estimates and each network's PSNR minus the gap-aware one's, per seed (out_dir and its seed*/ folders)
+    and their mean."""
+    cases = {}                                        # case -> seed -> (estimated, espreso) - gap-aware
+    about = {}
+    for folder in [out_dir, *sorted(out_dir.glob("seed*/"))]:
+        for key, entry in _merged_gaps(folder).items():
+            s = entry["scores"]
+            if "espreso" not in s or "gap_aware" not in s:
+                continue
+            gap = s["gap_aware"]["psnr"]
+            cases.setdefault(key, {})[entry.get("seed", 0)] = tuple(
+                s[m]["psnr"] - gap if m in s else float("nan") for m in ("estimated", "espreso"))
+            about[key] = (entry, entry["runs"].get("estimated", {}).get("slice_profile"))
+    if not cases:
+        return []
+    lines = ["## The peer's estimate: ESPRESO (ECLARE) as the slice profile", "",
+             "sr3d's network trained on a Gaussian of the FWHM ESPRESO estimated (experiments/espreso_peer.py) against "
+             "the one told the true profile (gap-aware), beside sr3d's own estimate (PSNR, dB; mean over the seeds).",
+             "", "| case | true profile | sr3d estimate | ESPRESO FWHM | seeds | sr3d estimated - gap-aware "
+             "| ESPRESO - gap-aware |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(cases):
+        entry, ours = about[key]
+        seeds = sorted(cases[key])
+        est = [cases[key][k][0] for k in seeds]
+        peer = [cases[key][k][1] for k in seeds]
+        mine = f"{ours['kind']} {ours['thickness_mm']:.3g} mm" if ours else "-"
+        lines.append(f"| {key.replace('|', ', ')} | {entry['profile']} {entry['thickness_mm']:g} mm every "
+                     f"{entry['spacing_mm'][0]:.3g} mm | {mine} | {entry['espreso']['thickness_mm']:.3g} mm | "
+                     f"{', '.join(map(str, seeds))} | " + " / ".join(f"{v:+.2f}" for v in est)
+                     + f" (mean {np.mean(est):+.2f}) | " + " / ".join(f"{v:+.2f}" for v in peer)
+                     + f" (mean {np.mean(peer):+.2f}) |")
     return lines + [""]
 
 
@@ -752,6 +830,10 @@ def main(argv):
             for config_name in _CONFIGS.value or list(GAP_CONFIGS):
                 run_gaps(name, config_name, _METHODS.value or GAP_METHODS, _STEPS.value, out_dir / _GAPS_FILE.value,
                          _SEED.value)
+    elif _PART.value == "export_gaps":
+        for name in _SCANS.value or list(GAP_SCANS):
+            for config_name in _CONFIGS.value or list(GAP_CONFIGS):
+                _log(f"wrote {export_gaps(name, config_name, pathlib.Path(_NIFTI_DIR.value))}")
     elif _PART.value == "bias":
         for name in _SCANS.value or list(GAP_SCANS) + [ISOTROPIC_FIELD]:
             run_bias(name, out_dir / "bias.json")
@@ -763,7 +845,8 @@ def main(argv):
         for name in _SCANS.value or list(REAL_SCANS):
             entry = run_real(name, _BUDGET.value, out_dir, pathlib.Path(_NIFTI_DIR.value))
             _update_json(out_dir / "real.json", name, entry)
-    print(f"wrote {write_report(out_dir)}", file=sys.stderr)
+    if _PART.value != "export_gaps":               # it adds no results
+        print(f"wrote {write_report(out_dir)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,31 @@ def test_compare_methods_tests_any_saved_metric(quick_table2):
         evaluation.compare_methods(saved, "espcn", "full", metric="ifc")
     with pytest.raises(ValueError, match="no row 'nope'"):
         evaluation.compare_methods(saved, "nope", "full")
+
+
+def test_thick_slice_reads_the_peer_estimate_in_mm_and_refuses_another_scans(tmp_path):
+    """experiments/thick_slice.py's method "espreso": ESPRESO's FWHM is in voxels of the finest in-plane
+    spacing, so 3 voxels at 0.9 mm are 2.7 mm (first principles); a file for slices another distance
+    apart (in those voxels) is another scan's and is refused with one line."""
+    import subprocess
+    found = tmp_path / "case.json"
+    found.write_text(json.dumps({"slice_separation": 4.0, "fwhm_inplane_voxels": 3.0, "psf": [0.25, 0.5, 0.25],
+                                 "seconds": 1.0}))
+    script = f"""
+import importlib.util, sys, pathlib, numpy as np
+spec = importlib.util.spec_from_file_location("thick_slice", {str(REPO / "experiments" / "thick_slice.py")!r})
+ts = importlib.util.module_from_spec(spec); spec.loader.exec_module(ts)
+from sr3d import volume
+thick = volume.Volume(np.zeros((5, 6, 7), np.float32), (3.6, 0.9, 1.0), np.diag([3.6, 0.9, 1.0, 1.0]))
+print(ts.espreso_profile(pathlib.Path({str(found)!r}), thick)["thickness_mm"])
+other = volume.Volume(np.zeros((5, 6, 7), np.float32), (4.5, 0.9, 1.0), np.diag([4.5, 0.9, 1.0, 1.0]))
+try:
+    ts.espreso_profile(pathlib.Path({str(found)!r}), other)
+except ts.app.UsageError as error:
+    print("refused:", error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert float(lines[0]) == pytest.approx(2.7)
+    assert lines[1].startswith("refused:") and "case.json" in lines[1] and "5.000" in lines[1]
