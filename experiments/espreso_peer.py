@@ -4,8 +4,8 @@ run (ECLARE's first stage, its default settings: 100 warm-up and 2000 adversaria
 super-resolution is not. Runs in its own environment, never imported by sr3d:
 
   python -m venv /tmp/eclenv && /tmp/eclenv/bin/pip install eclare          # torch CPU, ~1 GB
-  python experiments/thick_slice.py --part=export_gaps --nifti_dir=/tmp/sr3d_gaps   # the six thick scans
-  for f in /tmp/sr3d_gaps/*.nii.gz; do
+  python experiments/thick_slice.py --part=export_gaps --nifti_dir=/tmp/sr3d_gaps   # every gap case's thick scan
+  for f in /tmp/sr3d_gaps/*.nii.gz; do        # docs/thick_slice.md runs the six cases of its table
     /tmp/eclenv/bin/python experiments/espreso_peer.py "$f" docs/thick_slice/espreso   # ~5 min each, 2 cores
   done
   python experiments/thick_slice.py --part=gaps --methods=espreso --steps=4000 --out_dir=docs/thick_slice/steps4000
@@ -36,6 +36,9 @@ def main(argv) -> int:
         print(f"{target}: exists; move it away to estimate again", file=sys.stderr)
         return 1
     try:
+        import random
+
+        import numpy as np
         import torch
         import torch.utils.data
         from importlib import metadata
@@ -56,8 +59,6 @@ def main(argv) -> int:
     espreso.DataLoader = single_process_loader
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    import random
-    import numpy as np
     random.seed(0)
     np.random.seed(0)            # ESPRESO draws patches, flips and discriminator turns from the global generators
     out.mkdir(parents=True, exist_ok=True)

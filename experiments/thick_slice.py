@@ -291,8 +291,7 @@ def espreso_profile(path: pathlib.Path, thick: sr3d_io.Volume) -> dict:
     if abs(found["slice_separation"] - thick.spacing[0] / inplane) > 1e-2:
         raise app.UsageError(f"{path}: ESPRESO ran on slices {found['slice_separation']} in-plane voxels apart, "
                              f"this case's are {thick.spacing[0] / inplane:.3f}: not this scan")
-    return {"thickness_mm": round(found["fwhm_inplane_voxels"] * inplane, 4), "psf": found["psf"],
-            "seconds": round(found["seconds"], 1), "file": _rel(path)}
+    return {"thickness_mm": round(found["fwhm_inplane_voxels"] * inplane, 4), "file": _rel(path)}   # PSF: in the file
 
 
 def export_gaps(name: str, config_name: str, nifti_dir: pathlib.Path) -> pathlib.Path:
@@ -635,17 +634,22 @@ def _merged_gaps(out_dir: pathlib.Path) -> dict:
     return merged
 
 
+def _seed_entries(out_dir: pathlib.Path):
+    """(case key, entry) of the merged gap cases of out_dir and of its seed*/ folders (one per --seed)."""
+    for folder in [out_dir, *sorted(out_dir.glob("seed*/"))]:
+        yield from _merged_gaps(folder).items()
+
+
 def _seeds_report(out_dir: pathlib.Path) -> list[str]:
     """Estimated - gap-aware and gap-aware - Lanczos (PSNR, dB) per seed, with their mean and sample
     standard deviation over seeds: the gap cases of `out_dir` and of its seed*/ folders (one per
     --seed), for the cases that have all three networks in at least two of them."""
     runs = {}                                        # case -> seed -> (estimated - gap-aware, gap-aware - Lanczos)
-    for folder in [out_dir, *sorted(out_dir.glob("seed*/"))]:
-        for key, entry in _merged_gaps(folder).items():
-            s = entry["scores"]
-            if all(m in s for m in ("estimated", "gap_aware", "lanczos")):
-                runs.setdefault(key, {})[entry.get("seed", 0)] = (
-                    s["estimated"]["psnr"] - s["gap_aware"]["psnr"], s["gap_aware"]["psnr"] - s["lanczos"]["psnr"])
+    for key, entry in _seed_entries(out_dir):
+        s = entry["scores"]
+        if all(m in s for m in ("estimated", "gap_aware", "lanczos")):
+            runs.setdefault(key, {})[entry.get("seed", 0)] = (
+                s["estimated"]["psnr"] - s["gap_aware"]["psnr"], s["gap_aware"]["psnr"] - s["lanczos"]["psnr"])
     runs = {key: seeds for key, seeds in runs.items() if len(seeds) > 1}
     if not runs:
         return []
@@ -673,15 +677,14 @@ def _espreso_report(out_dir: pathlib.Path) -> list[str]:
     and their mean."""
     cases = {}                                        # case -> seed -> (estimated, espreso) - gap-aware
     about = {}
-    for folder in [out_dir, *sorted(out_dir.glob("seed*/"))]:
-        for key, entry in _merged_gaps(folder).items():
-            s = entry["scores"]
-            if "espreso" not in s or "gap_aware" not in s:
-                continue
-            gap = s["gap_aware"]["psnr"]
-            cases.setdefault(key, {})[entry.get("seed", 0)] = tuple(
-                s[m]["psnr"] - gap if m in s else float("nan") for m in ("estimated", "espreso"))
-            about[key] = (entry, entry["runs"].get("estimated", {}).get("slice_profile"))
+    for key, entry in _seed_entries(out_dir):
+        s = entry["scores"]
+        if "espreso" not in s or "gap_aware" not in s:
+            continue
+        gap = s["gap_aware"]["psnr"]
+        cases.setdefault(key, {})[entry.get("seed", 0)] = tuple(
+            s[m]["psnr"] - gap if m in s else float("nan") for m in ("estimated", "espreso"))
+        about[key] = (entry, entry["runs"].get("estimated", {}).get("slice_profile"))
     if not cases:
         return []
     lines = ["## The peer's estimate: ESPRESO (ECLARE) as the slice profile", "",
