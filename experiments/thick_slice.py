@@ -95,7 +95,7 @@ GAP_CONFIGS = {
     "gauss2.5-every4": ("gaussian", 2.5, 4),
 }
 GAP_METHODS = ("lanczos", "cubic", "supervised", "gap_aware", "gap_aware_shipped", "no_gap", "estimated",
-               "estimated_per_axis", "estimated_mixture")
+               "estimated_per_axis", "estimated_mixture", "estimated_posterior")
 # Methods only on request (--methods): "espreso" trains the self-supervised network on the slice profile the
 # peer ECLARE's estimator ESPRESO found (a Gaussian of its FWHM), read from --espreso_dir, written by
 # experiments/espreso_peer.py from the thick scans of --part=export_gaps.
@@ -340,7 +340,9 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
                                        **profile)
         started = time.perf_counter()
         plan = selfsup.plan_for(thick.spacing, factor=factor)
-        if config.profile == "estimate" and config.estimate == "mixture":
+        if config.profile == "estimate" and config.estimate == "posterior":
+            resolved = selfsup.estimate_posterior(thick, plan)
+        elif config.profile == "estimate" and config.estimate == "mixture":
             resolved = selfsup.estimate_mixture(thick, plan, _TEMPERATURE.value, _TOP_K.value, match=match)
         elif config.profile == "estimate":
             resolved = selfsup.estimate_profile(thick, plan, match=match)
@@ -398,6 +400,8 @@ def run_gaps(name: str, config_name: str, methods, steps: int, path: pathlib.Pat
             selfsup_run(method, match="per-axis", profile="estimate")
         elif method == "estimated_mixture":
             selfsup_run(method, profile="estimate", estimate="mixture")
+        elif method == "estimated_posterior":
+            selfsup_run(method, profile="estimate", estimate="posterior")
         elif method == "espreso":
             found = espreso_profile(pathlib.Path(_ESPRESO_DIR.value) / f"{name}_{config_name}.json", thick)
             entry["espreso"] = found
@@ -616,8 +620,8 @@ def write_report(out_dir: pathlib.Path) -> pathlib.Path:
                          f"{e['train_seconds']:.0f} s |")
         lines += ["", f"Data consistency: {next(iter(real.values()))['data_consistency_note']}.",
                   f"In-plane task: {next(iter(real.values()))['in_plane_task_note']}.", ""]
-    lines += (_gaps_report(out_dir) + _seeds_report(out_dir) + _espreso_report(out_dir) + _bias_report(out_dir)
-              + _figures_report(out_dir))
+    lines += (_gaps_report(out_dir) + _seeds_report(out_dir) + _espreso_report(out_dir) + _posterior_report(out_dir)
+              + _bias_report(out_dir) + _figures_report(out_dir))
     path = out_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -703,6 +707,37 @@ def _espreso_report(out_dir: pathlib.Path) -> list[str]:
                      f"{', '.join(map(str, seeds))} | " + " / ".join(f"{v:+.2f}" for v in est)
                      + f" (mean {np.mean(est):+.2f}) | " + " / ".join(f"{v:+.2f}" for v in peer)
                      + f" (mean {np.mean(peer):+.2f}) |")
+    return lines + [""]
+
+
+def _posterior_report(out_dir: pathlib.Path) -> list[str]:
+    """`--profile-estimate posterior` (method estimated_posterior) beside the best candidate (estimated):
+    each network's PSNR minus the gap-aware one's per seed (out_dir and its seed*/ folders), their mean,
+    and the mean over the cases that have every seed of both."""
+    cases = {}                                        # case -> seed -> (estimated, posterior) - gap-aware
+    for key, entry in _seed_entries(out_dir):
+        s = entry["scores"]
+        if all(m in s for m in ("estimated", "estimated_posterior", "gap_aware")):
+            cases.setdefault(key, {})[entry.get("seed", 0)] = (
+                s["estimated"]["psnr"] - s["gap_aware"]["psnr"], s["estimated_posterior"]["psnr"] - s["gap_aware"]["psnr"])
+    if not cases:
+        return []
+    lines = ["## The estimate's posterior (--profile-estimate posterior)", "",
+             "PSNR (dB) minus the gap-aware network's (told the true profile), per seed and mean: the best candidate "
+             "(--slice-profile estimate) and the mixture of the true profiles of the estimator's 7 nearest errors on "
+             "training-split scans (selfsup.estimate_posterior).", "",
+             "| case | seeds | best - gap-aware | posterior - gap-aware |", "|---|---|---|---|"]
+    means = []
+    for key in sorted(cases):
+        seeds = sorted(cases[key])
+        pair = [[cases[key][k][i] for k in seeds] for i in (0, 1)]
+        means.append([np.mean(v) for v in pair])
+        lines.append(f"| {key.replace('|', ', ')} | {', '.join(map(str, seeds))} | "
+                     + " | ".join(" / ".join(f"{v:+.2f}" for v in values) + f" (mean {np.mean(values):+.2f})"
+                                  for values in pair) + " |")
+    best, posterior = np.array(means).T
+    lines.append(f"| mean over the {len(means)} cases | | {best.mean():+.2f} (worst {best.min():+.2f}) | "
+                 f"{posterior.mean():+.2f} (worst {posterior.min():+.2f}) |")
     return lines + [""]
 
 

@@ -3,7 +3,8 @@
   sr3d upscale IN OUT [--scale 2] [--ensemble] [--model DIR] [--axes 3d|2d|d|h|w|thick]
   sr3d upscale IN OUT_DIR/ --format dicom ...   write a new DICOM series (same study when IN is DICOM)
   sr3d upscale IN OUT --self-supervised [--scale R | --target-spacing MM] [--steps N | --time-budget S]
-                  [--slice-profile box|gaussian|estimate] [--slice-thickness MM] [--save-model M.keras]
+                  [--slice-profile box|gaussian|estimate [--profile-estimate best|posterior|mixture]]
+                  [--slice-thickness MM] [--save-model M.keras]
                                 thick-slice scan: train stage d on the scan itself, upscale its thick axis
   sr3d upscale IN OUT --model M.keras   reuse a --save-model network (the --model form is told by what is
                                 on disk: a directory is a model bundle, a .keras file a self-supervised one)
@@ -205,7 +206,7 @@ def cmd_upscale(args) -> int:
     selfsup_only = [flag for flag, value in (
         ("--slice-thickness", getattr(args, "slice_thickness", None)), ("--steps", getattr(args, "steps", None)),
         ("--seed", getattr(args, "seed", None)), ("--time-budget", getattr(args, "time_budget", None)),
-        ("--init", getattr(args, "init", None)))
+        ("--init", getattr(args, "init", None)), ("--profile-estimate", getattr(args, "profile_estimate", None)))
         if value is not None]
     if selfsup_only:
         raise ValueError(f"{', '.join(selfsup_only)} apply only with --self-supervised (with --adapt: "
@@ -353,11 +354,13 @@ def cmd_upscale_self_supervised(args) -> int:
     training_flags = [flag for flag, value in (
         ("--save-model", args.save_model), ("--steps", args.steps), ("--time-budget", args.time_budget),
         ("--seed", args.seed), ("--slice-profile", args.slice_profile), ("--slice-thickness", args.slice_thickness),
-        ("--init", getattr(args, "init", None)))
+        ("--init", getattr(args, "init", None)), ("--profile-estimate", getattr(args, "profile_estimate", None)))
         if value is not None]
     if reusing and training_flags:
         raise ValueError(f"{', '.join(training_flags)} with --model {args.model}: the model is trained already "
                          "(they apply when training on the scan)")
+    if getattr(args, "profile_estimate", None) is not None and args.slice_profile != "estimate":
+        raise ValueError(f"--profile-estimate {args.profile_estimate} applies only with --slice-profile estimate")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
     if args.time_budget is not None and not args.time_budget > 0:
@@ -389,13 +392,14 @@ def cmd_upscale_self_supervised(args) -> int:
         config = selfsup.SelfSupConfig(factor=args.scale, target_spacing=args.target_spacing, time_budget_s=budget,
                                        max_steps=args.steps, profile=args.slice_profile or "box",
                                        slice_thickness=args.slice_thickness,
+                                       estimate=getattr(args, "profile_estimate", None) or selfsup.DEFAULT_ESTIMATE,
                                        seed=args.seed if args.seed is not None else 0,
                                        init=getattr(args, "init", None) or selfsup.SelfSupConfig.init)
         plan = selfsup.plan_for(volume.spacing, args.scale, args.target_spacing)
     print(f"{args.input}: {' x '.join(map(str, volume.shape))} voxels (D x H x W) at "
           f"{', '.join(f'{s:.3g}' for s in volume.spacing)} mm; {plan.describe()}", file=sys.stderr)
     if not reusing:
-        profile = selfsup.resolve_profile(volume, plan, config.profile, config.slice_thickness)
+        profile = selfsup.resolve_profile(volume, plan, config.profile, config.slice_thickness, config.estimate)
         log(profile.describe(plan))
         trained = selfsup.train(volume, config, progress=log, profile=profile)
         model = trained.model
@@ -621,6 +625,11 @@ def parser() -> argparse.ArgumentParser:
                     help="with --self-supervised: profile of a thick slice used to simulate training pairs: box "
                          "(default) or gaussian (FWHM) of the slice thickness, or estimate: kind and thickness "
                          "estimated from the scan's spectra (reported)")
+    up.add_argument("--profile-estimate", dest="profile_estimate", choices=["best", "posterior", "mixture"], default=None,
+                    help="with --slice-profile estimate: train on the best candidate (default), on the estimate's "
+                         "posterior (posterior: the true profiles of the estimator's nearest errors on training "
+                         "scans, each a share of the slices: safer where the estimate is off, docs/thick_slice.md) "
+                         "or on a mixture of its nearest candidates (mixture)")
     up.add_argument("--slice-thickness", dest="slice_thickness", type=float, default=None, metavar="MM",
                     help="with --self-supervised: slice thickness in mm when the file does not say it (NIfTI, "
                          "NRRD) or says it wrongly; thinner than the slice spacing means gaps. Default: DICOM "

@@ -218,8 +218,9 @@ class ProfileMixture:
 
     candidates: tuple[SliceProfile, ...]
     weights: tuple[float, ...]
-    temperature: float
-    top_k: int
+    temperature: float | None
+    top_k: int | None
+    basis: str = "spectral distance"
 
     def __post_init__(self):
         if not self.candidates or len(self.candidates) != len(self.weights):
@@ -256,7 +257,8 @@ class ProfileMixture:
     def to_json(self) -> dict:
         out = self.best.to_json()
         out["source"] = self.source
-        out["mixture"] = {"temperature": self.temperature, "top_k": self.top_k,
+        out["mixture"] = {"basis": self.basis, **({} if self.temperature is None else {"temperature": self.temperature}),
+                          **({} if self.top_k is None else {"top_k": self.top_k}),
                           "candidates": [{**c.to_json(), "weight": round(w, 6)} for c, w in
                                          zip(self.candidates, self.weights)]}
         for c in out["mixture"]["candidates"]:
@@ -291,7 +293,7 @@ MIXTURE_TEMPERATURE = 0.05
 MIXTURE_TOP_K = 4
 # What `--slice-profile estimate` trains on: "best" (the single best candidate, `estimate_profile`)
 # or "mixture" (`estimate_mixture`; measured no better on the test gap cases: "best" stays the default).
-ESTIMATES = ("best", "mixture")
+ESTIMATES = ("best", "mixture", "posterior")
 DEFAULT_ESTIMATE = "best"
 # What `estimate_profile` compares the thick-axis spectra with: "inplane" (the scan's in-plane axes as
 # they are) or "population" (corrected by the anatomy's own difference between the thick and the
@@ -302,6 +304,9 @@ REFERENCES = ("inplane", "population")
 DEFAULT_REFERENCE = "inplane"
 ANISOTROPY_TABLE = pathlib.Path(__file__).resolve().parent / "data_files" / "anisotropy_brain_mr.json"
 POPULATION_SHRINK = 1.0
+# `estimate_posterior`: the estimate's errors on slices simulated from training-split scans
+# (experiments/profile_errors.py), which turn an estimate into the profiles it may have been.
+PROFILE_ERRORS_TABLE = pathlib.Path(__file__).resolve().parent / "data_files" / "profile_errors_brain_mr.json"
 POPULATION_PRIOR_WEIGHT = 0.5
 # World axes of the RAS+ affine: x (left-right), y (anterior-posterior), z (superior-inferior).
 WORLD_DIRECTIONS = ("LR", "AP", "SI")
@@ -589,6 +594,46 @@ def estimate_mixture(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = N
     return ProfileMixture(tuple(chosen), tuple(float(w) for w in weights), temperature, int(top_k))
 
 
+POSTERIOR_NEIGHBOURS = 7     # `estimate_posterior`: rows of the error table kept (one per subject of it)
+
+
+def estimate_posterior(volume: sr3d_volume.Volume, plan: ThickSlicePlan | None = None,
+                       neighbours: int = POSTERIOR_NEIGHBOURS, table: dict | None = None) -> ProfileMixture:
+    """The estimate as the profiles it may have been: the spectral estimate (`estimate_profile`), then
+    the true profiles of the `neighbours` rows of the estimator's error table (PROFILE_ERRORS_TABLE:
+    slices simulated from training-split 1 mm brain MR, experiments/profile_errors.py) whose estimate
+    had the same kind and the nearest thickness (as fractions of the spacing; every row as near as the
+    last one kept), each a share of the training slices (rows making the same kernel on the network
+    grid pooled). An empirical posterior of the true profile given the estimate: where the estimator
+    is biased (thin profiles come out at its smallest candidates) or cannot tell kinds apart, the
+    network trains on what the truth was in those cases instead of betting on the estimate.
+    The estimate itself comes first, with the share of the rows that make its kernel (maybe 0).
+    table: the error table as loaded from JSON (default: the shipped one)."""
+    if isinstance(neighbours, bool) or int(neighbours) != neighbours or neighbours < 1:
+        raise ValueError(f"posterior neighbours must be an integer >= 1, got {neighbours!r}")
+    plan = plan_for(volume.spacing) if plan is None else plan
+    rows = (json.loads(PROFILE_ERRORS_TABLE.read_text()) if table is None else table)["rows"]
+    best = estimate_profile(volume, plan)
+    fraction = best.thickness_mm / plan.thick_mm
+    same = [r for r in rows if r["estimated_kind"] == best.kind] or rows
+    gaps = sorted(abs(r["estimated_fraction"] - fraction) for r in same)
+    cut = gaps[min(int(neighbours), len(gaps)) - 1] + 1e-9
+    kept = [r for r in same if abs(r["estimated_fraction"] - fraction) <= cut]
+
+    def key(kind: str, thickness_mm: float) -> tuple:
+        return tuple(np.round(slice_profile(thickness_mm / plan.network_mm, kind, plan.factor), 6))
+
+    groups: dict[tuple, list] = {key(best.kind, best.thickness_mm): [best, 0]}
+    for r in sorted(kept, key=lambda r: (r["kind"], r["fraction"])):
+        thickness = min(max(r["fraction"], ESTIMATE_FRACTIONS[0]), ESTIMATE_FRACTIONS[-1]) * plan.thick_mm
+        group = groups.setdefault(key(r["kind"], thickness),
+                                  [SliceProfile(r["kind"], thickness, "the estimate's error table"), 0])
+        group[1] += 1
+    candidates = tuple(g[0] for g in groups.values())
+    weights = tuple(g[1] / len(kept) for g in groups.values())
+    return ProfileMixture(candidates, weights, None, None, basis=f"error table, {len(kept)} nearest rows")
+
+
 def resolve_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan, profile: str = "box",
                     slice_thickness: float | None = None,
                     estimate: str = DEFAULT_ESTIMATE) -> SliceProfile | ProfileMixture:
@@ -602,6 +647,8 @@ def resolve_profile(volume: sr3d_volume.Volume, plan: ThickSlicePlan, profile: s
         if slice_thickness is not None:
             raise ValueError("a slice thickness with profile 'estimate': the estimate chooses the thickness too; "
                              "give a profile kind (box or gaussian) to use the thickness")
+        if estimate == "posterior":
+            return estimate_posterior(volume, plan)
         return estimate_mixture(volume, plan) if estimate == "mixture" else estimate_profile(volume, plan)
     if profile not in PROFILES:
         raise ValueError(f"slice profile must be one of {PROFILES + ('estimate',)}, got {profile!r}")

@@ -160,3 +160,31 @@ except ts.app.UsageError as error:
     lines = done.stdout.strip().splitlines()
     assert float(lines[0]) == pytest.approx(2.7)
     assert lines[1].startswith("refused:") and "case.json" in lines[1] and "5.000" in lines[1]
+
+
+def test_thick_slice_posterior_report_averages_seeds_then_cases(tmp_path):
+    """experiments/thick_slice.py's posterior table: each network minus the gap-aware one, per seed, the
+    mean over seeds, then the mean and worst over cases (golden: by hand from the scores written here)."""
+    import subprocess
+
+    def entry(seed, best, posterior):
+        return {"seed": seed, "runs": {}, "scores": {"gap_aware": {"psnr": 30.0}, "estimated": {"psnr": 30.0 + best},
+                                                     "estimated_posterior": {"psnr": 30.0 + posterior}}}
+
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "gaps.json").write_text(json.dumps({"a|g": entry(0, -0.4, -0.1), "b|g": entry(0, 0.2, 0.0)}))
+    (tmp_path / "seed1" / "gaps.json").write_text(json.dumps({"a|g": entry(1, -0.2, -0.3), "b|g": entry(1, 0.0, 0.1)}))
+    script = f"""
+import importlib.util, pathlib
+spec = importlib.util.spec_from_file_location("thick_slice", {str(REPO / "experiments" / "thick_slice.py")!r})
+ts = importlib.util.module_from_spec(spec); spec.loader.exec_module(ts)
+print("\\n".join(ts._posterior_report(pathlib.Path({str(tmp_path)!r}))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "case |" not in line]
+    assert rows[0] == "| a, g | 0, 1 | -0.40 / -0.20 (mean -0.30) | -0.10 / -0.30 (mean -0.20) |"
+    assert rows[1] == "| b, g | 0, 1 | +0.20 / +0.00 (mean +0.10) | +0.00 / +0.10 (mean +0.05) |"
+    # Best: (-0.30 + 0.10) / 2 = -0.10, worst -0.30; posterior: (-0.20 + 0.05) / 2 = -0.075 -> -0.07 or -0.08.
+    assert rows[2].startswith("| mean over the 2 cases | | -0.10 (worst -0.30) | -0.0")
+    assert rows[2].endswith("(worst -0.20) |")

@@ -209,6 +209,28 @@ def test_cli_slice_profile_reaches_training_and_needs_self_supervised(tmp_path, 
     assert not (tmp_path / "b.nii.gz").exists()
 
 
+def test_cli_profile_estimate_reaches_training_and_needs_an_estimate(tmp_path, small_scan, capsys):
+    scan = sr3d_io.save_volume(small_scan, tmp_path / "thick.nii.gz")
+    model = tmp_path / "posterior.keras"
+    assert cli.main(["upscale", str(scan), str(tmp_path / "p.nii.gz"), "--self-supervised", "--target-spacing",
+                     "1.625", "--steps", "2", "--slice-profile", "estimate", "--profile-estimate", "posterior",
+                     "--save-model", str(model)]) == 0
+    saved = json.loads(model.with_suffix(".json").read_text())
+    assert saved["training"]["config"]["estimate"] == "posterior"
+    assert saved["training"]["slice_profile"]["mixture"]["basis"].startswith("error table")
+    for argv, flag in ((["--self-supervised", "--slice-profile", "box", "--profile-estimate", "posterior"],
+                        "--slice-profile estimate"),
+                       (["--profile-estimate", "posterior"], "--self-supervised"),
+                       (["--model", str(model), "--profile-estimate", "posterior"], "trained already")):
+        capsys.readouterr()
+        assert cli.main(["upscale", str(scan), str(tmp_path / "x.nii.gz"), *argv]) == 2
+        assert flag in capsys.readouterr().err
+        assert not (tmp_path / "x.nii.gz").exists()
+    # The flag's choices are the library's.
+    assert sorted([a for a in cli.parser()._subparsers._group_actions[0].choices["upscale"]._actions
+                   if a.dest == "profile_estimate"][0].choices) == sorted(selfsup.ESTIMATES)
+
+
 # ---------------------------------------------------------------------------- gaps, one axis, steps, flags
 
 def test_dicom_slice_thickness_is_read_and_gaps_are_simulated(shared_data):
@@ -510,8 +532,9 @@ def test_training_stacks_of_a_mixture_degrade_each_slice_by_its_draw():
     np.testing.assert_allclose(stacks[0].lr[i, 1], slices[i, 5:7].mean(axis=0), rtol=1e-6)
 
 
-def test_mixture_training_is_deterministic_and_reported(small_scan, tiny_config):
-    config = dataclasses.replace(tiny_config, profile="estimate", estimate="mixture", max_steps=4)
+@pytest.mark.parametrize("estimate", ["mixture", "posterior"])
+def test_mixture_training_is_deterministic_and_reported(small_scan, tiny_config, estimate):
+    config = dataclasses.replace(tiny_config, profile="estimate", estimate=estimate, max_steps=4)
     first, second = selfsup.train(small_scan, config), selfsup.train(small_scan, config)
     assert isinstance(first.profile, selfsup.ProfileMixture)
     assert first.profile == second.profile
@@ -519,6 +542,61 @@ def test_mixture_training_is_deterministic_and_reported(small_scan, tiny_config)
         np.testing.assert_array_equal(a, b)
     reported = first.to_json()["slice_profile"]
     assert sum(c["weight"] for c in reported["mixture"]["candidates"]) == pytest.approx(1.0, abs=1e-5)
-    assert reported["mixture"]["temperature"] == selfsup.MIXTURE_TEMPERATURE
+    if estimate == "mixture":
+        assert reported["mixture"]["temperature"] == selfsup.MIXTURE_TEMPERATURE
+    else:
+        assert reported["mixture"]["basis"].startswith("error table") and "temperature" not in reported["mixture"]
+    # The best candidate is the spectral estimate either way.
+    plan = selfsup.plan_for(small_scan.spacing, target_spacing=1.625)
+    assert first.profile.best == selfsup.estimate_profile(small_scan, plan)
     with pytest.raises(ValueError, match="estimate must be"):
         dataclasses.replace(tiny_config, estimate="average")
+
+
+# ---------------------------------------------------------------------------- the estimate's posterior
+
+def test_posterior_keeps_the_nearest_rows_of_the_estimates_kind_and_pools_kernels(isotropic_thick):
+    plan = selfsup.plan_for(isotropic_thick.spacing, factor=4)
+    best = selfsup.estimate_profile(isotropic_thick, plan)
+    f0, other = best.thickness_mm / plan.thick_mm, "box" if best.kind == "gaussian" else "gaussian"
+
+    def row(kind, fraction, estimated_kind, estimated_fraction):
+        return {"kind": kind, "fraction": fraction, "estimated_kind": estimated_kind,
+                "estimated_fraction": estimated_fraction}
+
+    table = {"rows": [row("box", 0.8, best.kind, f0), row("box", 0.8, best.kind, f0), row("gaussian", 0.6, best.kind, f0),
+                      row("gaussian", 1.0, best.kind, f0 + 0.1), row("box", 0.4, best.kind, f0 - 0.1),
+                      row("box", 1.2, other, f0),                       # another kind of estimate: not this one's
+                      row("gaussian", 1.4, best.kind, f0 + 0.5)]}       # farther than the 4th nearest
+    # Golden, by hand: 4 neighbours keep the three rows at the estimate and both at 0.1 (a tie with the 4th).
+    mixture = selfsup.estimate_posterior(isotropic_thick, plan, neighbours=4, table=table)
+    assert mixture.best == best
+    got = {(c.kind, round(c.thickness_mm, 6)): w for c, w in zip(mixture.candidates[1:], mixture.weights[1:])}
+    assert got == {("box", 3.2): pytest.approx(2 / 5), ("gaussian", 2.4): pytest.approx(1 / 5),
+                   ("gaussian", 4.0): pytest.approx(1 / 5), ("box", 1.6): pytest.approx(1 / 5)}
+    assert mixture.weights[0] == 0 and sum(mixture.weights) == pytest.approx(1.0, abs=1e-12)
+    three = selfsup.estimate_posterior(isotropic_thick, plan, neighbours=3, table=table)
+    assert [(c.kind, round(c.thickness_mm, 6), round(w, 6)) for c, w in zip(three.candidates[1:], three.weights[1:])] \
+        == [("box", 3.2, round(2 / 3, 6)), ("gaussian", 2.4, round(1 / 3, 6))]
+    # On a 1 mm grid with factor 4 a box of 1.2 mm and one of 2 mm are both [0.5, 0.5] (the two middle
+    # voxels of four): one candidate with both rows' shares. A fraction past the candidates' range is clipped.
+    pooled = selfsup.estimate_posterior(isotropic_thick, plan, neighbours=3, table={"rows": [
+        row("box", 0.3, best.kind, f0), row("box", 0.5, best.kind, f0), row("gaussian", 2.0, best.kind, f0)]})
+    kernels = [selfsup.slice_profile(c.thickness_mm, c.kind, 4) for c in pooled.candidates[1:]]
+    np.testing.assert_allclose(kernels[0], [0.5, 0.5])
+    assert pooled.weights[1:] == pytest.approx((2 / 3, 1 / 3))
+    assert pooled.candidates[2].thickness_mm == pytest.approx(selfsup.ESTIMATE_FRACTIONS[-1] * 4)
+    with pytest.raises(ValueError, match="neighbours"):
+        selfsup.estimate_posterior(isotropic_thick, plan, neighbours=0, table=table)
+    assert "error table" in mixture.to_json()["mixture"]["basis"]
+
+
+def test_shipped_error_table_leaves_out_dev_and_test_scans_and_the_test_profiles():
+    table = json.loads(selfsup.PROFILE_ERRORS_TABLE.read_text())
+    subjects = {r["subject"] for r in table["rows"]}
+    assert len(subjects) == 7 and not subjects & {"sub-01", "sub-10", "sub-19", "sub-34", "sub-40"}
+    assert {r["estimated_kind"] for r in table["rows"]} <= set(selfsup.PROFILES)
+    assert {r["kind"] for r in table["rows"]} == set(selfsup.PROFILES)
+    # Not the test gap cases' profiles (docs/thick_slice.md): Gaussian 0.625 x the spacing at x4, box 0.8 at x5.
+    assert not [r for r in table["rows"] if (r["factor"], r["fraction"]) in ((4, 0.625), (5, 0.8))]
+    assert "CC0" in table["about"]["licence"]
